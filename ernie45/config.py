@@ -1,0 +1,525 @@
+"""One frozen, validated config for every ERNIE 4.5 checkpoint flavour.
+
+HF ships four config layouts (spec §A):
+
+* ``ernie4_5``         dense (0.3B), optional ``head_dim``;
+* ``ernie4_5_moe``     text MoE (21B, 300B), MoE pattern from ``moe_layer_{start,interval,end}_index``;
+* ``ernie4_5_vl_moe``  nested VL (``text_config`` / ``vision_config``), MoE pattern from ``mlp_layer_types``;
+* ``ernie4_5_moe_vl``  the flat custom layout of the Thinking model: list-valued ``moe_num_experts`` /
+  ``moe_intermediate_size`` / ``moe_layer_*``, a DFNRope vision config with ``embed_dim`` + ``mlp_ratio``.
+
+They are normalised here, once, into :class:`ErnieConfig`. Nothing downstream (model specs, bridge tables, GGUF
+writer) reads a raw HF dict again, and nothing downstream recomputes the dense/MoE rule: it reads
+``cfg.mlp_layer_types``.
+
+A missing required field is a :class:`ConfigError` naming the field; there are no silent defaults. The only
+defaults applied are the ones the HF code itself applies (listed in ``_HF_DEFAULTS`` with the reason).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["ConfigError", "ErnieConfig", "VisionConfig", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe an ERNIE 4.5 model (missing or inconsistent field)."""
+
+
+# Keys that are read by transformers but do not change the math or the weights layout. Anything that is neither
+# consumed nor listed here is reported (a warning), so a new semantic field cannot slip through unnoticed.
+IGNORED_KEYS: dict[str, str] = {
+    "architectures": "class name only",
+    "auto_map": "remote-code class names only",
+    "model_type": "used to pick the layout, not a hyper-parameter",
+    "transformers_version": "provenance only",
+    "torch_dtype": "storage dtype is read from the tensors themselves",
+    "dtype": "storage dtype is read from the tensors themselves",
+    "use_cache": "inference-time switch",
+    "initializer_range": "initialisation only",
+    "output_router_logits": "training-time switch for the aux loss output",
+    "max_position_embeddings": "no RoPE scaling in ERNIE 4.5; not used by the math",
+    "pad_token_id": "padding_idx of the embedding has no effect on forward",
+    "bos_token_id": "tokenizer metadata (kept in ErnieConfig.special_ids)",
+    "eos_token_id": "tokenizer metadata (kept in ErnieConfig.special_ids)",
+    "rope_scaling": "ERNIE 4.5 uses no scaling; VL mrope sections are read from rope_parameters",
+    "use_flash_attention": "kernel choice",
+    "use_rmsnorm": "always RMSNorm",
+    "weight_share_add_bias": "Baidu training switch",
+    "compression_ratio": "Baidu training switch",
+    "moe_capacity": "Baidu capacity can never overflow (spec §C.7)",
+    "moe_gate": "always top-k",
+    "moe_use_aux_free": "bias is used for selection whenever present",
+    "moe_multimodal_dispatch_use_allgather": "dispatch kernel choice",
+    "moe_dropout_prob": "no dropout at inference",
+    "num_nextn_predict_layers": "MTP depth; MTP tensors are carried by the bridge, not built",
+    "multi_token_pred_lambda": "MTP training loss weight",
+    "_attn_implementation": "kernel choice",
+    "_name_or_path": "provenance only",
+    "tie_word_embeddings": "read where it matters (top level for VL)",
+    "router_aux_loss_coef": "kept as ErnieConfig.router_aux_loss_coef",
+}
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The DFNRope ViT + resampler hyper-parameters (spec §A.3, §A.4, §D, §E)."""
+
+    depth: int
+    hidden_size: int  # Cv, ViT width
+    num_heads: int
+    intermediate_size: int  # ViT MLP width
+    hidden_act: str
+    in_channels: int
+    patch_size: int
+    spatial_merge_size: int
+    temporal_merge_size: int
+    layer_norm_eps: float  # vision_config.rms_norm_eps: despite the name, the eps of the ViT *LayerNorms*
+    rope_theta: float
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"vision hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        if self.temporal_merge_size != 2:
+            raise ConfigError("the ERNIE resampler hard-codes temporal_merge_size = 2")
+
+
+@dataclass(frozen=True)
+class ErnieConfig:
+    """Normalised ERNIE 4.5 hyper-parameters. Field names follow HF ``config.json`` keys."""
+
+    family: str  # "dense" | "moe" | "vl"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # dense-layer SwiGLU width
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    hidden_act: str
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    use_bias: bool
+    mlp_layer_types: tuple[str, ...]  # "dense" | "sparse" per layer; the only source of the MoE pattern
+    # MoE (None / () for dense)
+    moe_num_experts: int | None = None  # per pool
+    moe_k: int | None = None
+    moe_intermediate_size: tuple[int, ...] = ()  # (I_t,) text MoE, (I_t, I_v) VL
+    moe_num_shared_experts: int = 0
+    moe_norm_min: float | None = None
+    router_aux_loss_coef: float = 0.0
+    # VL
+    mrope_section: tuple[int, int, int] | None = None  # (H bands, W bands, T bands)
+    vision: VisionConfig | None = None
+    special_ids: Mapping[str, int | None] = field(default_factory=dict)
+    # the source dict, kept verbatim so exports write back the user's config.json unchanged
+    hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if self.family not in ("dense", "moe", "vl"):
+            raise ConfigError(f"unknown family {self.family!r}")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act must be 'silu' for the ERNIE 4.5 LM, got {self.hidden_act!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if len(self.mlp_layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"mlp_layer_types has {len(self.mlp_layer_types)} entries for {self.num_hidden_layers} layers"
+            )
+        bad = sorted(set(self.mlp_layer_types) - {"dense", "sparse"})
+        if bad:
+            raise ConfigError(f"mlp_layer_types may only hold 'dense'/'sparse', got {bad}")
+        if self.family == "dense":
+            if any(t == "sparse" for t in self.mlp_layer_types):
+                raise ConfigError("a dense config cannot have sparse layers")
+            return
+        for name in ("moe_num_experts", "moe_k", "moe_norm_min"):
+            if getattr(self, name) is None:
+                raise ConfigError(f"MoE config needs {name}")
+        want_pools = 2 if self.family == "vl" else 1
+        if len(self.moe_intermediate_size) != want_pools:
+            raise ConfigError(
+                f"moe_intermediate_size must give {want_pools} width(s) for family {self.family}, "
+                f"got {list(self.moe_intermediate_size)}"
+            )
+        if not 0 < self.moe_k <= self.moe_num_experts:
+            raise ConfigError(f"moe_k={self.moe_k} must lie in [1, moe_num_experts={self.moe_num_experts}]")
+        if self.moe_num_shared_experts < 0:
+            raise ConfigError("moe_num_shared_experts must be >= 0")
+        if self.family == "vl":
+            if self.vision is None:
+                raise ConfigError("VL config needs a vision config")
+            if self.mrope_section is None or sum(self.mrope_section) != self.head_dim // 2:
+                raise ConfigError(
+                    f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}"
+                )
+            if self.mrope_section[0] != self.mrope_section[1]:
+                raise ConfigError(f"ERNIE 3-D RoPE alternates H/W bands: sections must be equal, {self.mrope_section}")
+
+    # ----------------------------------------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.family in ("moe", "vl")
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.mlp_layer_types) if t == "sparse")
+
+    @property
+    def num_pools(self) -> int:
+        return len(self.moe_intermediate_size)
+
+    @property
+    def shared_expert_intermediate_size(self) -> int:
+        # HF, Baidu and MB agree: the *text* expert width times the number of shared experts (spec §C.4, J.19).
+        return self.moe_num_shared_experts * self.moe_intermediate_size[0] if self.is_moe else 0
+
+    @property
+    def num_query_groups(self) -> int:
+        return self.num_key_value_heads
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total, active-per-token) parameter counts of the language model (+ vision tower if any)."""
+        H, hd = self.hidden_size, self.head_dim
+        attn = H * hd * (self.num_attention_heads * 2 + self.num_key_value_heads * 2) + 2 * H
+        emb = self.vocab_size * H * (1 if self.tie_word_embeddings else 2)
+        total = active = emb + H
+        for t in self.mlp_layer_types:
+            total += attn
+            active += attn
+            if t == "dense":
+                total += 3 * H * self.intermediate_size
+                active += 3 * H * self.intermediate_size
+                continue
+            shared = 3 * H * self.shared_expert_intermediate_size
+            total += shared
+            active += shared
+            for width in self.moe_intermediate_size:
+                total += self.moe_num_experts * (3 * H * width + H + 1)
+                active += self.moe_k * 3 * H * width + self.moe_num_experts * (H + 1)
+        return total, active
+
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, raw: Mapping[str, Any]) -> "ErnieConfig":
+        """Build from an HF ``config.json`` dict (any of the four layouts)."""
+        model_type = raw.get("model_type")
+        builders = {
+            "ernie4_5": _from_dense,
+            "ernie4_5_moe": _from_text_moe,
+            "ernie4_5_vl_moe": _from_vl_nested,
+            "ernie4_5_moe_vl": _from_vl_flat,
+        }
+        if model_type not in builders:
+            raise ConfigError(f"model_type {model_type!r} is not an ERNIE 4.5 model (expected one of {list(builders)})")
+        cfg = builders[model_type](raw)
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ErnieConfig":
+        return load_config(path)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json to write next to exported weights: the source dict, verbatim."""
+        if not self.hf_config:
+            raise ConfigError("this config was not built from an HF config.json; nothing to write back")
+        return json.loads(json.dumps(self.hf_config))
+
+
+def load_config(path: str | Path) -> ErnieConfig:
+    """Read ``config.json`` (a file, or a directory containing one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return ErnieConfig.from_hf(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# layout readers
+
+
+class _Reader:
+    """Reads required fields from one dict, remembering which keys were consumed."""
+
+    def __init__(self, raw: Mapping[str, Any], where: str = "") -> None:
+        self.raw, self.where, self.used = raw, where, set()
+
+    def req(self, key: str) -> Any:
+        if key not in self.raw or self.raw[key] is None:
+            raise ConfigError(f"missing required field {self.where}{key}")
+        self.used.add(key)
+        return self.raw[key]
+
+    def opt(self, key: str, default: Any, why: str) -> Any:
+        """A field whose absence has a documented meaning in the HF code (``why``)."""
+        del why  # documentation at the call site
+        self.used.add(key)
+        value = self.raw.get(key)
+        return default if value is None else value
+
+    def report_unused(self) -> None:
+        unknown = sorted(k for k in self.raw if k not in self.used and k not in IGNORED_KEYS and not isinstance(self.raw[k], dict))
+        if unknown:
+            warnings.warn(f"config keys not used by ernie45 (check they do not change the model): {self.where}{unknown}")
+
+
+def _rope_theta(r: _Reader) -> float:
+    params = r.opt("rope_parameters", None, "legacy configs carry a top-level rope_theta instead")
+    if params is not None:
+        if params.get("rope_type", "default") != "default":
+            raise ConfigError(f"unsupported rope_type {params.get('rope_type')!r} (ERNIE 4.5 uses 'default')")
+        if "rope_theta" not in params:
+            raise ConfigError(f"missing required field {r.where}rope_parameters.rope_theta")
+        return float(params["rope_theta"])
+    return float(r.req("rope_theta"))
+
+
+def _lm_common(r: _Reader, *, head_dim: int | None) -> dict[str, Any]:
+    H, nh = int(r.req("hidden_size")), int(r.req("num_attention_heads"))
+    if H <= 0 or nh <= 0:
+        raise ConfigError("hidden_size and num_attention_heads must be positive")
+    nkv = r.opt("num_key_value_heads", nh, "HF: None means multi-head attention")
+    if head_dim is None:
+        if H % nh:
+            raise ConfigError(f"hidden_size {H} not divisible by num_attention_heads {nh} and no head_dim given")
+        head_dim = H // nh
+    return dict(
+        vocab_size=int(r.req("vocab_size")),
+        hidden_size=H,
+        intermediate_size=int(r.req("intermediate_size")),
+        num_hidden_layers=int(r.req("num_hidden_layers")),
+        num_attention_heads=nh,
+        num_key_value_heads=int(nkv),
+        head_dim=int(head_dim),
+        hidden_act=r.opt("hidden_act", "silu", "absent from the original Thinking json; HF conversion uses silu"),
+        rms_norm_eps=float(r.req("rms_norm_eps")),
+        rope_theta=_rope_theta(r),
+        use_bias=bool(r.opt("use_bias", False, "HF default False")),
+    )
+
+
+def _special_ids(raw: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, int | None]:
+    return {k: raw.get(k) for k in keys}
+
+
+def _layer_rule(L: int, start: int, interval: int, end: int) -> tuple[str, ...]:
+    """HF text-MoE rule (spec §A.2): sparse iff (l+1) % interval == 0 and start <= l <= end."""
+    if interval <= 0:
+        raise ConfigError(f"moe_layer_interval must be positive, got {interval}")
+    end = L - 1 if end == -1 else end
+    return tuple("sparse" if (l + 1) % interval == 0 and start <= l <= end else "dense" for l in range(L))
+
+
+def _moe_fields(r: _Reader, pools: int) -> dict[str, Any]:
+    E = r.req("moe_num_experts")
+    if isinstance(E, list):
+        if len(set(E)) != 1:
+            raise ConfigError(f"moe_num_experts {E}: pools of different sizes are not an ERNIE 4.5 layout")
+        E = E[0]
+    widths = r.req("moe_intermediate_size")
+    widths = tuple(int(w) for w in (widths if isinstance(widths, list) else [widths]))
+    if len(widths) != pools:
+        raise ConfigError(f"moe_intermediate_size {list(widths)} must have {pools} entr{'y' if pools == 1 else 'ies'}")
+    return dict(
+        moe_num_experts=int(E),
+        moe_k=int(r.req("moe_k")),
+        moe_intermediate_size=widths,
+        moe_num_shared_experts=int(r.req("moe_num_shared_experts")),
+        moe_norm_min=float(r.opt("moe_norm_min", 1e-12, "Baidu-orig hard-codes 1e-12")),
+        router_aux_loss_coef=float(r.opt("router_aux_loss_coef", 0.0, "no aux loss unless configured")),
+    )
+
+
+def _from_dense(raw: Mapping[str, Any]) -> ErnieConfig:
+    r = _Reader(raw)
+    common = _lm_common(r, head_dim=r.opt("head_dim", None, "HF: None means hidden_size // num_attention_heads"))
+    cfg = ErnieConfig(
+        family="dense",
+        tie_word_embeddings=bool(r.req("tie_word_embeddings")),
+        mlp_layer_types=("dense",) * common["num_hidden_layers"],
+        special_ids=_special_ids(raw, ("pad_token_id", "bos_token_id", "eos_token_id")),
+        hf_config=dict(raw),
+        **common,
+    )
+    r.report_unused()
+    return cfg
+
+
+def _from_text_moe(raw: Mapping[str, Any]) -> ErnieConfig:
+    r = _Reader(raw)
+    # Ernie4_5_MoeConfig has no head_dim field: hd = H // nh (spec §A.2).
+    if raw.get("head_dim") not in (None, raw.get("hidden_size", 0) // max(raw.get("num_attention_heads", 1), 1)):
+        raise ConfigError("ernie4_5_moe has no head_dim field; transformers ignores it, so must we")
+    common = _lm_common(r, head_dim=None)
+    L = common["num_hidden_layers"]
+    if "mlp_layer_types" in raw:
+        types = tuple(r.req("mlp_layer_types"))
+    else:
+        types = _layer_rule(
+            L, int(r.req("moe_layer_start_index")), int(r.req("moe_layer_interval")), int(r.req("moe_layer_end_index"))
+        )
+    cfg = ErnieConfig(
+        family="moe",
+        tie_word_embeddings=bool(r.req("tie_word_embeddings")),
+        mlp_layer_types=types,
+        special_ids=_special_ids(raw, ("pad_token_id", "bos_token_id", "eos_token_id")),
+        hf_config=dict(raw),
+        **common,
+        **_moe_fields(r, pools=1),
+    )
+    r.report_unused()
+    return cfg
+
+
+_VL_IDS = (
+    "image_start_token_id",
+    "image_end_token_id",
+    "image_token_id",
+    "video_start_token_id",
+    "video_end_token_id",
+    "video_token_id",
+)
+# Spec §A.3: the released defaults, used by HF and MB when a flat config omits them.
+_VL_DEFAULT_IDS = dict(
+    image_start_token_id=101304,
+    image_end_token_id=101305,
+    image_token_id=100295,
+    video_start_token_id=101306,
+    video_end_token_id=101307,
+    video_token_id=103367,
+)
+
+
+def _mrope_section(params: Mapping[str, Any] | None, head_dim: int, t_bands: int | None) -> tuple[int, int, int]:
+    if params and params.get("mrope_section") is not None:
+        sec = tuple(int(x) for x in params["mrope_section"])
+    elif t_bands is not None:
+        hw = head_dim // 2 - int(t_bands)
+        sec = (hw // 2, hw - hw // 2, int(t_bands))
+    else:
+        # HF Ernie4_5_VLMoeTextRotaryEmbedding: absent => [22, 22, 20] (for hd 128); scaled to this head_dim.
+        t = round(head_dim // 2 * 20 / 64)
+        hw = head_dim // 2 - t
+        sec = (hw // 2, hw - hw // 2, t)
+    if len(sec) != 3:
+        raise ConfigError(f"mrope_section must have 3 entries, got {list(sec)}")
+    return sec  # type: ignore[return-value]
+
+
+def _from_vl_nested(raw: Mapping[str, Any]) -> ErnieConfig:
+    top = _Reader(raw)
+    text = raw.get("text_config")
+    vis = raw.get("vision_config")
+    if not isinstance(text, dict) or not isinstance(vis, dict):
+        raise ConfigError("ernie4_5_vl_moe config needs text_config and vision_config objects")
+    r = _Reader(text, "text_config.")
+    common = _lm_common(r, head_dim=None)
+    types = tuple(r.req("mlp_layer_types"))
+    v = _Reader(vis, "vision_config.")
+    vparams = v.opt("rope_parameters", {"rope_theta": 10000.0}, "HF default axial theta 10000")
+    vision = VisionConfig(
+        depth=int(v.req("depth")),
+        hidden_size=int(v.req("hidden_size")),
+        num_heads=int(v.req("num_heads")),
+        intermediate_size=int(v.req("intermediate_size")),
+        hidden_act=v.req("hidden_act"),
+        in_channels=int(v.req("in_channels")),
+        patch_size=int(v.req("patch_size")),
+        spatial_merge_size=int(v.req("spatial_merge_size")),
+        temporal_merge_size=int(v.req("temporal_merge_size")),
+        layer_norm_eps=float(v.req("rms_norm_eps")),
+        rope_theta=float(vparams["rope_theta"]),
+    )
+    cfg = ErnieConfig(
+        family="vl",
+        # spec §A.3: the *top-level* tie_word_embeddings is the one the VL model honours
+        tie_word_embeddings=bool(top.req("tie_word_embeddings")),
+        mlp_layer_types=types,
+        mrope_section=_mrope_section(text.get("rope_parameters"), common["head_dim"], None),
+        vision=vision,
+        special_ids={k: raw.get(k, _VL_DEFAULT_IDS[k]) for k in _VL_IDS},
+        hf_config=dict(raw),
+        **common,
+        **_moe_fields(r, pools=2),
+    )
+    r.report_unused()
+    return cfg
+
+
+def _from_vl_flat(raw: Mapping[str, Any]) -> ErnieConfig:
+    """The Thinking model's custom layout (spec §A.4)."""
+    r = _Reader(raw)
+    common = _lm_common(r, head_dim=None)
+    L = common["num_hidden_layers"]
+    if "mlp_layer_types" in raw:
+        types = tuple(r.req("mlp_layer_types"))
+    else:
+        start, end = r.req("moe_layer_start_index"), r.req("moe_layer_end_index")
+        start = min(start) if isinstance(start, list) else start
+        end = max(end) if isinstance(end, list) else end
+        # HF conversion script: sparse iff (l+1) % interval == 0 and min(start) <= l <= max(end)
+        types = _layer_rule(L, int(start), int(r.req("moe_layer_interval")), int(end))
+    v = raw.get("vision_config")
+    if not isinstance(v, dict):
+        raise ConfigError("ernie4_5_moe_vl config needs a vision_config object")
+    vr = _Reader(v, "vision_config.")
+    width = int(vr.opt("embed_dim", None, "") or vr.req("hidden_size"))
+    mlp_ratio = float(vr.req("mlp_ratio"))
+    vision = VisionConfig(
+        depth=int(vr.req("depth")),
+        hidden_size=width,
+        num_heads=int(vr.req("num_heads")),
+        intermediate_size=int(width * mlp_ratio),
+        hidden_act=vr.req("hidden_act"),
+        in_channels=int(vr.req("in_channels")),
+        patch_size=int(vr.req("patch_size")),
+        # HF conversion maps the top-level conv sizes onto the vision merge sizes
+        spatial_merge_size=int(r.opt("spatial_conv_size", vr.opt("spatial_merge_size", 2, "HF default"), "HF conv")),
+        temporal_merge_size=int(r.opt("temporal_conv_size", 2, "HF conversion default")),
+        # spec §A.4 / I.3 #14: the vision LayerNorm eps is 1e-6, never the LM's rms_norm_eps
+        layer_norm_eps=float(vr.opt("rms_norm_eps", 1e-6, "HF conversion sets 1e-6 for the ViT")),
+        rope_theta=10000.0,
+    )
+    t_bands = r.opt("freq_allocation", None, "absent => mrope_section / default split")
+    scaling = raw.get("rope_scaling") or {}
+    ids = dict(_VL_DEFAULT_IDS)
+    for k in _VL_IDS:
+        if raw.get(k) is not None:
+            ids[k] = raw[k]
+    if raw.get("im_patch_id") is not None:
+        ids["image_token_id"] = raw["im_patch_id"]
+        r.used.add("im_patch_id")
+    cfg = ErnieConfig(
+        family="vl",
+        tie_word_embeddings=bool(r.req("tie_word_embeddings")),
+        mlp_layer_types=types,
+        mrope_section=_mrope_section(raw.get("rope_parameters") or scaling, common["head_dim"], t_bands),
+        vision=vision,
+        special_ids=ids,
+        hf_config=dict(raw),
+        **common,
+        **_moe_fields(r, pools=2),
+    )
+    r.report_unused()
+    return cfg

@@ -1,0 +1,88 @@
+"""Run-time shims that let Megatron-Core 0.16.1 run forward/backward on a CPU with gloo.
+
+Everything CPU-specific lives in this one module (see ``shared/docs/megatron-on-cpu.md`` for the evidence behind
+each shim). The model code never imports it; tests, the CLI and the benchmarks call :func:`install` before they build
+a model when no GPU is present. On a CUDA machine :func:`install` only applies S4, which is a Megatron 0.16.1 bug
+(not a CPU issue) and a no-op on later releases.
+
+=====  ===================================================================  ==========================================
+id     what                                                                 why
+=====  ===================================================================  ==========================================
+S1     ``torch.cuda.current_device`` -> ``cpu``                             ~175 ``device=torch.cuda.current_device()``
+                                                                            call sites (buffers, rotary, router)
+S2     null CUDA RNG tracker (public API)                                   DotProductAttention forks the CUDA RNG
+S4     ``moe_utils.te_general_gemm = None`` if undefined                    0.16.1 NameError without TransformerEngine
+S5     :class:`CudaToCpuMode`: ``device="cuda"`` kwargs -> cpu              pipeline schedules, optimizer, clip_grads
+S6     ``torch.cuda.synchronize`` -> no-op                                  dist_checkpointing async writer
+S9     CUDA RNG state save/restore -> no-op                                 activation recompute
+=====  ===================================================================  ==========================================
+
+S3 (explicit causal mask) is a call convention, handled by :func:`ernie45.megatron.model.causal_mask`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["install", "init_rng_tracker", "CudaToCpuMode", "on_cpu"]
+
+_installed = False
+
+
+def on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def install() -> None:
+    """Apply the process-wide shims (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    from megatron.core.transformer.moe import moe_utils
+
+    # S4: defined only inside `try: import transformer_engine` in 0.16.1, but tested unconditionally.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    if on_cpu():
+        # S1
+        torch.cuda.current_device = lambda: torch.device("cpu")
+        # S6
+        torch.cuda.synchronize = lambda *a, **k: None
+        # S9
+        from megatron.core.tensor_parallel import random as tp_random
+
+        tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+        tp_random._set_cuda_rng_state = lambda *a, **k: None
+    _installed = True
+
+
+def init_rng_tracker() -> None:
+    """S2: a tracker whose ``fork()`` is a no-op. Call after ``initialize_model_parallel``.
+
+    Dropout inside TP regions then draws from the default CPU generator; ERNIE runs with dropout 0.
+    """
+    from megatron.core.tensor_parallel import random as tp_random
+
+    if on_cpu():
+        tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    else:  # the real thing on GPU
+        tp_random.model_parallel_cuda_manual_seed(1234)
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """S5: rewrite ``device="cuda"`` keyword arguments to the CPU (schedules, optimizer, grad clipping)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dev = kwargs.get("device")
+        if dev is not None and str(dev).startswith("cuda"):
+            kwargs = dict(kwargs, device="cpu")
+        return func(*args, **kwargs)
+
+
+def cpu_mode():
+    """A context for Megatron code paths that hard-code ``device="cuda"`` (S5); a no-op on GPU machines."""
+    return CudaToCpuMode() if on_cpu() else contextlib.nullcontext()

@@ -1,0 +1,217 @@
+"""ERNIE 4.5 text models (dense and MoE) as a Megatron-Core ``GPTModel``.
+
+The model is Megatron's own GPTModel with Megatron's local layer specs, changed in exactly three places:
+
+* ``ErnieRMSNorm`` for every norm: HF's formula (fp32 statistics, cast back, *then* the weight multiply, spec §B.2)
+  and sequence-parallel capable (its parameters carry ``sequence_parallel``), which the torch norm of the local spec
+  refuses (megatron-on-cpu S8);
+* ``ErnieTopKRouter`` in every MoE layer (softmax + selection-only expert bias, see ``router.py``);
+* the dense/MoE pattern comes from ``ErnieConfig.mlp_layer_types`` (``moe_layer_freq`` as a list).
+
+Everything else is configuration: GQA with the config's head_dim (``kv_channels``), interleaved RoPE with the
+config's θ (``rotary_interleaved=True``; HF's "rotate_half" is the interleaved one, spec §B.4), SwiGLU, shared experts
+of width ``n_shared · I_t``, tied or untied output head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from ..config import ConfigError, ErnieConfig
+from .parallel import Layout
+from .router import ErnieTopKRouter
+
+__all__ = [
+    "ErnieRMSNorm",
+    "ErnieTransformerConfig",
+    "transformer_config",
+    "build_model",
+    "causal_mask",
+    "padded_vocab_size",
+]
+
+
+@dataclass
+class ErnieTransformerConfig(TransformerConfig):
+    """Megatron's TransformerConfig plus the one ERNIE routing constant Megatron has no field for."""
+
+    ernie_moe_norm_min: float = 1e-12
+
+
+class ErnieRMSNorm(torch.nn.Module):
+    """HF ``Ernie4_5RMSNorm``: ``w * (x.float() * rsqrt(mean(x²) + eps)).to(dtype)``."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # under sequence parallelism each TP rank sees a different token slice; Megatron all-reduces these grads
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def padded_vocab_size(cfg: ErnieConfig, layout: Layout) -> int:
+    """Vocab rows the embedding holds: a multiple of TP (Megatron's VocabParallelEmbedding splits evenly)."""
+    return -(-cfg.vocab_size // layout.tp) * layout.tp
+
+
+def transformer_config(
+    cfg: ErnieConfig,
+    layout: Layout,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    recompute: str | None = None,
+    aux_loss: bool = False,
+) -> ErnieTransformerConfig:
+    """The Megatron config for ``cfg`` at ``layout``. ``recompute``: None, "selective" or "full"."""
+    if cfg.family == "vl":
+        raise ConfigError("VL models are built by ernie45.megatron.vl_model, not as a plain GPTModel")
+    if cfg.use_bias:
+        raise ConfigError("use_bias=True is not supported (no released ERNIE 4.5 checkpoint uses linear biases)")
+    moe = {}
+    if cfg.is_moe:
+        moe = dict(
+            num_moe_experts=cfg.moe_num_experts,
+            moe_router_topk=cfg.moe_k,
+            moe_ffn_hidden_size=cfg.moe_intermediate_size[0],
+            moe_shared_expert_intermediate_size=cfg.shared_expert_intermediate_size or None,
+            moe_layer_freq=[int(t == "sparse") for t in cfg.mlp_layer_types],
+            moe_router_score_function="softmax",
+            moe_router_pre_softmax=False,
+            moe_router_dtype="fp32",
+            moe_router_load_balancing_type="aux_loss" if aux_loss else "none",
+            moe_aux_loss_coeff=cfg.router_aux_loss_coef if aux_loss else 0.0,
+            moe_token_dispatcher_type="allgather",
+            moe_grouped_gemm=False,
+            ernie_moe_norm_min=cfg.moe_norm_min,
+        )
+    recompute_kw = {}
+    if recompute == "selective":
+        recompute_kw = dict(recompute_granularity="selective")
+    elif recompute == "full":
+        recompute_kw = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute is not None:
+        raise ValueError(f"recompute must be None, 'selective' or 'full', got {recompute!r}")
+    return ErnieTransformerConfig(
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_key_value_heads,
+        kv_channels=cfg.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        rotary_interleaved=True,
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=True,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        num_layers_in_first_pipeline_stage=layout.first,
+        num_layers_in_last_pipeline_stage=layout.last,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
+        sequence_parallel=sequence_parallel,
+        batch_p2p_sync=False,  # S6 not needed in the schedules
+        **recompute_kw,
+        **moe,
+    )
+
+
+def _ernie_layer_specs(tc: TransformerConfig) -> list:
+    specs = get_gpt_decoder_layer_specs(tc, use_transformer_engine=False, normalization="RMSNorm")
+    for spec in {id(s): s for s in specs}.values():  # dense and MoE specs are shared objects
+        spec.submodules.input_layernorm = ErnieRMSNorm
+        spec.submodules.pre_mlp_layernorm = ErnieRMSNorm
+        if hasattr(spec.submodules.mlp.submodules, "router"):
+            spec.submodules.mlp.submodules.router = ErnieTopKRouter
+    return specs
+
+
+def block_spec(tc: TransformerConfig, *, pp_rank: int, vp_stage: int | None) -> TransformerBlockSubmodules:
+    """The decoder block of one pipeline stage (chunk): Megatron's own offset rules pick the layers."""
+    specs = _ernie_layer_specs(tc)
+    offset = get_transformer_layer_offset(tc, vp_stage=vp_stage, pp_rank=pp_rank)
+    n = get_num_layers_to_build(tc, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=specs[offset : offset + n], layer_norm=ErnieRMSNorm)
+
+
+def build_model(
+    cfg: ErnieConfig,
+    layout: Layout,
+    *,
+    tie_word_embeddings: bool | None = None,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    recompute: str | None = None,
+    aux_loss: bool = False,
+    seq_length: int = 4096,
+) -> list[GPTModel]:
+    """Build this rank's model chunks (one per virtual pipeline stage). Process groups must exist.
+
+    ``tie_word_embeddings`` overrides the config: transformers 5.23 loads an on-disk ``lm_head.weight`` untied even
+    when the config says tied (spec §G), and the bridge mirrors that.
+    """
+    from megatron.core import parallel_state as ps
+
+    layout.validate(cfg)
+    tc = transformer_config(
+        cfg, layout, params_dtype=params_dtype, sequence_parallel=sequence_parallel, recompute=recompute, aux_loss=aux_loss
+    )
+    tie = cfg.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    chunks = []
+    for v in range(layout.vpp):
+        vp = v if layout.vpp > 1 else None
+        chunks.append(
+            GPTModel(
+                config=tc,
+                transformer_layer_spec=block_spec(tc, pp_rank=pp_rank, vp_stage=vp),
+                vocab_size=padded_vocab_size(cfg, layout),
+                max_sequence_length=seq_length,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+                share_embeddings_and_output_weights=tie,
+                position_embedding_type="rope",
+                rotary_base=cfg.rope_theta,
+                vp_stage=vp,
+            )
+        )
+    return chunks
+
+
+def causal_mask(seq_len: int, device: torch.device | str = "cpu", padding_mask: torch.Tensor | None = None):
+    """The explicit attention mask Megatron needs on CPU (S3): ``[B|1, 1, S, S]``, True = masked.
+
+    ``padding_mask`` ``[B, S]`` (True = real token) additionally masks padded keys, like HF's attention_mask.
+    """
+    m = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1).view(1, 1, seq_len, seq_len)
+    if padding_mask is not None:
+        m = m | ~padding_mask.bool().view(padding_mask.shape[0], 1, 1, seq_len)
+    return m
