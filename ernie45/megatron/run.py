@@ -1,0 +1,141 @@
+"""Running a (distributed) ERNIE Megatron model: forward for logits, forward+backward for a loss, routing capture.
+
+Pipeline-parallel runs go through Megatron-Core's own schedules (``get_forward_backward_func``); the few
+``device="cuda"`` literals in them are rewritten by ``cpu.cpu_mode()`` on a CPU-only machine (S5).
+
+Legend: ``B`` batch, ``S`` sequence, ``V`` vocab, ``E`` experts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from . import cpu
+from .model import causal_mask
+from .router import ErnieTopKRouter
+
+__all__ = ["forward_logits", "forward_backward", "capture_routing", "allreduce_sequence_parallel_grads"]
+
+
+def _batch(input_ids_BS, position_ids_BS, padding_mask_BS, labels_BS=None):
+    B, S = input_ids_BS.shape
+    if position_ids_BS is None:
+        position_ids_BS = torch.arange(S).expand(B, S)
+    return dict(
+        input_ids=input_ids_BS,
+        position_ids=position_ids_BS,
+        attention_mask=causal_mask(S, padding_mask=padding_mask_BS),
+        labels=labels_BS,
+    )
+
+
+def _schedule(chunks, batch, *, forward_only: bool, collect_logits: bool):
+    from megatron.core import tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    B, S = batch["input_ids"].shape
+
+    def forward_step(data_iterator, model):
+        data = next(data_iterator)
+        out = model(data["input_ids"], data["position_ids"], data["attention_mask"], labels=data["labels"])
+
+        def loss_func(output, non_loss_data: bool = False):
+            if non_loss_data:  # logits [B, S, V/tp] -> full vocab
+                return tensor_parallel.gather_from_tensor_model_parallel_region(output)
+            loss = output.float().mean()
+            return loss, {"loss": loss.detach()}
+
+        return out, loss_func
+
+    n = len(chunks)
+    iters = [iter([batch]) for _ in range(n)]
+    with cpu.cpu_mode():
+        result = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iters if n > 1 else iters[0],
+            model=chunks if n > 1 else chunks[0],
+            num_microbatches=1,
+            seq_length=S,
+            micro_batch_size=B,
+            forward_only=forward_only,
+            collect_non_loss_data=collect_logits,
+        )
+    return result
+
+
+def _broadcast_from_last_stage(t: torch.Tensor | None) -> torch.Tensor:
+    """Share a tensor computed on the last pipeline stage with every rank of the pipeline group."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_pipeline_model_parallel_group()
+    src = ps.get_pipeline_model_parallel_last_rank()
+    meta = [None if t is None else (tuple(t.shape), t.dtype)]
+    dist.broadcast_object_list(meta, src=src, group=group)
+    shape, dtype = meta[0]
+    buf = t.contiguous() if t is not None else torch.empty(shape, dtype=dtype)
+    dist.broadcast(buf, src=src, group=group)
+    return buf
+
+
+def forward_logits(chunks, input_ids_BS, *, position_ids_BS=None, padding_mask_BS=None, vocab_size=None):
+    """Full-vocab logits ``[B, S, V]`` on every rank (eval mode, no grad)."""
+    for c in chunks:
+        c.eval()
+    with torch.no_grad():
+        out = _schedule(chunks, _batch(input_ids_BS, position_ids_BS, padding_mask_BS), forward_only=True, collect_logits=True)
+    from megatron.core import parallel_state as ps
+
+    logits_BSV = out[0] if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+    logits_BSV = _broadcast_from_last_stage(logits_BSV)
+    return logits_BSV[..., :vocab_size] if vocab_size else logits_BSV
+
+
+def forward_backward(chunks, input_ids_BS, labels_BS, *, position_ids_BS=None, padding_mask_BS=None) -> torch.Tensor:
+    """One forward+backward of the mean token loss; grads land in ``param.grad``. Returns the loss on every rank."""
+    for c in chunks:
+        c.train()
+        c.zero_grad(set_to_none=True)
+    batch = _batch(input_ids_BS, position_ids_BS, padding_mask_BS, labels_BS)
+    out = _schedule(chunks, batch, forward_only=False, collect_logits=False)
+    from megatron.core import parallel_state as ps
+
+    loss = out[0]["loss"].reshape(1) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+    allreduce_sequence_parallel_grads(chunks)
+    return _broadcast_from_last_stage(loss)[0]
+
+
+def allreduce_sequence_parallel_grads(chunks) -> None:
+    """Sum the partial grads of TP-replicated params under sequence parallelism (what finalize_model_grads does)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return
+    for c in chunks:
+        for p in c.parameters():
+            if getattr(p, "sequence_parallel", False) and p.grad is not None:
+                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+
+
+@contextlib.contextmanager
+def capture_routing(chunks, layer_offsets: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record each router's ``routing_map [S·B, E]`` (bool) keyed by global layer index."""
+    maps: dict[int, torch.Tensor] = {}
+    handles = []
+    for chunk, offset in zip(chunks, layer_offsets):
+        for name, mod in chunk.named_modules():
+            if isinstance(mod, ErnieTopKRouter):
+                layer = offset + int(name.split("decoder.layers.")[1].split(".")[0])
+
+                def hook(_m, _inp, out, layer=layer):
+                    maps[layer] = out[1].detach().clone()
+
+                handles.append(mod.register_forward_hook(hook))
+    try:
+        yield maps
+    finally:
+        for h in handles:
+            h.remove()
