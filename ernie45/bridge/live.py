@@ -52,8 +52,8 @@ class RankCoords:
         return self.tp, self.tp_size
 
     def is_primary(self, split: Split) -> bool:
-        """Exactly one replica of every shard exports: data-parallel rank 0 of its kind."""
-        return (self.edp if split.is_expert else self.dp) == 0
+        """Exactly one replica of every shard exports: data-parallel rank 0 of its kind, TP rank 0 if unsplit."""
+        return (self.edp if split.is_expert else self.dp) == 0 and (split is not Split.REPLICATED or self.tp == 0)
 
 
 def _local_targets(plan: Plan, layout: Layout, coords: RankCoords, n_chunks: int):

@@ -15,6 +15,8 @@ S4     ``moe_utils.te_general_gemm = None`` if undefined                    0.16
 S5     :class:`CudaToCpuMode`: ``device="cuda"`` kwargs -> cpu              pipeline schedules, optimizer, clip_grads
 S6     ``torch.cuda.synchronize`` -> no-op                                  dist_checkpointing async writer
 S9     CUDA RNG state save/restore -> no-op                                 activation recompute
+S11    ``Tensor.cuda()`` -> the tensor itself                               tied embeddings with PP > 1: Megatron
+                                                                            all-reduces ``weight.data.cuda()``
 =====  ===================================================================  ==========================================
 
 S3 (explicit causal mask) is a call convention, handled by :func:`ernie45.megatron.model.causal_mask`.
@@ -51,6 +53,8 @@ def install() -> None:
         torch.cuda.current_device = lambda: torch.device("cpu")
         # S6
         torch.cuda.synchronize = lambda *a, **k: None
+        # S11: on a CPU-only build no tensor can move to CUDA; keep it where it is
+        torch.Tensor.cuda = lambda self, *a, **k: self
         # S9
         from megatron.core.tensor_parallel import random as tp_random
 

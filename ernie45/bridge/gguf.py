@@ -1,0 +1,760 @@
+"""HF on-disk safetensors ⇄ GGUF for llama.cpp: ERNIE 4.5 dense (``ernie4_5``) and text MoE (``ernie4_5-moe``).
+
+The tensor names, metadata keys and architecture names come from the ``gguf`` package (0.19.0, the gguf-py that
+ships with llama.cpp): ``gguf.MODEL_ARCH``, ``gguf.MODEL_TENSORS``, ``gguf.TENSOR_NAMES``, ``gguf.Keys`` (through
+``GGUFWriter.add_*``). What llama.cpp *does* with them was read in llama.cpp's ``src/models/ernie4-5.cpp`` /
+``ernie4-5-moe.cpp`` and ``convert_hf_to_gguf.py`` (``conversion/ernie.py``, ``Ernie4_5Model`` /
+``Ernie4_5MoeModel``), as vendored by llama-cpp-python 0.3.36:
+
+* **No Q/K permutation.** llama.cpp runs ERNIE 4.5 with ``LLAMA_ROPE_TYPE_NORM``, which rotates adjacent pairs
+  ``(x[2i], x[2i+1])``: exactly HF ERNIE's interleaved (GPT-J) RoPE (spec §B.4). (The Llama converter permutes
+  Q/K because HF Llama is half-split/NeoX; ERNIE's converter does not, and neither do we.)
+* **head_dim** travels as ``attention.key_length`` / ``value_length`` (0.3B: 128 with H = 1024, so ``H / nh`` would
+  be wrong); ``rope.dimension_count`` = head_dim (llama.cpp asserts ``n_rot == head_dim`` for ERNIE).
+* **Experts are stacked**: ``blk.L.ffn_{gate,up,down}_exps.weight`` are ``[E, F, H]`` / ``[E, F, H]`` / ``[E, H, F]``
+  (numpy order; ggml ``ne`` is reversed), expert ``x`` at index ``x``.
+* **Router** ``blk.L.ffn_gate_inp.weight`` is ``[E, H]`` (no transpose for text checkpoints) and stays f32; the
+  **selection bias** ``blk.L.exp_probs_b.bias`` is ``[E]`` (squeezed from the on-disk ``[1, E]``; llama.cpp declares
+  it ``{n_expert}``) and stays f32. llama.cpp's ERNIE MoE graph is HF's router (spec §C.2): softmax, bias added for
+  the top-k choice only, unbiased weights gathered and renormalised (its clamp floor is 6.1e-5 instead of
+  ``moe_norm_min``; a sum of k softmax probabilities never gets near either).
+* **Shared experts** ``blk.L.ffn_{gate,up,down}_shexp.weight`` with ``expert_shared_feed_forward_length`` =
+  ``moe_num_shared_experts · moe_intermediate_size`` (spec §C.4). Deliberate deviation: llama.cpp's converter
+  writes ``intermediate_size // num_key_value_heads``, which equals it for the 21B (12288 / 4 = 3072) by
+  coincidence only; llama.cpp sizes the tensors from this key, so it must be the true width.
+* **Dense / MoE pattern.** llama.cpp loads MoE tensors for *every* layer ``>= leading_dense_block_count``, while its
+  graph treats layer ``il`` as MoE iff ``il >= leading_dense_block_count and (il + 1) % interleave_moe_layer_step ==
+  0``. The two agree only for "``n`` dense layers, then all MoE" with step 1, so that is what we write (derived from
+  ``cfg.mlp_layer_types``, never from the raw ``moe_layer_*`` keys) and any other pattern is refused with
+  :class:`GGUFExportError` instead of producing a file llama.cpp would misread.
+* **Tied heads.** Without ``output.weight`` llama.cpp uses ``token_embd.weight`` for the head. A tied checkpoint
+  with no ``lm_head.weight`` gets no ``output.weight``; an on-disk ``lm_head.weight`` is always written (transformers
+  5.23 loads it untied even when the config says tied, spec §G).
+* **Biases.** llama.cpp's ERNIE graph uses no linear biases (it loads ``attn_output.bias`` but never applies it),
+  so ``use_bias=True`` configs are refused. **VL** checkpoints are refused (no llama.cpp architecture for them).
+
+Tensor types follow llama.cpp's converter: 1-D tensors, norms, the router and the expert bias are always f32;
+everything else takes ``outtype``; a tensor whose rows cannot be cut into q8_0 blocks of 32 falls back to f16
+(reported, as the converter does).
+
+On-disk layouts (spec §G; ``L`` layer, ``X`` expert):
+
+====================================================================  ===============================================
+HF on-disk                                                            GGUF
+====================================================================  ===============================================
+``model.embed_tokens.weight`` [V, H]                                  ``token_embd.weight``
+``model.layers.L.input_layernorm.weight`` [H]                         ``blk.L.attn_norm.weight``
+``model.layers.L.self_attn.{q,k,v,o}_proj.weight``                    ``blk.L.attn_{q,k,v,output}.weight``
+``model.layers.L.post_attention_layernorm.weight`` [H]                ``blk.L.ffn_norm.weight``
+``model.layers.L.mlp.{gate,up,down}_proj.weight`` (dense layers)      ``blk.L.ffn_{gate,up,down}.weight``
+``model.layers.L.mlp.gate.weight`` [E, H]                             ``blk.L.ffn_gate_inp.weight``
+``model.layers.L.mlp.moe_statics.e_score_correction_bias`` [1, E]     ``blk.L.exp_probs_b.bias`` [E]
+``model.layers.L.mlp.experts.X.{gate,up,down}_proj.weight``           ``blk.L.ffn_{gate,up,down}_exps.weight`` (stacked)
+``model.layers.L.mlp.shared_experts.{gate,up,down}_proj.weight``      ``blk.L.ffn_{gate,up,down}_shexp.weight``
+``model.norm.weight`` [H]                                             ``output_norm.weight``
+``lm_head.weight`` [V, H] (untied, or present on disk)                ``output.weight``
+====================================================================  ===============================================
+
+Legend for shapes: ``V`` vocab, ``H`` hidden, ``Q`` = heads·head_dim, ``K`` = kv_heads·head_dim, ``I`` dense FFN
+width, ``E`` experts, ``F`` expert FFN width, ``S`` shared-expert FFN width.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Protocol
+
+import numpy as np
+import torch
+
+import gguf
+from gguf import GGMLQuantizationType as QT
+from gguf import MODEL_TENSOR as T
+
+from ..config import ErnieConfig
+
+__all__ = [
+    "GGUFExportError",
+    "GGUFReport",
+    "GGUF_TABLE",
+    "GGUF_IGNORED",
+    "OUTTYPES",
+    "export_gguf",
+    "plan_gguf",
+    "read_gguf_as_hf",
+    "describe_gguf",
+    "llama_cpp_layer_pattern",
+]
+
+
+class GGUFExportError(ValueError):
+    """A checkpoint / config that cannot be written as a correct llama.cpp GGUF (names the offending tensors)."""
+
+
+class TensorSource(Protocol):
+    """What :func:`export_gguf` reads from: HF on-disk names and full tensors (``HFCheckpoint`` is one)."""
+
+    def keys(self) -> Iterable[str]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ops: the closed set of reversible transforms between HF on-disk tensors and one GGUF tensor
+
+
+@dataclass(frozen=True)
+class GGUFOp:
+    """HF tensors (in row order) ⇄ one GGUF tensor. ``to_hf(to_gguf(x)) == x`` bit for bit (no arithmetic)."""
+
+    def to_gguf(self, hf: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_hf(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Same(GGUFOp):
+    """Same tensor, same layout (GGUF's reversed ``ne`` order is numpy's row-major order)."""
+
+    def to_gguf(self, hf):
+        (x,) = hf
+        return x
+
+    def to_hf(self, t):
+        return (t,)
+
+
+@dataclass(frozen=True)
+class SqueezeRow(GGUFOp):
+    """``[1, E]`` (HF ``moe_statics.e_score_correction_bias``) ⇄ ``[E]`` (llama.cpp ``exp_probs_b`` is ``{n_expert}``)."""
+
+    def to_gguf(self, hf):
+        (x_1E,) = hf
+        if x_1E.dim() != 2 or x_1E.shape[0] != 1:
+            raise GGUFExportError(f"expected a [1, E] tensor, got {list(x_1E.shape)}")
+        return x_1E[0]
+
+    def to_hf(self, t):
+        return (t.unsqueeze(0),)
+
+
+@dataclass(frozen=True)
+class StackExperts(GGUFOp):
+    """``E`` per-expert ``[F, H]`` (or ``[H, F]``) ⇄ ``[E, F, H]``; expert ``x`` at index ``x``."""
+
+    def to_gguf(self, hf):
+        return torch.stack(hf, dim=0)
+
+    def to_hf(self, t):
+        return tuple(t.unbind(0))
+
+
+GGUF_OPS = (Same, SqueezeRow, StackExperts)
+
+# ------------------------------------------------------------------------------------------------------------------
+# the table
+
+# scope -> which instances exist. "model": once; "head": once when untied *or* lm_head.weight is on disk;
+# "layer": every layer; "dense" / "moe": layers of that type; "shared": MoE layers when moe_num_shared_experts > 0.
+SCOPES = ("model", "head", "layer", "dense", "moe", "shared")
+# types a row may ask for: "out" follows outtype, "f32" is forced (1-D tensors, norms, router, expert bias)
+DTYPE_RULES = ("out", "f32")
+
+
+@dataclass(frozen=True)
+class GGUFRow:
+    hf: str  # HF on-disk name; {L} layer, {X} expert (only with StackExperts)
+    tensor: T  # gguf.MODEL_TENSOR; the GGUF name is gguf.TENSOR_NAMES[tensor] + "." + suffix
+    suffix: str  # "weight" | "bias"
+    op: GGUFOp
+    scope: str
+    hf_shape: tuple[str, ...]  # symbolic shape of each HF tensor (see _dims)
+    dtype: str  # "out" | "f32"
+    why_f32: str = ""
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown scope {self.scope!r}")
+        if self.dtype not in DTYPE_RULES:
+            raise ValueError(f"unknown dtype rule {self.dtype!r}")
+        if self.dtype == "f32" and not self.why_f32:
+            raise ValueError(f"row {self.hf}: a forced-f32 row needs its reason")
+        if ("{X}" in self.hf) != isinstance(self.op, StackExperts):
+            raise ValueError(f"row {self.hf}: {{X}} rows and only they stack experts")
+
+    def gguf_name(self, layer: int | None) -> str:
+        base = gguf.TENSOR_NAMES[self.tensor]
+        return (base.format(bid=layer) if "{bid}" in base else base) + "." + self.suffix
+
+
+_NORM = "norm: llama.cpp's converter keeps 1-D tensors and norms in f32 (ggml norm kernels take f32)"
+_P = "model.layers.{L}."
+GGUF_TABLE: tuple[GGUFRow, ...] = (
+    GGUFRow("model.embed_tokens.weight", T.TOKEN_EMBD, "weight", Same(), "model", ("V", "H"), "out"),
+    GGUFRow(_P + "input_layernorm.weight", T.ATTN_NORM, "weight", Same(), "layer", ("H",), "f32", _NORM),
+    GGUFRow(_P + "self_attn.q_proj.weight", T.ATTN_Q, "weight", Same(), "layer", ("Q", "H"), "out"),
+    GGUFRow(_P + "self_attn.k_proj.weight", T.ATTN_K, "weight", Same(), "layer", ("K", "H"), "out"),
+    GGUFRow(_P + "self_attn.v_proj.weight", T.ATTN_V, "weight", Same(), "layer", ("K", "H"), "out"),
+    GGUFRow(_P + "self_attn.o_proj.weight", T.ATTN_OUT, "weight", Same(), "layer", ("H", "Q"), "out"),
+    GGUFRow(_P + "post_attention_layernorm.weight", T.FFN_NORM, "weight", Same(), "layer", ("H",), "f32", _NORM),
+    # dense SwiGLU layers
+    GGUFRow(_P + "mlp.gate_proj.weight", T.FFN_GATE, "weight", Same(), "dense", ("I", "H"), "out"),
+    GGUFRow(_P + "mlp.up_proj.weight", T.FFN_UP, "weight", Same(), "dense", ("I", "H"), "out"),
+    GGUFRow(_P + "mlp.down_proj.weight", T.FFN_DOWN, "weight", Same(), "dense", ("H", "I"), "out"),
+    # MoE layers
+    GGUFRow(_P + "mlp.gate.weight", T.FFN_GATE_INP, "weight", Same(), "moe", ("E", "H"), "f32",
+            "router: llama.cpp keeps FFN_GATE_INP in f32 (converter and llama-quantize)"),
+    GGUFRow(_P + "mlp.moe_statics.e_score_correction_bias", T.FFN_EXP_PROBS_B, "bias", SqueezeRow(), "moe",
+            ("1", "E"), "f32", "expert-selection bias: 1-D, added to f32 probabilities"),
+    GGUFRow(_P + "mlp.experts.{X}.gate_proj.weight", T.FFN_GATE_EXP, "weight", StackExperts(), "moe", ("F", "H"),
+            "out"),
+    GGUFRow(_P + "mlp.experts.{X}.up_proj.weight", T.FFN_UP_EXP, "weight", StackExperts(), "moe", ("F", "H"), "out"),
+    GGUFRow(_P + "mlp.experts.{X}.down_proj.weight", T.FFN_DOWN_EXP, "weight", StackExperts(), "moe", ("H", "F"),
+            "out"),
+    GGUFRow(_P + "mlp.shared_experts.gate_proj.weight", T.FFN_GATE_SHEXP, "weight", Same(), "shared", ("S", "H"),
+            "out"),
+    GGUFRow(_P + "mlp.shared_experts.up_proj.weight", T.FFN_UP_SHEXP, "weight", Same(), "shared", ("S", "H"), "out"),
+    GGUFRow(_P + "mlp.shared_experts.down_proj.weight", T.FFN_DOWN_SHEXP, "weight", Same(), "shared", ("H", "S"),
+            "out"),
+    GGUFRow("model.norm.weight", T.OUTPUT_NORM, "weight", Same(), "model", ("H",), "f32", _NORM),
+    GGUFRow("lm_head.weight", T.OUTPUT, "weight", Same(), "head", ("V", "H"), "out"),
+)  # fmt: skip
+
+# Source tensors deliberately not written, with the reason. Anchored full-name regexes.
+GGUF_IGNORED: dict[str, str] = {
+    r"model\.mtp_(block|emb_norm|hidden_norm|linear_proj)\.\d+\..+": (
+        "multi-token-prediction (MTP) head: llama.cpp's ERNIE 4.5 architectures have no MTP tensors and its "
+        "converter skips them (Ernie4_5MoeModel.filter_tensors); not part of the forward pass"
+    ),
+}
+_IGNORED_RE = [(re.compile(p), why) for p, why in GGUF_IGNORED.items()]
+
+OUTTYPES: dict[str, tuple[QT, gguf.LlamaFileType]] = {
+    "f32": (QT.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (QT.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (QT.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (QT.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# planning: every tensor accounted for before a byte is written
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str  # GGUF name
+    sources: tuple[str, ...]  # HF names, in the op's order
+    op: GGUFOp
+    source_shape: tuple[int, ...]  # expected shape of each source tensor
+    shape: tuple[int, ...]  # numpy (row-major) shape of the GGUF tensor
+    qtype: QT
+    nbytes: int
+    note: str = ""  # why the type differs from outtype, if it does
+
+
+@dataclass(frozen=True)
+class GGUFPlan:
+    arch: gguf.MODEL_ARCH
+    outtype: str
+    tensors: tuple[PlannedTensor, ...]
+    ignored: Mapping[str, str]  # HF name -> reason
+    leading_dense_block_count: int
+
+    @property
+    def arch_name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.arch]
+
+
+def _arch(cfg: ErnieConfig) -> gguf.MODEL_ARCH:
+    if cfg.family == "vl":
+        raise GGUFExportError(
+            "ERNIE 4.5 VL checkpoints cannot be exported to GGUF: llama.cpp has no architecture for the dual-pool "
+            "vision-language MoE (only ernie4_5 and ernie4_5-moe, text only)"
+        )
+    if cfg.use_bias:
+        raise GGUFExportError(
+            "use_bias=True cannot be exported: llama.cpp's ERNIE 4.5 graph applies no q/k/v/o or FFN biases "
+            "(the released models have none)"
+        )
+    return gguf.MODEL_ARCH.ERNIE4_5 if cfg.family == "dense" else gguf.MODEL_ARCH.ERNIE4_5_MOE
+
+
+def llama_cpp_layer_pattern(cfg: ErnieConfig) -> tuple[int, int]:
+    """``(leading_dense_block_count, interleave_moe_layer_step)`` for ``cfg.mlp_layer_types``, or an error.
+
+    llama.cpp (src/models/ernie4-5.cpp) creates MoE tensors for every layer ``>= leading_dense_block_count``;
+    its graph (ernie4-5-moe.cpp) runs layer ``il`` as MoE iff ``il >= lead and (il + 1) % step == 0``. Only
+    "``lead`` dense layers, then MoE to the end", with step 1, satisfies both.
+    """
+    types = tuple(cfg.mlp_layer_types)
+    lead = next((i for i, t in enumerate(types) if t == "sparse"), len(types))
+    if types != ("dense",) * lead + ("sparse",) * (len(types) - lead):
+        pattern = "".join("S" if t == "sparse" else "D" for t in types)
+        raise GGUFExportError(
+            f"dense/MoE layer pattern {pattern} cannot be represented in llama.cpp's ernie4_5-moe: it only runs "
+            "'N leading dense layers, then every layer MoE' (leading_dense_block_count = N, "
+            "interleave_moe_layer_step = 1); it loads MoE tensors for every layer >= N but its graph would skip "
+            "those with (il + 1) % step != 0, so any other pattern would give a file llama.cpp misreads"
+        )
+    return lead, 1
+
+
+def _dims(cfg: ErnieConfig) -> dict[str, int]:
+    return {
+        "1": 1,
+        "V": cfg.vocab_size,
+        "H": cfg.hidden_size,
+        "Q": cfg.num_attention_heads * cfg.head_dim,
+        "K": cfg.num_key_value_heads * cfg.head_dim,
+        "I": cfg.intermediate_size,
+        "E": cfg.moe_num_experts or 0,
+        "F": cfg.moe_intermediate_size[0] if cfg.is_moe else 0,
+        "S": cfg.shared_expert_intermediate_size,
+    }
+
+
+def _layers(cfg: ErnieConfig, scope: str, head: bool) -> list[int | None]:
+    L = range(cfg.num_hidden_layers)
+    if scope == "model":
+        return [None]
+    if scope == "head":
+        return [None] if head else []
+    if scope == "layer":
+        return list(L)
+    if scope == "dense":
+        return [l for l in L if cfg.mlp_layer_types[l] == "dense"]
+    if scope == "moe":
+        return [l for l in L if cfg.mlp_layer_types[l] == "sparse"]
+    if scope == "shared":
+        return [l for l in L if cfg.mlp_layer_types[l] == "sparse"] if cfg.moe_num_shared_experts else []
+    raise ValueError(scope)  # pragma: no cover - GGUFRow validates scopes
+
+
+def _qtype(row: GGUFRow, shape: tuple[int, ...], outtype: str) -> tuple[QT, str]:
+    if row.dtype == "f32" or len(shape) <= 1:
+        return QT.F32, ""
+    qt = OUTTYPES[outtype][0]
+    block, _ = gguf.GGML_QUANT_SIZES[qt]
+    if shape[-1] % block:
+        # llama.cpp's converter catches the QuantError and writes f16; we do the same and say so in the report
+        return QT.F16, f"rows of {shape[-1]} are not a multiple of the {qt.name} block ({block}): f16 instead"
+    return qt, ""
+
+
+def _nbytes(shape: tuple[int, ...], qt: QT) -> int:
+    if qt in (QT.F32, QT.F16):
+        return int(np.prod(shape, dtype=np.int64)) * (4 if qt == QT.F32 else 2)
+    return int(np.prod(gguf.quant_shape_to_byte_shape(shape, qt), dtype=np.int64))
+
+
+def ignored_reason(name: str) -> str | None:
+    for pattern, why in _IGNORED_RE:
+        if pattern.fullmatch(name):
+            return why
+    return None
+
+
+def plan_gguf(
+    cfg: ErnieConfig,
+    keys: Iterable[str],
+    *,
+    outtype: str = "f32",
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    dtypes: Mapping[str, torch.dtype] | None = None,
+) -> GGUFPlan:
+    """Every GGUF tensor, its HF sources, shape and type -- or one error listing every offending tensor.
+
+    ``shapes`` / ``dtypes`` (when the source can tell them without reading) are checked here too; otherwise each
+    tensor is checked when it is read.
+    """
+    if outtype not in OUTTYPES:
+        raise GGUFExportError(f"outtype must be one of {sorted(OUTTYPES)}, got {outtype!r}")
+    arch = _arch(cfg)
+    lead, _ = llama_cpp_layer_pattern(cfg) if cfg.family == "moe" else (cfg.num_hidden_layers, 1)
+    allowed = set(gguf.MODEL_TENSORS[arch])
+    keys = list(keys)
+    present = set(keys)
+    # transformers 5.23 loads an on-disk lm_head.weight untied even when the config says tied (spec §G)
+    head = (not cfg.tie_word_embeddings) or "lm_head.weight" in present
+    dims = _dims(cfg)
+    E = dims["E"]
+
+    planned: list[tuple[tuple[int, int, int], PlannedTensor]] = []
+    first_layer_row = next(i for i, r in enumerate(GGUF_TABLE) if r.scope != "model")
+    for r_idx, row in enumerate(GGUF_TABLE):
+        if row.tensor not in allowed:
+            continue  # e.g. MoE rows for the dense architecture
+        src_shape = tuple(dims[d] for d in row.hf_shape)
+        for layer in _layers(cfg, row.scope, head):
+            if isinstance(row.op, StackExperts):
+                sources = tuple(row.hf.format(L=layer, X=x) for x in range(E))
+                shape = (E, *src_shape)
+            else:
+                sources = (row.hf.format(L=layer),)
+                shape = src_shape[1:] if isinstance(row.op, SqueezeRow) else src_shape
+            qt, note = _qtype(row, shape, outtype)
+            group = 1 if layer is not None else (0 if r_idx < first_layer_row else 2)
+            order = (group, layer if layer is not None else 0, r_idx)
+            planned.append(
+                (order, PlannedTensor(row.gguf_name(layer), sources, row.op, src_shape, shape, qt, _nbytes(shape, qt), note))
+            )
+    planned.sort(key=lambda p: p[0])
+    tensors = tuple(p for _, p in planned)
+
+    expected = [s for p in tensors for s in p.sources]
+    if len(expected) != len(set(expected)):  # pragma: no cover - a table bug, not a user error
+        raise GGUFExportError("GGUF table consumes some HF tensor twice")
+    ignored = {n: why for n in keys if n not in set(expected) and (why := ignored_reason(n)) is not None}
+    unknown = sorted(present - set(expected) - set(ignored))
+    missing = sorted(set(expected) - present)
+    problems = []
+    if unknown:
+        problems.append(
+            f"{len(unknown)} source tensor(s) match no row of the HF→GGUF table ({gguf.MODEL_ARCH_NAMES[arch]}) and "
+            f"no GGUF_IGNORED pattern: {unknown}"
+        )
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) the {gguf.MODEL_ARCH_NAMES[arch]} GGUF needs are missing: {missing}")
+    if shapes is not None:
+        bad = [
+            f"{s}: {list(shapes[s])} != expected {list(p.source_shape)}"
+            for p in tensors
+            for s in p.sources
+            if s in shapes and tuple(shapes[s]) != p.source_shape
+        ]
+        if bad:
+            problems.append(f"{len(bad)} tensor(s) have the wrong shape for this config: {bad}")
+    if dtypes is not None:
+        bad = [f"{s}: {dtypes[s]}" for p in tensors for s in p.sources if s in dtypes and dtypes[s] not in _FLOAT_DTYPES]
+        if bad:
+            problems.append(f"{len(bad)} tensor(s) are not f32/f16/bf16: {bad}")
+    if problems:
+        raise GGUFExportError("cannot export to GGUF:\n  " + "\n  ".join(problems))
+    return GGUFPlan(arch, outtype, tensors, ignored, lead)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# metadata
+
+
+def _write_hparams(w: gguf.GGUFWriter, cfg: ErnieConfig, plan: GGUFPlan) -> None:
+    """The hyper-parameters llama.cpp reads for ERNIE 4.5 (llama-model.cpp load_hparams + ernie4-5.cpp)."""
+    ctx = cfg.hf_config.get("max_position_embeddings")
+    if ctx is None:
+        # llama.cpp requires context_length; ERNIE 4.5 has no RoPE scaling, so it is the config value or nothing
+        raise GGUFExportError("config.json has no max_position_embeddings; llama.cpp requires a context length")
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(plan.arch_name)
+    w.add_file_type(OUTTYPES[plan.outtype][1])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(int(ctx))
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)  # dense layers' SwiGLU width
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if plan.arch == gguf.MODEL_ARCH.ERNIE4_5_MOE:
+        w.add_expert_count(cfg.moe_num_experts)
+        w.add_expert_used_count(cfg.moe_k)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size[0])
+        w.add_leading_dense_block_count(plan.leading_dense_block_count)
+        w.add_interleave_moe_layer_step(1)  # see llama_cpp_layer_pattern
+        w.add_expert_shared_count(cfg.moe_num_shared_experts)
+        if cfg.moe_num_shared_experts > 0:
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+
+
+def _looks_special(token: str) -> bool:
+    # llama.cpp converter's does_token_look_special, restricted to the ERNIE-relevant forms
+    return token in ("<pad>", "<mask>") or (token.startswith("<|") and token.endswith("|>"))
+
+
+def _write_sentencepiece_vocab(w: gguf.GGUFWriter, tokenizer_dir: Path, cfg: ErnieConfig) -> str:
+    """tokenizer.ggml.* exactly as llama.cpp's ``_set_vocab_sentencepiece`` + ``Ernie4_5Model.set_vocab``."""
+    from sentencepiece import SentencePieceProcessor
+
+    model_file = tokenizer_dir / "tokenizer.model"
+    if not model_file.is_file():
+        raise GGUFExportError(f"{model_file}: no SentencePiece tokenizer.model (ERNIE 4.5 ships one)")
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(str(model_file))
+    n = cfg.vocab_size
+    if sp.vocab_size() > n:
+        raise GGUFExportError(
+            f"{model_file}: {sp.vocab_size()} pieces but the model has only vocab_size={n} embedding rows"
+        )
+    TT = gguf.TokenType
+    # unfilled ids are padding rows of the embedding: "[PAD<id>]", score -10000, UNUSED (as llama.cpp)
+    tokens = [f"[PAD{i}]".encode() for i in range(n)]
+    scores = [-10000.0] * n
+    types = [TT.UNUSED] * n
+    for i in range(sp.vocab_size()):
+        tokens[i] = sp.IdToPiece(i).encode("utf-8")
+        scores[i] = sp.GetScore(i)
+        types[i] = (
+            TT.UNKNOWN if sp.IsUnknown(i)
+            else TT.CONTROL if sp.IsControl(i)
+            else TT.UNUSED if sp.IsUnused(i)
+            else TT.BYTE if sp.IsByte(i)
+            else TT.NORMAL
+        )  # fmt: skip
+    added_file = tokenizer_dir / "added_tokens.json"
+    if added_file.is_file():
+        for text, i in json.loads(added_file.read_text(encoding="utf-8")).items():
+            if i >= n:
+                raise GGUFExportError(f"{added_file}: token {text!r} has id {i} >= vocab_size {n}")
+            tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, TT.USER_DEFINED
+    tok_cfg: dict[str, Any] = {}
+    tok_cfg_file = tokenizer_dir / "tokenizer_config.json"
+    if tok_cfg_file.is_file():
+        tok_cfg = json.loads(tok_cfg_file.read_text(encoding="utf-8"))
+    for key, data in tok_cfg.get("added_tokens_decoder", {}).items():
+        i, text = int(key), data["content"]
+        if i >= n:
+            raise GGUFExportError(f"{tok_cfg_file}: added token {text!r} has id {i} >= vocab_size {n}")
+        if data.get("special") or _looks_special(text):
+            types[i] = TT.CONTROL
+        else:
+            text = text.replace("\u2581", " ")  # llama.cpp pre-normalises user-defined spaces
+            types[i] = TT.USER_DEFINED
+        tokens[i], scores[i] = text.encode("utf-8"), -1000.0
+
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    special = gguf.SpecialVocab(tokenizer_dir, n_vocab=n)
+    # config.json's ids are authoritative for the checkpoint; fill what SpecialVocab found nowhere
+    for typ in ("bos", "eos", "pad"):
+        tid = cfg.special_ids.get(f"{typ}_token_id")
+        if typ not in special.special_token_ids and isinstance(tid, int) and 0 <= tid < n:
+            special.special_token_ids[typ] = tid
+    special.add_to_gguf(w, quiet=True)
+    if "add_prefix_space" in tok_cfg:
+        w.add_add_space_prefix(bool(tok_cfg["add_prefix_space"]))
+    padded = n - sp.vocab_size()
+    return f"sentencepiece {model_file}: {sp.vocab_size()} pieces" + (f" + {padded} [PAD] rows" if padded else "")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# export
+
+
+@dataclass(frozen=True)
+class GGUFReport:
+    path: Path
+    arch: str
+    outtype: str
+    tensors: tuple[tuple[str, tuple[int, ...], str], ...]  # (GGUF name, numpy shape, ggml type)
+    sources: Mapping[str, tuple[str, ...]]  # GGUF name -> HF names consumed
+    ignored: Mapping[str, str]  # HF name -> reason
+    notes: Mapping[str, str]  # GGUF name -> why its type differs from outtype
+    tokenizer: str | None
+    nbytes: int
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.path}: {self.arch}, {self.outtype}, {len(self.tensors)} tensors, {self.nbytes / 2**20:.1f} MiB "
+            f"of tensor data, from {sum(len(s) for s in self.sources.values())} HF tensors",
+            f"tokenizer: {self.tokenizer or 'none (tokenizer.ggml.model = no_vocab; llama.cpp cannot tokenize text)'}",
+        ]
+        lines += [f"ignored {n}: {why}" for n, why in sorted(self.ignored.items())]
+        lines += [f"type note {n}: {why}" for n, why in self.notes.items()]
+        return "\n".join(lines)
+
+
+def _to_numpy(t: torch.Tensor, p: PlannedTensor) -> np.ndarray:
+    if tuple(t.shape) != p.shape:  # pragma: no cover - guarded by the per-source shape check
+        raise GGUFExportError(f"{p.name}: built shape {list(t.shape)} != planned {list(p.shape)}")
+    # bf16 / f16 -> f32 is exact; the target type is then reached with gguf.quants, as llama.cpp's converter does
+    arr = gguf.quants.quantize(t.to(torch.float32).contiguous().numpy(), p.qtype)
+    if arr.nbytes != p.nbytes:  # pragma: no cover - _nbytes mirrors gguf.quants
+        raise GGUFExportError(f"{p.name}: {arr.nbytes} bytes != planned {p.nbytes}")
+    return arr
+
+
+def _read(source: TensorSource, name: str, p: PlannedTensor) -> torch.Tensor:
+    t = source.get(name)
+    if not isinstance(t, torch.Tensor):
+        raise GGUFExportError(f"{name}: source returned {type(t).__name__}, not a torch.Tensor")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise GGUFExportError(f"{name}: dtype {t.dtype} is not f32/f16/bf16")
+    if tuple(t.shape) != p.source_shape:
+        raise GGUFExportError(f"{name}: shape {list(t.shape)} != expected {list(p.source_shape)} for this config")
+    return t
+
+
+def _source_meta(source: TensorSource, keys: list[str], attr: str) -> dict[str, Any] | None:
+    fn = getattr(source, attr, None)
+    return {k: fn(k) for k in keys} if callable(fn) else None
+
+
+def export_gguf(
+    source: TensorSource,
+    cfg: ErnieConfig,
+    out_path: str | Path,
+    *,
+    outtype: str = "f32",
+    tokenizer_dir: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> GGUFReport:
+    """Write ``source`` (HF on-disk names) as a llama.cpp GGUF at ``out_path``.
+
+    The plan (every tensor, shape, type; unknown / missing tensors) is checked before anything is written. Tensors
+    are then streamed one at a time (experts of one projection of one layer stacked at once) into a temporary file
+    beside ``out_path``, renamed into place only when complete; on any error it is removed.
+    ``tokenizer_dir`` holds ``tokenizer.model`` (+ ``tokenizer_config.json``, ``config.json`` for special ids);
+    without it the GGUF has no vocabulary (``no_vocab``): llama.cpp runs it on token ids but cannot tokenize.
+    """
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise GGUFExportError(f"{out_path}: is a directory; give the .gguf file name")
+    if out_path.exists() and not overwrite:
+        raise GGUFExportError(f"{out_path}: exists (pass overwrite=True to replace it)")
+    keys = list(source.keys())
+    plan = plan_gguf(
+        cfg, keys, outtype=outtype, shapes=_source_meta(source, keys, "shape"), dtypes=_source_meta(source, keys, "dtype")
+    )
+
+    w = gguf.GGUFWriter(path=None, arch=plan.arch_name)
+    _write_hparams(w, cfg, plan)
+    if tokenizer_dir is not None:
+        tok_desc = _write_sentencepiece_vocab(w, Path(tokenizer_dir), cfg)
+    else:
+        tok_desc = None
+        w.add_tokenizer_model(gguf.NoVocab.tokenizer_model)
+        w.add_vocab_size(cfg.vocab_size)  # llama.cpp's no_vocab path sizes its dummy vocabulary from this
+    for p in plan.tensors:
+        w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    bar = None
+    try:
+        w.write_header_to_file(path=tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(p.nbytes for p in plan.tensors), unit="B", unit_scale=True, desc=out_path.name)
+        for p in plan.tensors:
+            hf = tuple(_read(source, s, p) for s in p.sources)
+            w.write_tensor_data(_to_numpy(p.op.to_gguf(hf), p))
+            del hf
+            if bar is not None:
+                bar.update(p.nbytes)
+        w.close()
+        if out_path.exists() and not overwrite:
+            raise GGUFExportError(f"{out_path}: appeared while exporting (pass overwrite=True to replace it)")
+        os.replace(tmp, out_path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+    return GGUFReport(
+        path=out_path,
+        arch=plan.arch_name,
+        outtype=outtype,
+        tensors=tuple((p.name, p.shape, p.qtype.name) for p in plan.tensors),
+        sources={p.name: p.sources for p in plan.tensors},
+        ignored=dict(plan.ignored),
+        notes={p.name: p.note for p in plan.tensors if p.note},
+        tokenizer=tok_desc,
+        nbytes=sum(p.nbytes for p in plan.tensors),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# reading back (GGUF -> HF names), through the same table
+
+
+def _gguf_name_patterns() -> list[tuple[re.Pattern[str], GGUFRow]]:
+    out = []
+    for row in GGUF_TABLE:
+        base = re.escape(gguf.TENSOR_NAMES[row.tensor]).replace(r"\{bid\}", r"(?P<L>\d+)")
+        out.append((re.compile(base + re.escape("." + row.suffix)), row))
+    return out
+
+
+def read_gguf_as_hf(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an ERNIE 4.5 GGUF under its HF on-disk name(s), dequantised to f32.
+
+    The inverse of :func:`export_gguf` through the same table: F32 tensors come back bit-exact, F16 / BF16 exactly
+    as rounded, Q8_0 dequantised. A GGUF tensor that matches no row is an error.
+    """
+    reader = gguf.GGUFReader(str(path))
+    patterns = _gguf_name_patterns()
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for t in reader.tensors:
+        hit = [(m, row) for pat, row in patterns if (m := pat.fullmatch(t.name))]
+        if len(hit) != 1:
+            unknown.append(t.name)
+            continue
+        m, row = hit[0]
+        layer = int(m["L"]) if "L" in m.groupdict() else None
+        shape = tuple(int(d) for d in reversed(t.shape))  # ggml ne -> numpy order
+        arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        hf = row.op.to_hf(torch.from_numpy(np.array(arr, dtype=np.float32)))
+        if isinstance(row.op, StackExperts):
+            names = [row.hf.format(L=layer, X=x) for x in range(len(hf))]
+        else:
+            names = [row.hf.format(L=layer)]
+        out.update(zip(names, hf))
+    if unknown:
+        raise GGUFExportError(f"{path}: {len(unknown)} tensor(s) match no row of the GGUF table: {unknown}")
+    return out
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, (list, tuple)) and len(v) > 16:
+        blob = json.dumps([_json_value(x) for x in v], ensure_ascii=False).encode()
+        return {"len": len(v), "head": [_json_value(x) for x in v[:8]], "sha256": hashlib.sha256(blob).hexdigest()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
+    if isinstance(v, (bytes, bytearray)):
+        return v.decode("utf-8", errors="backslashreplace")
+    if isinstance(v, (np.floating, float)):
+        return float(np.float32(v))  # GGUF floats are f32: compare them as such
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def describe_gguf(path: str | Path) -> dict[str, Any]:
+    """A JSON-able description of a GGUF: metadata key -> value (long arrays as length/head/sha256), tensors."""
+    reader = gguf.GGUFReader(str(path))
+    meta = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):  # header fields (version, counts), not metadata
+            continue
+        meta[key] = _json_value(f.contents())
+    tensors = [
+        {"name": t.name, "shape": [int(d) for d in reversed(t.shape)], "type": t.tensor_type.name}
+        for t in reader.tensors
+    ]
+    return {"metadata": meta, "tensors": tensors}
