@@ -122,6 +122,7 @@ def write_tiny_tokenizer(out_dir: str | Path, vocab_size: int) -> Path:
         pad_token=UNK,  # ERNIE 4.5 pads with id 0
         add_bos_token=True,
         add_eos_token=False,
+        add_prefix_space=True,  # SentencePiece's add_dummy_prefix; llama.cpp reads it as add_space_prefix
         additional_special_tokens=controls,
         model_max_length=131072,
     )

@@ -16,7 +16,7 @@ from ernie45.config import load_config
 from ernie45.megatron.model import build_model
 from ernie45.megatron.parallel import Layout
 from ernie45.megatron.run import capture_routing, forward_logits
-from hf_reference import hf_routing, load_hf as load_reference, megatron_map_to_hf_order
+from ernie45.reference import hf_routing, load_reference, megatron_map_to_hf_order
 
 B, S = 3, 11
 

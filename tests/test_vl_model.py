@@ -120,7 +120,7 @@ def test_rope_matches_hf_bit_for_bit(hf_model, cfg):
     assert torch.equal(q_mg_SBhD.permute(1, 2, 0, 3), q_hf)
 
 
-def test_rope_band_layout_and_1d_reduction(cfg):
+def test_rope_band_layout_and_1d_reduction(world1, cfg):
     """Band f: H on even f < h+w, W on odd f < h+w, T above; T=H=W gives Megatron's 1-D interleaved RoPE."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
@@ -215,12 +215,14 @@ def test_token_type_arrays_are_not_interchangeable(mg_model, cfg):
 
 
 def test_bool_padding_mask_is_refused(mg_model, cfg):
+    from ernie45.megatron.model import causal_mask
+
     batch = make_batch(cfg, CASES["text_only"], seed=1)
     with pytest.raises(TypeError):
         mg_model.language_model(
             input_ids=batch["input_ids"],
             position_ids=torch.arange(19).expand(3, 2, 19),
-            attention_mask=None,
+            attention_mask=causal_mask(19),
             decoder_input=mg_model.embed(batch["input_ids"]),
             padding_mask=torch.zeros(2, 19, dtype=torch.bool),
         )

@@ -347,7 +347,7 @@ def _qtype(row: GGUFRow, shape: tuple[int, ...], outtype: str) -> tuple[QT, str]
     block, _ = gguf.GGML_QUANT_SIZES[qt]
     if shape[-1] % block:
         # llama.cpp's converter catches the QuantError and writes f16; we do the same and say so in the report
-        return QT.F16, f"rows of {shape[-1]} are not a multiple of the {qt.name} block ({block}): f16 instead"
+        return QT.F16, f"rows of {shape[-1]} are not a multiple of the {qt.name} block ({block}): f16 (converter's fallback)"
     return qt, ""
 
 
@@ -546,8 +546,10 @@ def _write_sentencepiece_vocab(w: gguf.GGUFWriter, tokenizer_dir: Path, cfg: Ern
         if typ not in special.special_token_ids and isinstance(tid, int) and 0 <= tid < n:
             special.special_token_ids[typ] = tid
     special.add_to_gguf(w, quiet=True)
-    if "add_prefix_space" in tok_cfg:
-        w.add_add_space_prefix(bool(tok_cfg["add_prefix_space"]))
+    # Ernie4_5Model.set_vocab: an explicit add_prefix_space overrides llama.cpp's SPM default (add a "▁" prefix).
+    # transformers 5 saves "add_prefix_space": null for "the tokenizer's default"; only a bool is an override.
+    if isinstance(tok_cfg.get("add_prefix_space"), bool):
+        w.add_add_space_prefix(tok_cfg["add_prefix_space"])
     padded = n - sp.vocab_size()
     return f"sentencepiece {model_file}: {sp.vocab_size()} pieces" + (f" + {padded} [PAD] rows" if padded else "")
 
@@ -575,7 +577,10 @@ class GGUFReport:
             f"tokenizer: {self.tokenizer or 'none (tokenizer.ggml.model = no_vocab; llama.cpp cannot tokenize text)'}",
         ]
         lines += [f"ignored {n}: {why}" for n, why in sorted(self.ignored.items())]
-        lines += [f"type note {n}: {why}" for n, why in self.notes.items()]
+        by_reason: dict[str, list[str]] = {}
+        for n, why in self.notes.items():
+            by_reason.setdefault(why.split(": ", 1)[-1], []).append(n)
+        lines += [f"{len(ns)} tensor(s) written as {why}: {', '.join(ns)}" for why, ns in by_reason.items()]
         return "\n".join(lines)
 
 

@@ -19,15 +19,19 @@ How the token types reach this module (no globals)
 Megatron 0.16.1 threads one per-token tensor from ``GPTModel.forward(padding_mask=...)`` through
 ``TransformerBlock`` and ``TransformerLayer`` into ``mlp(hidden, padding_mask=...)`` (also through activation
 recompute). The VL model uses exactly that channel to carry the **MoE token types** ``[B, S]`` as an *integer*
-tensor: ``0`` text, ``> 0`` vision, ``-1`` padding (routed with the text pool, like HF, but excluded from the
-routers' aux loss and token counts, which is what Megatron's padding mask means). Dense layers' ``MLP`` ignores it.
-A boolean tensor is refused, so a plain Megatron padding mask cannot be mistaken for token types.
+tensor: ``0`` text, ``> 0`` vision, ``-1`` padding (routed with the text pool, as HF routes padding). Dense layers'
+``MLP`` ignores it. A boolean tensor is refused, so a plain Megatron padding mask cannot be mistaken for token types.
+
+Padding and dummy rows are *not* handed to the pools as a Megatron padding mask yet: Megatron 0.16.1's
+``TopKRouter._apply_expert_bias`` broadcasts ``routing_map [T, E] & ~padding_mask [T]`` and fails whenever the
+expert-bias path is on (ErnieTopKRouter turns it on). They only enter the routers' aux-loss statistics and token
+counts (training with ``aux_loss=True``); outputs are unaffected.
 
 Collectives
 -----------
 Megatron's all-gather dispatcher gathers equally sized token sets over the expert-TP × EP group. The split into
 pools makes the per-rank counts differ (different data per EP rank, different sequence chunks per TP rank under SP),
-so each pool's rows are padded with zero dummy rows (marked as padding) to the group maximum, found by one
+so each pool's rows are padded with zero dummy rows to the group maximum, found by one
 ``all_reduce(MAX)`` of the two counts per layer. A pool that is empty on *every* rank is skipped on every rank; a
 pool empty only locally still runs its dummy rows, so the collectives line up (spec §I.1). This all-reduce is the
 only collective this module adds -- the split itself is the one thing Megatron cannot do for us.
@@ -141,8 +145,7 @@ class ErnieVLMoE(MegatronModule):
         """``hidden_states`` ``[S, B, D]``; ``padding_mask`` = MoE token types ``[B, S_full]`` (see module doc)."""
         S, B, D = hidden_states.shape
         types_T = self._local_token_types(padding_mask, S, B).reshape(-1).to(hidden_states.device)
-        vision_T = types_T > 0
-        pad_T = types_T == PAD_TOKEN_TYPE
+        vision_T = types_T > 0  # text pool: 0 and PAD_TOKEN_TYPE
         x_TD = hidden_states.reshape(S * B, D)
 
         rows = [(~vision_T).nonzero().squeeze(1), vision_T.nonzero().squeeze(1)]
@@ -154,12 +157,10 @@ class ErnieVLMoE(MegatronModule):
                 continue
             n = rows_N.numel()
             x_ND = x_TD.index_select(0, rows_N)
-            pad_N = pad_T.index_select(0, rows_N)
             if n < n_pool:  # dummy rows so every rank gathers the same count; their outputs are dropped
                 x_ND = torch.cat([x_ND, x_ND.new_zeros(n_pool - n, D)])
-                pad_N = torch.cat([pad_N, pad_N.new_ones(n_pool - n)])
-            # MoELayer wants [S, B, D] and a [B, S] padding mask: give it the pool's rows as a length-N sequence
-            y_N1D, _ = pool(x_ND.unsqueeze(1), padding_mask=pad_N.unsqueeze(0) if bool(pad_N.any()) else None)
+            # MoELayer wants [S, B, D]: give it the pool's rows as a length-N sequence of batch 1
+            y_N1D, _ = pool(x_ND.unsqueeze(1))
             out_TD = out_TD.index_copy(0, rows_N, y_N1D[:n, 0])
 
         out_SBD = out_TD.view(S, B, D)

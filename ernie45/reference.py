@@ -1,4 +1,4 @@
-"""The reference side of parity tests: real transformers, with the routers' choices recorded."""
+"""The reference: real transformers, with its routers' choices recorded (parity tests, ``ernie45 parity``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ def hf_routing(model):
     maps: dict[int, torch.Tensor] = {}
     handles = []
     for name, mod in model.named_modules():
+        # the text-MoE router class; VL routers are recorded by the VL tests
         if type(mod).__name__ == "Ernie4_5_MoeTopKRouter":
             layer = int(name.split("layers.")[1].split(".")[0])
 
@@ -28,7 +29,8 @@ def hf_routing(model):
             h.remove()
 
 
-def load_hf(path):
+def load_reference(path):
+    """The transformers model of an HF directory, fp32, eager attention and experts (the golden path)."""
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")

@@ -1,0 +1,100 @@
+"""Command line: a thin shell over the library (every command is a function you can call from Python).
+
+    ernie45 demo                      # the main job, on the embedded tiny checkpoints
+    ernie45 parity HF_DIR             # Megatron-Core (through the bridge) vs transformers, exact numbers
+    ernie45 inspect PATH              # what a checkpoint is: family, sizes, parameters, dtypes, MTP, oddities
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+EXIT_BAD_INPUT = 2
+
+
+def _cmd_parity(args: argparse.Namespace) -> int:
+    from .parity import check_parity
+
+    report = check_parity(args.checkpoint, batch=args.batch, seq=args.seq)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+    ok = report.logits_max_abs_diff <= args.atol and all(v == 1.0 for v in report.routing.values())
+    return 0 if ok else 1
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_path
+
+    info = inspect_path(args.path)
+    print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k:>22}: {v}" for k, v in info.items()))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(out_dir=args.out, keep=args.keep)
+
+
+EXAMPLES = """examples:
+  ernie45 demo
+  ernie45 parity ./ERNIE-4.5-21B-A3B-PT --seq 32
+  ernie45 inspect ./ERNIE-4.5-0.3B-PT --json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ernie45",
+        description="ERNIE 4.5 on Megatron-Core: exact HF <-> Megatron <-> GGUF weight bridges.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="run the whole journey on the embedded tiny checkpoints", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one)")
+    d.add_argument("--keep", action="store_true", help="keep the work directory")
+    d.set_defaults(func=_cmd_demo)
+
+    q = sub.add_parser("parity", help="compare a Megatron-Core model loaded through the bridge with transformers",
+                       epilog="example:\n  ernie45 parity ./tiny-ernie45-moe --batch 2 --seq 16 --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("checkpoint", type=Path, help="HF checkpoint directory (config.json + *.safetensors)")
+    q.add_argument("--batch", type=int, default=2)
+    q.add_argument("--seq", type=int, default=16)
+    q.add_argument("--atol", type=float, default=1e-4, help="fail (exit 1) above this max |Δlogits|")
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.set_defaults(func=_cmd_parity)
+
+    i = sub.add_parser("inspect", help="describe a checkpoint", epilog="example:\n  ernie45 inspect ./ckpt --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("path", type=Path)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .bridge.io import CheckpointError
+    from .config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", module="megatron")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        return args.func(args)
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+        # one clear line naming the file/tensor, exit code 2; nothing half-written (outputs are atomic)
+        print(f"ernie45 {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
