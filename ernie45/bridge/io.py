@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-__all__ = ["CheckpointError", "HFCheckpoint", "HFWriter", "atomic_output", "SIDE_FILES"]
+__all__ = ["CheckpointError", "HFCheckpoint", "HFWriter", "atomic_output", "write_safetensors_streaming", "SIDE_FILES"]
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # non-weight files an HF directory carries that a converted checkpoint should keep (tokenizer, processor, ...)
@@ -277,3 +278,59 @@ def atomic_output(dst: str | Path, *, overwrite: bool = False) -> Iterator[Path]
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     else:
         os.replace(tmp, dst)
+
+
+_ST_DTYPE = {v: k for k, v in _DTYPES.items()}
+
+
+def write_safetensors_streaming(
+    out_dir: Path,
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+    produce: Callable[[str], torch.Tensor],
+    *,
+    max_shard_bytes: int = 2 * 2**30,
+    on_tensor: Callable[[int], None] = lambda n: None,
+) -> list[str]:
+    """Write ``entries`` (in order) as safetensors shards + index, producing one tensor at a time.
+
+    The safetensors header needs every shape and offset before the first byte of data; the plan knows them, so
+    each shard's header is written first and the tensors are streamed after it (peak memory: one tensor). The
+    files are standard safetensors (read back by ``safe_open`` in the round-trip tests).
+    """
+    shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+    size = 0
+    for name, shape, dtype in entries:
+        nbytes = dtype.itemsize * math.prod(shape)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape, dtype))
+        size += nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    total = 0
+    for fname, shard in zip(names, shards):
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype in shard:
+            nbytes = dtype.itemsize * math.prod(shape)
+            header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(out_dir / fname, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for name, shape, dtype in shard:
+                t = produce(name)
+                if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                    raise CheckpointError(f"{name}: produced {list(t.shape)} {t.dtype}, planned {list(shape)} {dtype}")
+                data = t.contiguous().view(torch.uint8).numpy() if t.numel() else b""
+                f.write(memoryview(data))
+                on_tensor(t.numel() * t.element_size())
+        total += offset
+    if n > 1:
+        weight_map = {name: fname for fname, shard in zip(names, shards) for name, _, _ in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return names

@@ -38,6 +38,7 @@ from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
@@ -206,11 +207,20 @@ def vl_position_ids(
     return pos_3BS
 
 
-def lm_labels(hf_labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF-style labels (unshifted, ``-100`` = ignore) -> Megatron ``(labels, loss_mask)`` (next-token, shifted)."""
+def lm_labels(
+    hf_labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF-style labels (unshifted, ``-100`` = ignore) -> Megatron ``(labels, loss_mask)`` (next-token, shifted).
+
+    With ``attention_mask`` the loss is also masked where the *predicting* position is padding. HF's shift does not
+    do that: under left padding the last pad position "predicts" the first real token from a fully masked attention
+    row, which adds a term with spurious gradients -- set the first real token's label to -100 to compare with HF.
+    """
     labels = torch.full_like(hf_labels, ignore_index)
     labels[:, :-1] = hf_labels[:, 1:]
     loss_mask = labels != ignore_index
+    if attention_mask is not None:
+        loss_mask &= attention_mask.bool()
     return labels.masked_fill(~loss_mask, 0), loss_mask.float()
 
 
@@ -244,6 +254,7 @@ class ErnieVLModel(MegatronModule):
         self.cfg = cfg
         self.pre_process = pre_process
         self.post_process = post_process
+        self.model_type = ModelType.encoder_or_decoder  # Megatron's pipeline schedules read it
         self.language_model = GPTModel(
             config=config,
             transformer_layer_spec=vl_block_spec(config, cfg, pp_rank=pp_rank, vp_stage=vp_stage),

@@ -1,0 +1,249 @@
+"""Megatron-Core ``torch_dist`` checkpoints, written and read offline: one CPU process, no model, no process group.
+
+A ``torch_dist`` checkpoint *is* a PyTorch distributed checkpoint (DCP) with flat keys and global shapes, plus
+Megatron's ``metadata.json`` / ``common.pt`` (megatron-on-cpu §4). So this module drives PyTorch's own DCP machinery
+with two small planners:
+
+* :class:`_LazySavePlanner` declares every chunk up front (key, offsets, sizes, dtype) and produces its data only
+  when the DCP writer asks for it (``resolve_data``): tensors stream from the source one chunk at a time, so peak
+  memory is one chunk, whatever the model size.
+* :class:`_RegionLoadPlanner` reads any region of any key (e.g. one expert of a stacked ``[E, 2F, H]`` tensor),
+  whatever chunking the writer used (Megatron's own checkpoints from any layout included).
+
+Keys follow what ``GPTModel.sharded_state_dict()`` produces (checked by ``tests/test_convert.py`` against a live
+model): global layer numbers; ``input_layernorm`` stored as ``self_attention.linear_qkv.layer_norm_weight`` and
+``pre_mlp_layernorm`` as ``mlp.linear_fc1.layer_norm_weight`` (the local spec's ``sharded_state_dict_keys_map``);
+SequentialMLP experts stacked as ``mlp.experts.experts.linear_fc{1,2}.weight [E, …]``; ``linear_fc1`` stored as
+``[gate; up]`` whatever the TP size. The ``_extra_state`` objects of the local spec (all ``None``) are written too,
+so ``dist_checkpointing.load(model.sharded_state_dict(), dir)`` works unfiltered.
+
+``.metadata`` is a pickle (PyTorch's format). It is read here with a restricted unpickler that only admits the DCP
+metadata classes; tensor data is read by DCP with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from .io import CheckpointError
+
+__all__ = ["dist_key", "extra_state_keys", "ChunkSpec", "write_dcp", "TorchDistReader", "MEGATRON_METADATA"]
+
+MEGATRON_METADATA = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
+
+_RENAMES = (
+    (re.compile(r"(.*decoder\.layers\.\d+\.)input_layernorm\.weight"), r"\1self_attention.linear_qkv.layer_norm_weight"),
+    (re.compile(r"(.*decoder\.layers\.\d+\.)pre_mlp_layernorm\.weight"), r"\1mlp.linear_fc1.layer_norm_weight"),
+)
+_EXPERT = re.compile(r"(?P<pre>.*\.experts\.)local_experts\.(?P<X>\d+)\.(?P<fc>linear_fc[12])\.weight")
+
+
+def dist_key(mg: str) -> tuple[str, int | None]:
+    """Global Megatron name → (torch_dist key, expert index along the prepended axis or None)."""
+    m = _EXPERT.fullmatch(mg)
+    if m:
+        return f"{m['pre']}experts.{m['fc']}.weight", int(m["X"])
+    for pattern, repl in _RENAMES:
+        if pattern.fullmatch(mg):
+            return pattern.sub(repl, mg), None
+    return mg, None
+
+
+_LINEAR = re.compile(r"(.*\.(?:linear_qkv|linear_proj|linear_fc1|linear_fc2))\.weight")
+
+
+def extra_state_keys(mg_names, num_experts: int | None) -> list[str]:
+    """The ``_extra_state`` ShardedObject keys a local-spec GPTModel declares (one per linear; per expert)."""
+    keys = set()
+    for mg in mg_names:
+        key, x = dist_key(mg)
+        m = _LINEAR.fullmatch(key)
+        if not m:
+            continue
+        keys.add(f"{m[1]}._extra_state/shard_{x}_{num_experts}" if x is not None else f"{m[1]}._extra_state/shard_0_1")
+    return sorted(keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSpec:
+    """One chunk of one key: its place in the global tensor and how to produce it (lazily)."""
+
+    key: str
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    global_shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.sizes:
+            n *= s
+        return n
+
+
+class _LazySavePlanner(DefaultSavePlanner):
+    def __init__(self, chunks: list[ChunkSpec], objects: dict[str, bytes], on_chunk: Callable[[int], None]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._chunks = {(c.key, c.offsets): c for c in chunks}
+        self._objects = objects
+        self._on_chunk = on_chunk
+
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False) -> None:
+        self.state_dict, self.is_coordinator = state_dict, is_coordinator
+
+    def create_local_plan(self) -> SavePlan:
+        items = [
+            WriteItem(
+                index=MetadataIndex(c.key, torch.Size(c.offsets)),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)),
+                    properties=TensorProperties(dtype=c.dtype),
+                    size=torch.Size(c.global_shape),
+                ),
+            )
+            for c in self._chunks.values()
+        ]
+        items += [WriteItem(index=MetadataIndex(k), type=WriteItemType.BYTE_IO) for k in self._objects]
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem):
+        if write_item.type == WriteItemType.BYTE_IO:
+            return io.BytesIO(self._objects[write_item.index.fqn])
+        c = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+        t = c.produce()
+        if tuple(t.shape) != c.sizes or t.dtype != c.dtype:
+            raise CheckpointError(f"{c.key}@{c.offsets}: produced {list(t.shape)} {t.dtype}, planned {list(c.sizes)} {c.dtype}")
+        self._on_chunk(c.nbytes)
+        return t.contiguous()
+
+
+def write_dcp(path: Path, chunks: list[ChunkSpec], objects: dict[str, bytes], on_chunk=lambda n: None) -> None:
+    """Write a DCP checkpoint from lazily produced chunks (no process group needed)."""
+    writer = FileSystemWriter(str(path), single_file_per_rank=True, thread_count=1, sync_files=False)
+    dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects, on_chunk), no_dist=True)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# reading
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only what DCP metadata is made of; anything else in a ``.metadata`` file is refused."""
+
+    _ALLOWED_MODULES = ("torch.distributed.checkpoint.", "torch.distributed._shard.")
+    _ALLOWED = {
+        ("torch", "Size"),
+        ("torch", "float32"), ("torch", "float16"), ("torch", "bfloat16"), ("torch", "float64"),
+        ("torch", "int64"), ("torch", "int32"), ("torch", "int16"), ("torch", "int8"), ("torch", "uint8"),
+        ("torch", "bool"), ("torch", "strided"), ("torch", "contiguous_format"), ("torch", "preserve_format"),
+        ("torch", "layout"), ("torch", "memory_format"), ("torch", "dtype"),
+        ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+        ("torch.serialization", "_get_layout"),  # maps a layout *name* to torch.strided etc.
+        ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),  # storage_meta.checkpoint_id
+    }  # fmt: skip
+
+    def find_class(self, module: str, name: str):
+        if module.startswith(self._ALLOWED_MODULES) or (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as f:
+                md = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable or untrusted DCP metadata ({e})") from None
+        if getattr(md, "storage_meta", None) is not None:
+            md.storage_meta.load_id = self.load_id
+        return md
+
+
+class _RegionLoadPlanner(DefaultLoadPlanner):
+    """Reads one region ``[offsets, offsets + sizes)`` of one key into ``dest``."""
+
+    def __init__(self, key: str, offsets, sizes, dest: torch.Tensor) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._key, self._chunk, self._dest = key, ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)), dest
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
+        self.state_dict, self.metadata, self.is_coordinator = state_dict, metadata, is_coordinator
+
+    def create_local_plan(self) -> LoadPlan:
+        md = self.metadata.state_dict_metadata[self._key]
+        return LoadPlan(create_read_items_for_chunk_list(self._key, md, [self._chunk]))
+
+    def resolve_tensor(self, read_item):
+        view = self._dest
+        for dim, (off, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            view = view.narrow(dim, off, length)
+        return view
+
+    def commit_tensor(self, read_item, tensor) -> None:
+        pass
+
+
+class TorchDistReader:
+    """Lazy reader of a torch_dist (DCP) checkpoint directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not (self.path / ".metadata").is_file():
+            raise CheckpointError(f"{self.path}: not a torch_dist checkpoint (no .metadata)")
+        meta = self.path / "metadata.json"
+        if meta.is_file() and json.loads(meta.read_text()).get("sharded_backend") != "torch_dist":
+            raise CheckpointError(f"{meta}: sharded_backend is not torch_dist")
+        self._reader = _SafeReader(str(self.path))
+        self.metadata = self._reader.read_metadata()
+        self._tensors = {
+            k: v for k, v in self.metadata.state_dict_metadata.items() if hasattr(v, "chunks") and hasattr(v, "size")
+        }
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].properties.dtype
+
+    def read(self, key: str, index: int | None = None) -> torch.Tensor:
+        """The whole tensor, or ``[index]`` along the first axis (one expert of a stacked tensor)."""
+        if key not in self._tensors:
+            raise CheckpointError(f"{self.path}: no tensor {key}")
+        shape = self.shape(key)
+        offsets, sizes = [0] * len(shape), list(shape)
+        if index is not None:
+            offsets[0], sizes[0] = index, 1
+        dest = torch.empty(sizes, dtype=self.dtype(key))
+        try:
+            dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(key, offsets, sizes, dest), no_dist=True)
+        except Exception as e:  # DCP raises a CheckpointException wrapping per-rank failures
+            raise CheckpointError(f"{self.path}: cannot read {key} ({type(e).__name__}: {e})") from None
+        return dest[0] if index is not None else dest

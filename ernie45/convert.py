@@ -1,0 +1,401 @@
+"""Offline conversion: HF safetensors ⇄ Megatron-Core torch_dist (any TP/PP/EP layout) ⇄ GGUF, one CPU process.
+
+Nothing here builds a model or a process group. Every conversion is
+
+    source view (HF names)  --plan (totality)-->  target writer (streaming, atomic)
+
+* :class:`HFSource` — an HF directory (lazy ``get_slice`` reads).
+* :class:`MegatronSource` — a torch_dist directory seen through the bridge table as HF-named tensors: each one is
+  materialised on demand from its Megatron tensor(s) (one expert of a stacked tensor at a time), so Megatron → HF,
+  Megatron → Megatron (reshard) and Megatron → GGUF all stream.
+* :func:`write_megatron` declares every chunk before any byte moves and lets PyTorch DCP pull them one at a time.
+* :func:`write_hf` streams sharded safetensors + index.
+
+torch_dist checkpoints are layout-independent by design (global shapes; Megatron reshards on load), so the layout
+given for HF → Megatron decides the vocab padding (a multiple of TP), the chunking (one chunk per TP shard /
+expert, what each rank of that layout reads) and what is validated (heads, KV groups, experts and layers must
+divide). Tensors the model does not use (MTP) are carried under ``ernie45.carry.<hf name>`` and come back bit-exact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .bridge.io import SIDE_FILES, CheckpointError, HFCheckpoint, atomic_output, write_safetensors_streaming
+from .bridge.layout import shard_bounds
+from .bridge.live import _read_hf_slices
+from .bridge.ops import ConcatGLU
+from .bridge.plan import Plan, PlanError, plan_from_hf
+from .bridge.tables import Item, Split, expand
+from .bridge.torch_dist import MEGATRON_METADATA, ChunkSpec, TorchDistReader, dist_key, extra_state_keys, write_dcp
+from .config import ErnieConfig, load_config
+from .megatron.parallel import Layout
+
+__all__ = ["HFSource", "MegatronSource", "open_source", "write_megatron", "write_hf", "convert", "ConversionReport"]
+
+CARRY_PREFIX = "ernie45.carry."
+INFO_NAME = "ernie45.json"
+
+
+class HFSource:
+    """An HF checkpoint directory as a tensor source."""
+
+    format = "hf"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.cfg = load_config(path)
+        self.ckpt = HFCheckpoint(path)
+        self.plan = plan_from_hf(self.cfg, self.ckpt.shapes(), where=str(path))
+
+    def keys(self) -> list[str]:
+        return self.ckpt.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.ckpt.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.ckpt.dtype(name)
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.ckpt.read(name, dim, start, stop)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.ckpt.read(name)
+
+    def side_files(self) -> list[Path]:
+        return self.ckpt.side_files()
+
+
+class MegatronSource:
+    """A torch_dist checkpoint seen as HF-named tensors (through the bridge table, inverse ops)."""
+
+    format = "megatron"
+
+    def __init__(self, path: str | Path, *, hf_config: str | Path | None = None) -> None:
+        self.path = Path(path)
+        self.reader = TorchDistReader(path)
+        cfg_path = Path(hf_config) if hf_config else self.path
+        if not (cfg_path / "config.json").is_file() and not cfg_path.is_file():
+            raise CheckpointError(f"{self.path}: no config.json; pass the HF config with --hf-config")
+        self.cfg = load_config(cfg_path)
+        info_path = self.path / INFO_NAME
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        keys = set(self.reader.keys())
+        self.tied = info.get("tied", "output_layer.weight" not in keys)
+        items = expand(self.cfg, tied=self.tied)
+        self.plan = Plan(self.cfg, self.tied, items)
+        expected = {dist_key(mg)[0] for it in items for mg in it.mg}
+        self.carried = sorted(k[len(CARRY_PREFIX) :] for k in keys if k.startswith(CARRY_PREFIX))
+        unexpected = sorted(k for k in keys - expected if not k.startswith(CARRY_PREFIX))
+        missing = sorted(expected - keys)
+        if missing or unexpected:
+            raise PlanError(
+                f"{self.path} does not match its config ({self.cfg.family}, {self.cfg.num_hidden_layers} layers):\n"
+                + "".join(f"  missing: {k}\n" for k in missing)
+                + "".join(f"  unexpected: {k}\n" for k in unexpected)
+            )
+        self._by_hf = {n: it for it in items for n in it.hf}
+        self._cache: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def keys(self) -> list[str]:
+        return list(self._by_hf) + self.carried
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._by_hf:
+            it = self._by_hf[name]
+            return tuple(it.hf_shapes[it.hf.index(name)])
+        return self.reader.shape(CARRY_PREFIX + name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        if name in self._by_hf:
+            return self.reader.dtype(dist_key(self._by_hf[name].mg[0])[0])
+        return self.reader.dtype(CARRY_PREFIX + name)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._by_hf:
+            return self.reader.read(CARRY_PREFIX + name)
+        item = self._by_hf[name]
+        if self._cache is None or self._cache[0] != id(item):  # q/k/v, gate/up come from one Megatron tensor
+            mg = []
+            for m in item.mg:
+                key, x = dist_key(m)
+                t = self.reader.read(key, x)
+                if item.split is Split.VOCAB:
+                    t = t[: item.hf_shapes[0][0]]  # drop the rows padding the vocab to a multiple of TP
+                mg.append(t)
+            self._cache = (id(item), dict(zip(item.hf, item.op.to_hf(tuple(mg)))))
+        return self._cache[1][name]
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        t = self.get(name)
+        if dim is None:
+            return t
+        return t.narrow(dim, start, (t.shape[dim] if stop is None else stop) - start).contiguous()
+
+    def side_files(self) -> list[Path]:
+        return [self.path / n for n in SIDE_FILES if (self.path / n).is_file()]
+
+
+def open_source(path: str | Path, *, hf_config: str | Path | None = None) -> HFSource | MegatronSource:
+    from .inspect import detect_format
+
+    fmt = detect_format(path)
+    if fmt == "hf":
+        return HFSource(path)
+    if fmt == "megatron":
+        return MegatronSource(path, hf_config=hf_config)
+    raise CheckpointError(f"{path}: a {fmt} file cannot be a conversion source")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# planning the Megatron side
+
+
+def _mg_shapes(item: Item) -> tuple[tuple[int, ...], ...]:
+    """Full Megatron shapes of an item (ops are pure reshapes: run them on meta tensors)."""
+    return tuple(tuple(t.shape) for t in item.op.to_mg(tuple(torch.empty(s, device="meta") for s in item.hf_shapes)))
+
+
+def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig) -> list[ChunkSpec]:
+    """The torch_dist chunks of one item: one per TP (or expert-TP) shard, per expert, gate/up apart."""
+    n = 1 if item.split is Split.REPLICATED else (layout.expert_tp if item.split.is_expert else layout.tp)
+    dtype = source.dtype(item.hf[0])
+    out = []
+    for k, (mg, shape) in enumerate(zip(item.mg, _mg_shapes(item))):
+        key, x = dist_key(mg)
+        if item.split is Split.VOCAB:
+            shape = (-(-shape[0] // n) * n, *shape[1:])
+        prefix = () if x is None else (x,)
+        gshape = shape if x is None else (cfg.moe_num_experts, *shape)
+        lead = (1,) * len(prefix)
+
+        def spec(offsets, sizes, produce):
+            out.append(ChunkSpec(key, (*prefix, *offsets), (*lead, *sizes), gshape, dtype, produce))
+
+        if isinstance(item.op, ConcatGLU):
+            # Megatron's own layout for [gate; up]: each half cut into TP pieces (spec §H.4)
+            F = shape[0] // 2
+            for half, src in enumerate(item.hf):
+                for i in range(n):
+                    a, b, _ = shard_bounds(item.split, F, n, i)
+                    offsets = (half * F + a, *([0] * (len(shape) - 1)))
+                    sizes = (b - a, *shape[1:])
+                    spec(offsets, sizes, lambda src=src, a=a, b=b, lead=lead: source.read(src, 0, a, b).reshape(*lead, b - a, *shape[1:]))
+            continue
+        dim = item.split.dim
+        for i in range(n):
+            sizes = list(shape)
+            offsets = [0] * len(shape)
+            if dim is not None:
+                per = shape[dim] // n
+                offsets[dim], sizes[dim] = i * per, per
+
+            def produce(i=i, k=k, n=n, sizes=tuple(sizes), lead=lead):
+                t = item.op.to_mg(_read_hf_slices(source, item, i, n, cfg))[k]
+                return t.reshape(*lead, *sizes)
+
+            spec(tuple(offsets), tuple(sizes), produce)
+    return out
+
+
+@dataclass
+class ConversionReport:
+    source: str
+    destination: str
+    to: str
+    layout: str | None
+    tensors: int
+    bytes: int
+    seconds: float
+    ignored: list[str] = field(default_factory=list)
+    carried: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    plan_text: str = ""
+
+    def summary(self) -> str:
+        mb = self.bytes / 2**20
+        head = "planned" if self.dry_run else "wrote"
+        lines = [f"{head} {self.destination} ({self.to}{', ' + self.layout if self.layout else ''}): "
+                 f"{self.tensors} tensors, {mb:.1f} MiB" + ("" if self.dry_run else f" in {self.seconds:.2f} s")]
+        lines += [f"  carried (not used by the model, kept bit-exact): {n}" for n in self.carried]
+        lines += [f"  ignored: {n}" for n in self.ignored]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("plan_text")
+        return d
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, leave=False)
+
+
+def _carried(source) -> list[str]:
+    """Source tensors outside the model that are carried through (the declared-ignore table, e.g. MTP)."""
+    if isinstance(source, MegatronSource):
+        return source.carried
+    return [n for n, _ in source.plan.ignored]
+
+
+def plan_megatron(source, layout: Layout) -> tuple[list[ChunkSpec], dict[str, bytes]]:
+    cfg = source.cfg
+    layout.validate(cfg)
+    chunks: list[ChunkSpec] = []
+    for item in source.plan.items:
+        chunks += _chunks_for(item, source, layout, cfg)
+    for name in _carried(source):
+        shape = tuple(source.shape(name))
+        chunks.append(ChunkSpec(CARRY_PREFIX + name, (0,) * len(shape), shape, shape, source.dtype(name),
+                                lambda name=name: source.get(name)))
+    # The local spec's linears carry an (empty) TE-style _extra_state; Megatron stores each ShardedObject as the
+    # torch.save of a one-element list ([None] here), which is what its loader unwraps.
+    buf = io.BytesIO()
+    torch.save([None], buf)
+    objects = {k: buf.getvalue() for k in extra_state_keys(source.plan.mg_names, cfg.moe_num_experts)}
+    return chunks, objects
+
+
+def write_megatron(source, dst: Path, layout: Layout, *, overwrite=False, progress=True) -> int:
+    chunks, objects = plan_megatron(source, layout)
+    total = sum(c.nbytes for c in chunks)
+    with atomic_output(dst, overwrite=overwrite) as tmp, _progress(total, "HF -> torch_dist", progress) as bar:
+        write_dcp(tmp, chunks, objects, on_chunk=bar.update)
+        (tmp / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+        torch.save({}, tmp / "common.pt")  # Megatron's common (non-sharded) state: nothing for a bare conversion
+        (tmp / "config.json").write_text(json.dumps(source.cfg.to_hf(), indent=2, sort_keys=True) + "\n")
+        info = dict(
+            format="ernie45 torch_dist", version=1, family=source.cfg.family, tied=source.plan.tied,
+            layout=asdict(layout), vocab_size=source.cfg.vocab_size, carried=_carried(source),
+            local_spec="megatron-core local spec, SequentialMLP experts",
+        )  # fmt: skip
+        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        for f in source.side_files():
+            if f.name != "config.json":
+                shutil.copy2(f, tmp / f.name)
+    return total
+
+
+def write_hf(source, dst: Path, *, overwrite=False, progress=True, max_shard_bytes: int = 2 * 2**30) -> int:
+    names = [n for it in source.plan.items for n in it.hf] + _carried(source)
+    entries = [(n, tuple(source.shape(n)), source.dtype(n)) for n in names]
+    total = sum(d.itemsize * math.prod(s) for _, s, d in entries)
+    with atomic_output(dst, overwrite=overwrite) as tmp, _progress(total, "-> HF safetensors", progress) as bar:
+        write_safetensors_streaming(tmp, entries, source.get, max_shard_bytes=max_shard_bytes, on_tensor=bar.update)
+        (tmp / "config.json").write_text(json.dumps(source.cfg.to_hf(), indent=2, sort_keys=True) + "\n")
+        for f in source.side_files():
+            if f.name != "config.json":
+                shutil.copy2(f, tmp / f.name)
+    return total
+
+
+def _plan_text(source, layout: Layout | None, to: str) -> str:
+    lines = [f"{'HF names':<70} -> {'target':<62} {'op':<22} {'split':<14} bytes"]
+    for item in source.plan.items:
+        nbytes = sum(source.dtype(item.hf[0]).itemsize * math.prod(s) for s in item.hf_shapes)
+        target = ", ".join(dist_key(m)[0] + (f"[{dist_key(m)[1]}]" if dist_key(m)[1] is not None else "") for m in item.mg)
+        if to == "hf":
+            target = ", ".join(item.hf)
+        lines.append(f"{', '.join(item.hf):<70} -> {target:<62} {item.op.describe():<22} {item.split.value:<14} {nbytes}")
+    for name in _carried(source):
+        lines.append(f"{name:<70} -> {CARRY_PREFIX + name:<62} carried (declared ignore table)")
+    if isinstance(source, HFSource):
+        from .bridge.tables import IGNORED
+
+        lines.append("declared-ignore table:")
+        lines += [f"  {p}: {why}" for p, why in IGNORED.items()]
+    return "\n".join(lines)
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    to: str,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    vpp: int = 1,
+    first: int | None = None,
+    last: int | None = None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    hf_config: str | Path | None = None,
+    outtype: str = "f32",
+    progress: bool = True,
+) -> ConversionReport:
+    """Convert ``src`` (HF dir or torch_dist dir) to ``to`` in {"megatron", "hf", "gguf"} at ``dst``."""
+    t0 = time.time()
+    if to not in ("megatron", "hf", "gguf"):
+        raise ValueError(f"--to must be megatron, hf or gguf, not {to!r}")
+    source = open_source(src, hf_config=hf_config)
+    dst = Path(dst)
+    if dst.exists() and not overwrite and (dst.is_file() or any(dst.iterdir())):
+        raise CheckpointError(f"{dst}: destination exists and is not empty (pass --overwrite to replace it)")
+    layout = Layout(tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp, first=first, last=last) if to == "megatron" else None
+    if layout is not None:
+        layout.validate(source.cfg)
+    if to == "hf" and source.format == "hf":
+        raise ValueError(f"{src} is already an HF checkpoint")
+    report = ConversionReport(
+        source=str(src), destination=str(dst), to=to, layout=str(layout) if layout else None,
+        tensors=len(source.keys()), bytes=sum(source.dtype(n).itemsize * math.prod(source.shape(n)) for n in source.keys()),
+        seconds=0.0, ignored=[], carried=_carried(source), dry_run=dry_run,
+    )  # fmt: skip
+    if dry_run:
+        report.plan_text = _plan_text(source, layout, to)
+        return report
+    if to == "megatron":
+        write_megatron(source, dst, layout, overwrite=overwrite, progress=progress)
+    elif to == "hf":
+        write_hf(source, dst, overwrite=overwrite, progress=progress)
+    else:
+        from .bridge.gguf import export_gguf
+
+        gg = export_gguf(source, source.cfg, dst, outtype=outtype, tokenizer_dir=_tokenizer_dir(source),
+                         overwrite=overwrite, progress=progress)  # fmt: skip
+        report.ignored = list(getattr(gg, "ignored", []))
+        report.carried = []
+    report.seconds = time.time() - t0
+    return report
+
+
+def _tokenizer_dir(source) -> Path | None:
+    return source.path if (source.path / "tokenizer.model").is_file() else None
+
+
+def inspect_other(path: str | Path, fmt: str) -> dict:
+    """``ernie45 inspect`` for torch_dist directories (GGUF files are described by the GGUF module)."""
+    if fmt == "gguf":
+        from .bridge.gguf import describe_gguf
+
+        return describe_gguf(path)
+    src = MegatronSource(path)
+    cfg = src.cfg
+    info_path = Path(path) / INFO_NAME
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    total, active = cfg.parameter_counts()
+    return {
+        "format": "megatron-core torch_dist",
+        "family": cfg.family,
+        "layers": f"{cfg.num_hidden_layers} ({''.join('S' if t == 'sparse' else 'D' for t in cfg.mlp_layer_types)})",
+        "written for layout": info.get("layout", "unknown (not written by ernie45)"),
+        "tied head": src.tied,
+        "parameters": f"{total:,} total, {active:,} active per token",
+        "tensors": len(src.reader.keys()),
+        "dtypes": sorted({str(src.reader.dtype(k)).replace("torch.", "") for k in src.reader.keys()}),
+        "size on disk": f"{sum(f.stat().st_size for f in Path(path).glob('*.distcp')) / 2**20:.1f} MiB",
+        "mtp tensors": sum(1 for n in src.carried if "mtp" in n),
+    }

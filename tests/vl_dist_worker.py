@@ -1,0 +1,165 @@
+"""Body of the 2-process VL tests (``torch.multiprocessing.spawn`` from ``test_vl_model.py``).
+
+Every rank builds the same re-randomised HF model and batch, then for each layout: builds the Megatron VL model,
+copies the HF weights in (``vl_helpers``: this rank's TP / ETP / EP / PP slices), runs Megatron's own schedule for
+logits (eval) and for one forward+backward, and compares
+
+* logits and loss with the single-process Megatron model (built first, data parallel 2, same weights),
+* every local gradient with HF's gradient, sliced the same way as the weights.
+
+Both ranks feed the same batch. Under EP with data parallel 2 an expert receives both replicas' tokens, so its
+gradient is 2x the reference; under TP2·EP2 (etp=1) the ranks are one data-parallel group and the factor is 1.
+Rank 0 writes the numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+LAYOUTS = {
+    "TP2": dict(tp=2),
+    "EP2": dict(ep=2),
+    "PP2": dict(pp=2),
+    "TP2xEP2": dict(tp=2, ep=2, etp=1),
+}
+# the first sample's second half is pure text: under TP2 + SP rank 1 holds no vision token of it, so the vision
+# pool runs dummy rows there while rank 0 routes real ones
+SAMPLES = [
+    [("text", 2), ("image", (1, 4, 6)), ("text", 2), ("video", (4, 4, 4)), ("text", 22)],
+    [("text", 2), ("image", (1, 8, 4)), ("text", 32)],
+]
+
+
+def _schedule(chunks, batch, *, forward_only: bool):
+    """One micro-batch through Megatron's schedule; returns logits [B, S, V] or the loss, on the last stage."""
+    from megatron.core import tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from ernie45.megatron import cpu
+    from ernie45.megatron.vl_model import masked_token_mean
+
+    B, S = batch["input_ids"].shape
+    loss_mask = batch.pop("loss_mask", None)
+
+    def forward_step(data_iterator, model):
+        out = model(**next(data_iterator))
+
+        def loss_func(output, non_loss_data: bool = False):
+            if non_loss_data:
+                return tensor_parallel.gather_from_tensor_model_parallel_region(output)
+            loss = masked_token_mean(output, loss_mask)
+            return loss, {"loss": loss.detach().clone()}
+
+        return out, loss_func
+
+    with cpu.cpu_mode():
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter([batch]),
+            model=chunks[0],
+            num_microbatches=1,
+            seq_length=S,
+            micro_batch_size=B,
+            forward_only=forward_only,
+            collect_non_loss_data=forward_only,
+        )
+
+
+def _from_last_stage(t):
+    from megatron.core import parallel_state as ps
+
+    group, src = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_last_rank()
+    meta = [None if t is None else (tuple(t.shape), t.dtype)]
+    dist.broadcast_object_list(meta, src=src, group=group)
+    buf = t.contiguous() if t is not None else torch.empty(meta[0][0], dtype=meta[0][1])
+    dist.broadcast(buf, src=src, group=group)
+    return buf
+
+
+def _run(cfg, hf_model, layout, batch, labels):
+    from megatron.core import parallel_state as ps
+
+    from ernie45.megatron import parallel
+    from ernie45.megatron.run import finalize_grads
+    from ernie45.megatron.vl_model import build_vl_model
+    from vl_helpers import load_hf_into_vl
+
+    parallel.initialize(layout)
+    torch.manual_seed(0)
+    chunks = build_vl_model(cfg, layout, sequence_parallel=layout.tp > 1, vision_attn_implementation="eager")
+    load_hf_into_vl(hf_model, chunks, cfg, check_hf_totality=False)
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+
+    chunks[0].eval()
+    with torch.no_grad():
+        out = _schedule(chunks, dict(batch), forward_only=True)
+    logits = _from_last_stage(out[0] if last else None)[..., : cfg.vocab_size]
+
+    chunks[0].train()
+    out = _schedule(chunks, dict(batch, labels=labels[0], loss_mask=labels[1]), forward_only=False)
+    loss = _from_last_stage(out[0]["loss"].reshape(1) if last else None)[0]
+    finalize_grads(chunks)
+    return chunks, logits, loss
+
+
+def worker(rank: int, port: int, out_root: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    results = {}
+    try:
+        from megatron.core import parallel_state as ps
+
+        from ernie45.config import ErnieConfig
+        from ernie45.megatron import parallel
+        from ernie45.megatron.parallel import Layout
+        from ernie45.megatron.vl_model import lm_labels
+        from ernie45.testing import build_hf_model, tiny_hf_config
+        from vl_helpers import expected_from_hf, make_batch
+
+        raw = tiny_hf_config("vl")
+        cfg = ErnieConfig.from_hf(raw)
+        hf_model = build_hf_model(raw, seed=0)
+        batch = make_batch(cfg, SAMPLES, seed=4, force_mask=True)
+        valid = batch["attention_mask"].bool()
+        hf_labels = batch["input_ids"].masked_fill(~valid, -100)
+        hf_labels[torch.arange(len(valid)), valid.long().argmax(1)] = -100
+        labels = lm_labels(hf_labels, batch["attention_mask"])
+
+        hf_model.zero_grad()
+        hf_model(**batch, labels=hf_labels).loss.backward()
+        hf_grads = {n: p.grad for n, p in hf_model.named_parameters() if p.grad is not None}
+
+        _, ref_logits, ref_loss = _run(cfg, hf_model, Layout(), batch, labels)
+        parallel.destroy()
+        for name, kw in LAYOUTS.items():
+            layout = Layout(**kw)
+            chunks, logits, loss = _run(cfg, hf_model, layout, batch, labels)
+            factor = min(ps.get_data_parallel_world_size(), layout.ep)
+            worst, n_grads = 0.0, 0
+            for chunk in chunks:
+                params = {n: p for n, p in chunk.named_parameters() if p.grad is not None}
+                want = expected_from_hf(chunk, hf_grads, cfg, sorted(params))
+                for n, p in params.items():
+                    w = want[n] * (factor if ".experts.local_experts." in n else 1)
+                    worst = max(worst, ((p.grad - w).abs().max() / w.abs().max().clamp_min(1e-12)).item())
+                    n_grads += 1
+            stats = torch.tensor([(logits - ref_logits)[valid].abs().max().item(), abs(loss.item() - ref_loss.item()), worst])
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+            counts = torch.tensor([n_grads])
+            dist.all_reduce(counts)
+            results[name] = dict(logits=stats[0].item(), loss=stats[1].item(), grads_rel=stats[2].item(), n_grads=int(counts[0]))
+            parallel.destroy()
+    except Exception:  # report the failure to the parent test through the JSON, then re-raise
+        results = {"error": f"rank {rank}:\n{traceback.format_exc()}"}
+        if rank == 0:
+            Path(out_root, "results.json").write_text(json.dumps(results))
+        raise
+    if rank == 0:
+        Path(out_root, "results.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
