@@ -3,6 +3,7 @@
     ernie45 demo                      # the main job, on the embedded tiny checkpoints
     ernie45 parity HF_DIR             # Megatron-Core (through the bridge) vs transformers, exact numbers
     ernie45 inspect PATH              # what a checkpoint is: family, sizes, parameters, dtypes, MTP, oddities
+    ernie45 convert SRC DST --to {megatron,hf,gguf} [--tp N --pp N --ep N --vpp N] [--dry-run] [--overwrite]
 """
 
 from __future__ import annotations
@@ -35,6 +36,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    report = convert(
+        args.src, args.dst, to=args.to, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp,
+        first=args.first, last=args.last, dry_run=args.dry_run, overwrite=args.overwrite, hf_config=args.hf_config,
+        outtype=args.outtype, progress=not args.no_progress and sys.stderr.isatty(),
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        if report.dry_run:
+            print(report.plan_text)
+        print(report.summary())
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -43,6 +61,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 EXAMPLES = """examples:
   ernie45 demo
+  ernie45 convert ./ERNIE-4.5-21B-A3B-PT ./mcore --to megatron --tp 2 --pp 2 --ep 4 --etp 1
+  ernie45 convert ./mcore ./hf-out --to hf
+  ernie45 convert ./mcore ./mcore-tp4 --to megatron --tp 4      # reshard
+  ernie45 convert ./ERNIE-4.5-0.3B-PT ./ernie.gguf --to gguf --outtype q8_0
   ernie45 parity ./ERNIE-4.5-21B-A3B-PT --seq 32
   ernie45 inspect ./ERNIE-4.5-0.3B-PT --json
 """
@@ -62,6 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one)")
     d.add_argument("--keep", action="store_true", help="keep the work directory")
     d.set_defaults(func=_cmd_demo)
+
+    c = sub.add_parser("convert", help="HF <-> Megatron torch_dist (any layout) -> GGUF, offline, streaming",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("src", type=Path, help="HF directory or Megatron torch_dist directory")
+    c.add_argument("dst", type=Path, help="output directory (megatron, hf) or .gguf file")
+    c.add_argument("--to", required=True, choices=["megatron", "hf", "gguf"])
+    c.add_argument("--tp", type=int, default=1, help="tensor parallel size (megatron target)")
+    c.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    c.add_argument("--ep", type=int, default=1, help="expert parallel size")
+    c.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: = tp)")
+    c.add_argument("--vpp", type=int, default=1, help="virtual pipeline chunks per stage")
+    c.add_argument("--first", type=int, default=None, help="layers in the first pipeline stage (uneven PP)")
+    c.add_argument("--last", type=int, default=None, help="layers in the last pipeline stage (uneven PP)")
+    c.add_argument("--hf-config", type=Path, default=None, help="HF config for a torch_dist source without one")
+    c.add_argument("--outtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF tensor type")
+    c.add_argument("--dry-run", action="store_true", help="print the plan (names, ops, shards, bytes); write nothing")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.set_defaults(func=_cmd_convert)
 
     q = sub.add_parser("parity", help="compare a Megatron-Core model loaded through the bridge with transformers",
                        epilog="example:\n  ernie45 parity ./tiny-ernie45-moe --batch 2 --seq 16 --json",

@@ -99,3 +99,42 @@ def worker(rank: int, port: int, ckpts: dict, out_root: str) -> None:
         Path(out_root, "results.json").write_text(json.dumps(results, indent=2))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def offline_worker(rank: int, port: int, mg_dir: str, hf_dir: str, ref_file: str, out_root: str) -> None:
+    """Load an offline-written torch_dist checkpoint with Megatron's own loader at two layouts; record logits."""
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from megatron.core import dist_checkpointing
+    from safetensors.torch import load_file
+
+    from ernie45.config import load_config
+    from ernie45.megatron import parallel
+    from ernie45.megatron.model import build_model
+    from ernie45.megatron.run import forward_logits
+    from ernie45.megatron.parallel import Layout
+
+    ref = load_file(ref_file)
+    results = {}
+    try:
+        cfg = load_config(hf_dir)
+        for name, kw in {"TP2": dict(tp=2), "EP2": dict(ep=2)}.items():
+            layout = Layout(**kw)
+            parallel.initialize(layout)
+            chunks = build_model(cfg, layout, tie_word_embeddings=cfg.tie_word_embeddings)
+            for chunk in chunks:
+                state = dist_checkpointing.load(chunk.sharded_state_dict(), mg_dir)
+                chunk.load_state_dict(state, strict=True)
+            logits = forward_logits(chunks, ref["input_ids"], vocab_size=cfg.vocab_size)
+            results[name] = (logits - ref["logits"]).abs().max().item()
+            parallel.destroy()
+    except Exception:
+        results["error"] = f"rank {rank}:\n{traceback.format_exc()}"
+        print(results["error"], file=sys.stderr, flush=True)
+        if rank == 0:
+            Path(out_root, "offline.json").write_text(json.dumps(results))
+        os._exit(1)
+    if rank == 0:
+        Path(out_root, "offline.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()

