@@ -63,6 +63,7 @@ IGNORED_KEYS: dict[str, str] = {
     "_name_or_path": "provenance only",
     "tie_word_embeddings": "read where it matters (top level for VL)",
     "router_aux_loss_coef": "kept as ErnieConfig.router_aux_loss_coef",
+    "pixel_hidden_size": "flat VL layout: the ViT width, also given as vision_config.embed_dim (which is read)",
 }
 
 
@@ -507,6 +508,7 @@ def _from_vl_flat(raw: Mapping[str, Any]) -> ErnieConfig:
     for k in _VL_IDS:
         if raw.get(k) is not None:
             ids[k] = raw[k]
+            r.used.add(k)
     if raw.get("im_patch_id") is not None:
         ids["image_token_id"] = raw["im_patch_id"]
         r.used.add("im_patch_id")

@@ -16,7 +16,7 @@ import torch
 from ernie45.config import ErnieConfig
 from ernie45.testing import build_hf_model, tiny_hf_config
 
-from vl_helpers import RoutingCapture, expected_from_hf, load_hf_into_vl, make_batch, megatron_tensors
+from vl_helpers import RoutingCapture, expected_from_hf, load_hf_into_vl, load_through_bridge, make_batch, megatron_tensors
 
 LOGIT_TOL = 1e-4
 GRAD_RTOL = 1e-4
@@ -50,19 +50,28 @@ def hf_model():
     return build_hf_model(tiny_hf_config("vl"), seed=0)
 
 
-def _build(cfg, hf_model, **kw):
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("vl-hf")
+
+
+def _build(cfg, hf_model, hf_dir=None, **kw):
+    """Through the production bridge (``hf_dir``), or the independent test copy (``hf_dir=None``)."""
     from ernie45.megatron.parallel import Layout
     from ernie45.megatron.vl_model import build_vl_model
 
     torch.manual_seed(1234)
     chunks = build_vl_model(cfg, Layout(), vision_attn_implementation="eager", **kw)
-    load_hf_into_vl(hf_model, chunks, cfg)
+    if hf_dir is None:
+        load_hf_into_vl(hf_model, chunks, cfg)
+    else:
+        load_through_bridge(hf_model, chunks, cfg, Layout(), hf_dir)
     return chunks[0]
 
 
 @pytest.fixture(scope="module")
-def mg_model(world1, cfg, hf_model):
-    return _build(cfg, hf_model).eval()
+def mg_model(world1, cfg, hf_model, hf_dir):
+    return _build(cfg, hf_model, hf_dir).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -234,10 +243,10 @@ def test_bool_padding_mask_is_refused(mg_model, cfg):
 
 
 @pytest.mark.parametrize("freeze", [dict(), dict(vision=True), dict(language=True, projection=False)], ids=str)
-def test_loss_and_grads_match_hf(freeze, world1, cfg, hf_model):
+def test_loss_and_grads_match_hf(freeze, world1, cfg, hf_model, hf_dir):
     from ernie45.megatron.vl_model import lm_labels, masked_token_mean
 
-    mg = _build(cfg, hf_model)
+    mg = _build(cfg, hf_model, hf_dir)
     mg.train()
     mg.freeze(**freeze)
     hf = copy.deepcopy(hf_model)
@@ -328,16 +337,15 @@ FLAT_TWIN = dict(
 
 
 def _flat_twin() -> ErnieConfig:
-    # config.py may report pixel_hidden_size (the ViT width, redundant with vision_config.embed_dim) as unused
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="config keys not used", category=UserWarning)
+        warnings.simplefilter("error")  # every key of the flat layout is consumed or declared ignored
         return ErnieConfig.from_hf(FLAT_TWIN)
 
 
 def test_flat_thinking_config_gives_the_same_model(world1, cfg, hf_model, mg_model):
     flat = _flat_twin()
     assert flat == cfg
-    twin = _build(flat, hf_model).eval()
+    twin = _build(flat, hf_model).eval()  # flat on-disk names differ (vision_model.*): independent copy
     assert {n: p.shape for n, p in megatron_tensors(twin).items()} == {n: p.shape for n, p in megatron_tensors(mg_model).items()}
     batch = make_batch(cfg, CASES["padded_mix"], seed=2)
     with torch.no_grad():
@@ -393,15 +401,27 @@ def dist_results(tmp_path_factory):
     mp.spawn(worker, args=(free_port(), str(out)), nprocs=2, join=True)
     results = json.loads((out / "results.json").read_text())
     assert "error" not in results, results.get("error")
-    return results
+    return results, out
 
 
 @pytest.mark.parametrize("layout", ["TP2", "EP2", "PP2", "TP2xEP2"])
 def test_two_process_layouts_equal_one_process(layout, dist_results):
-    r = dist_results[layout]
+    r = dist_results[0][layout]
     print(layout, r)
     assert r["logits"] <= 1e-5 and r["loss"] <= 1e-5, r
     assert r["n_grads"] > 0 and r["grads_rel"] <= GRAD_RTOL, r
+
+
+@pytest.mark.parametrize("layout", ["TP2", "EP2", "PP2", "TP2xEP2"])
+def test_two_process_live_export_is_bit_exact(layout, dist_results):
+    """HF -> live Megatron (both pools split under EP) -> HF through the production bridge, every tensor equal."""
+    from ernie45.bridge.io import HFCheckpoint
+
+    out = dist_results[1]
+    src, dst = HFCheckpoint(out / "hf"), HFCheckpoint(out / f"export-{layout}")
+    assert sorted(src.keys()) == sorted(dst.keys())
+    for name in src.keys():
+        assert torch.equal(src.get(name), dst.get(name)), name
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -440,3 +460,24 @@ def test_vl_table_flat_layout_uses_top_level_vision_keys(cfg):
     moved = {n for n in nested_hf if n.startswith("model.vision_model.")}
     assert moved and flat_hf == (nested_hf - moved) | {n[len("model."):] for n in moved}
     assert [it.mg for it in flat_items] == [it.mg for it in expand(cfg, tied=False)]
+
+
+def test_bridge_equals_independent_copy(world1, cfg, hf_model, mg_model):
+    """The production bridge (on-disk names) and the test's independent copy (in-memory names) agree exactly."""
+    twin = _build(cfg, hf_model)
+    a, b = megatron_tensors(mg_model), megatron_tensors(twin)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_vl_bridge_round_trip_is_bit_exact(world1, cfg, hf_dir, mg_model):
+    from ernie45.bridge.io import HFCheckpoint
+    from ernie45.bridge.live import gather_hf
+    from ernie45.megatron.parallel import Layout
+
+    src = HFCheckpoint(hf_dir / "hf")
+    state = gather_hf([mg_model], cfg, Layout(), tied=False)
+    assert sorted(state) == sorted(src.keys())
+    for name in src.keys():
+        assert torch.equal(state[name], src.get(name)), name

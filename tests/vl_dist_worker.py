@@ -82,18 +82,18 @@ def _from_last_stage(t):
     return buf
 
 
-def _run(cfg, hf_model, layout, batch, labels):
+def _run(cfg, hf_dir, layout, batch, labels):
     from megatron.core import parallel_state as ps
 
     from ernie45.megatron import parallel
     from ernie45.megatron.run import finalize_grads
     from ernie45.megatron.vl_model import build_vl_model
-    from vl_helpers import load_hf_into_vl
+    from ernie45.bridge.live import load_hf
 
     parallel.initialize(layout)
     torch.manual_seed(0)
     chunks = build_vl_model(cfg, layout, sequence_parallel=layout.tp > 1, vision_attn_implementation="eager")
-    load_hf_into_vl(hf_model, chunks, cfg, check_hf_totality=False)
+    load_hf(chunks, cfg, layout, hf_dir)  # the production bridge: each rank reads its own slices
     last = ps.is_pipeline_last_stage(ignore_virtual=True)
 
     chunks[0].eval()
@@ -115,6 +115,7 @@ def worker(rank: int, port: int, out_root: str) -> None:
     try:
         from megatron.core import parallel_state as ps
 
+        from ernie45.bridge.live import export_hf
         from ernie45.config import ErnieConfig
         from ernie45.megatron import parallel
         from ernie45.megatron.parallel import Layout
@@ -125,6 +126,10 @@ def worker(rank: int, port: int, out_root: str) -> None:
         raw = tiny_hf_config("vl")
         cfg = ErnieConfig.from_hf(raw)
         hf_model = build_hf_model(raw, seed=0)
+        hf_dir = Path(out_root) / "hf"
+        if rank == 0:
+            hf_model.save_pretrained(hf_dir)
+        dist.barrier()
         batch = make_batch(cfg, SAMPLES, seed=4, force_mask=True)
         valid = batch["attention_mask"].bool()
         hf_labels = batch["input_ids"].masked_fill(~valid, -100)
@@ -135,11 +140,12 @@ def worker(rank: int, port: int, out_root: str) -> None:
         hf_model(**batch, labels=hf_labels).loss.backward()
         hf_grads = {n: p.grad for n, p in hf_model.named_parameters() if p.grad is not None}
 
-        _, ref_logits, ref_loss = _run(cfg, hf_model, Layout(), batch, labels)
+        _, ref_logits, ref_loss = _run(cfg, hf_dir, Layout(), batch, labels)
         parallel.destroy()
         for name, kw in LAYOUTS.items():
             layout = Layout(**kw)
-            chunks, logits, loss = _run(cfg, hf_model, layout, batch, labels)
+            chunks, logits, loss = _run(cfg, hf_dir, layout, batch, labels)
+            export_hf(chunks, cfg, layout, Path(out_root) / f"export-{name}", tied=False, side_files_from=hf_dir)
             factor = min(ps.get_data_parallel_world_size(), layout.ep)
             worst, n_grads = 0.0, 0
             for chunk in chunks:

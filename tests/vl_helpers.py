@@ -1,7 +1,8 @@
 """Test-only helpers for the VL model: HF→Megatron weight copy, processor-style inputs, routing capture.
 
-The weight copy here is deliberately *not* the production bridge (``ernie45/bridge``): it is a small, readable
-reference used to iterate on the model. It works on HF **in-memory** names (``Ernie4_5_VLMoeForConditionalGeneration``
+Models are loaded through the production bridge (:func:`load_through_bridge`). The independent weight copy
+(:func:`load_hf_into_vl`) stays as a second oracle: ``test_bridge_equals_independent_copy`` checks the two agree, and
+it maps HF *gradients* for the backward comparison. It works on HF **in-memory** names (``Ernie4_5_VLMoeForConditionalGeneration``
 state dict) and slices for this rank's TP / ETP / EP / PP position, so the same function serves 1-process and
 multi-process tests, and -- applied to gradients instead of weights -- the backward comparison.
 
@@ -139,6 +140,18 @@ def expected_from_hf(chunk, hf_tensors: Mapping[str, torch.Tensor], cfg, names) 
         srcs, fn = hf_source(name, cfg, layer_numbers)
         out[name] = fn(*(hf_tensors[s] for s in srcs))
     return out
+
+
+def load_through_bridge(hf_model, chunks, cfg, layout, tmp_dir) -> None:
+    """The production path: save the transformers model in its on-disk format, load it with the bridge."""
+    from pathlib import Path
+
+    from ernie45.bridge.live import load_hf
+
+    path = Path(tmp_dir) / "hf"
+    if not (path / "config.json").is_file():
+        hf_model.save_pretrained(path)
+    load_hf(chunks, cfg, layout, path)
 
 
 @torch.no_grad()

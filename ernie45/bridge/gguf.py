@@ -67,7 +67,7 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol
 
@@ -231,7 +231,7 @@ GGUF_TABLE: tuple[GGUFRow, ...] = (
 
 # Source tensors deliberately not written, with the reason. Anchored full-name regexes.
 GGUF_IGNORED: dict[str, str] = {
-    r"model\.mtp_(block|emb_norm|hidden_norm|linear_proj)\.\d+\..+": (
+    r"(model\.)?mtp_(block|emb_norm|hidden_norm|linear_proj)\.\d+\..+": (
         "multi-token-prediction (MTP) head: llama.cpp's ERNIE 4.5 architectures have no MTP tensors and its "
         "converter skips them (Ernie4_5MoeModel.filter_tensors); not part of the forward pass"
     ),
@@ -477,7 +477,7 @@ def _write_hparams(w: gguf.GGUFWriter, cfg: ErnieConfig, plan: GGUFPlan) -> None
         w.add_interleave_moe_layer_step(1)  # see llama_cpp_layer_pattern
         w.add_expert_shared_count(cfg.moe_num_shared_experts)
         if cfg.moe_num_shared_experts > 0:
-            w.add_expert_shared_feed_forward_length(cfg.intermediate_size // cfg.num_key_value_heads)
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
 
 
 def _looks_special(token: str) -> bool:

@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Mapping
 from ..config import ErnieConfig
 from .ops import ConcatGLU, FuseQKV, Identity, Op, Squeeze0
 
-__all__ = ["Split", "Row", "Item", "IGNORED", "rows_for", "expand", "ignored_reason", "effective_tie"]
+__all__ = ["Split", "Row", "Item", "IGNORED", "rows_for", "text_rows", "expand", "ignored_reason", "effective_tie"]
 
 
 class Split(enum.Enum):
@@ -111,7 +111,7 @@ def effective_tie(cfg: ErnieConfig, hf_keys) -> bool:
     return cfg.tie_word_embeddings and "lm_head.weight" not in set(hf_keys)
 
 
-def _text_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
+def text_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
     H, V, D = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     F = cfg.intermediate_size
@@ -163,7 +163,7 @@ def rows_for(cfg: ErnieConfig) -> tuple[Row, ...]:
         from .vl_table import vl_rows  # the VL table is its own format pair (different on-disk layout)
 
         return vl_rows(cfg)
-    return _text_rows(cfg)
+    return text_rows(cfg)
 
 
 def _instances(cfg: ErnieConfig, scope: str, tied: bool) -> Iterator[Mapping[str, int]]:

@@ -27,7 +27,7 @@ import dataclasses
 
 from ..config import ErnieConfig
 from .ops import ConcatGLU, Identity, SplitRows, Transpose
-from .tables import Row, Split, _text_rows
+from .tables import Row, Split, text_rows
 
 __all__ = ["vl_rows", "vision_prefix"]
 
@@ -46,7 +46,7 @@ def _language_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
     I_t, I_v = cfg.moe_intermediate_size
     hf, mg = "model.layers.{L}.mlp.", LM + "decoder.layers.{L}.mlp."
     common = tuple(
-        dataclasses.replace(row, mg=tuple(LM + n for n in row.mg)) for row in _text_rows(cfg) if row.scope in _SHARED_SCOPES
+        dataclasses.replace(row, mg=tuple(LM + n for n in row.mg)) for row in text_rows(cfg) if row.scope in _SHARED_SCOPES
     )
     pools = []
     for pool, gate, scope, X, I in (

@@ -111,7 +111,10 @@ class Layout:
         from megatron.core.transformer.transformer_block import get_num_layers_to_build
         from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-        from .model import transformer_config
+        if cfg.family == "vl":
+            from .vl_model import vl_transformer_config as transformer_config
+        else:
+            from .model import transformer_config
 
         tc = transformer_config(cfg, self)
         vp = vp_stage if self.vpp > 1 else None

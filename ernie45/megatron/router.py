@@ -89,5 +89,7 @@ class ErnieTopKRouter(TopKRouter):
             probs_TE = self._apply_seq_aux_loss(probs_TE, scores_aux, map_aux, seq_length, bsz, with_padding_mask=with_pad)
             probs_TE = self._apply_global_aux_loss(probs_TE, scores_aux, map_aux, with_padding_mask=with_pad)
 
-        self._apply_expert_bias(routing_map_TE, padding_mask=padding_mask)
+        # Megatron 0.16.1's _apply_expert_bias computes `routing_map_TE & ~padding_mask_T`, which does not broadcast;
+        # give it the mask as [T, 1] (True = padding, as in apply_z_loss)
+        self._apply_expert_bias(routing_map_TE, padding_mask=None if padding_mask is None else padding_mask.unsqueeze(-1))
         return probs_TE, routing_map_TE
