@@ -59,6 +59,9 @@ class HFSource:
     def keys(self) -> list[str]:
         return self.ckpt.keys()
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.ckpt.shapes()
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self.ckpt.shape(name)
 
@@ -108,6 +111,9 @@ class MegatronSource:
 
     def keys(self) -> list[str]:
         return list(self._by_hf) + self.carried
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: self.shape(n) for n in self.keys()}
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self._by_hf:
@@ -161,8 +167,8 @@ def open_source(path: str | Path, *, hf_config: str | Path | None = None) -> HFS
 
 
 def _mg_shapes(item: Item) -> tuple[tuple[int, ...], ...]:
-    """Full Megatron shapes of an item (ops are pure reshapes: run them on meta tensors)."""
-    return tuple(tuple(t.shape) for t in item.op.to_mg(tuple(torch.empty(s, device="meta") for s in item.hf_shapes)))
+    """Full Megatron shapes of an item."""
+    return item.op.mg_shapes(item.hf_shapes)
 
 
 def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig) -> list[ChunkSpec]:

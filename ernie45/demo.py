@@ -1,4 +1,10 @@
-"""The main job: the whole journey on the embedded tiny checkpoints, with exact numbers printed."""
+"""The main job: the whole journey on the embedded tiny checkpoints, with exact numbers printed.
+
+For each embedded checkpoint (text MoE, dense, VL):
+  1. HF -> Megatron-Core live model (bridge, TP1) vs transformers: logits and expert choices   (text families)
+  2. HF -> Megatron torch_dist at TP2·PP2·EP2, offline -> HF: tensors bit-exact
+  3. HF -> GGUF and Megatron torch_dist -> GGUF (text families): tensors read back under HF names, bit-exact (f32)
+"""
 
 from __future__ import annotations
 
@@ -7,24 +13,67 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from .assets import embedded_checkpoint
-from .parity import check_parity
+from .bridge.io import HFCheckpoint
 
 __all__ = ["run_demo"]
 
 
+def _bit_exact(a: HFCheckpoint, b) -> tuple[int, int, list[str]]:
+    names = sorted(a.keys())
+    bad = [n for n in names if n not in set(b.keys()) or not torch.equal(a.get(n), b.get(n))]
+    return len(names) - len(bad), len(names), bad
+
+
+def _step(title: str) -> None:
+    print(f"\n-- {title}")
+
+
 def run_demo(out_dir: Path | None = None, keep: bool = False) -> int:
+    from .bridge.gguf import read_gguf_as_hf
+    from .config import load_config
+    from .convert import convert
+    from .parity import check_parity
+
     t0 = time.time()
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="ernie45-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     ok = True
     try:
-        for name in ("tiny-ernie45-moe", "tiny-ernie45-dense"):
+        for name in ("tiny-ernie45-moe", "tiny-ernie45-dense", "tiny-ernie45-vl"):
             src = embedded_checkpoint(name)
-            print(f"\n== {name}: HF -> Megatron-Core (bridge, TP1) vs transformers")
-            report = check_parity(src)
-            print(report.table())
-            ok &= report.logits_max_abs_diff <= 1e-4 and all(v == 1.0 for v in report.routing.values())
+            cfg = load_config(src)
+            print(f"\n== {name} ({cfg.family}, {cfg.num_hidden_layers} layers, "
+                  f"{''.join('S' if t == 'sparse' else 'D' for t in cfg.mlp_layer_types)})")  # fmt: skip
+            hf = HFCheckpoint(src)
+            if cfg.family != "vl":
+                _step("HF -> Megatron-Core (bridge, TP1) vs transformers, fp32")
+                report = check_parity(src)
+                print(report.table())
+                ok &= report.logits_max_abs_diff <= 1e-4 and all(v == 1.0 for v in report.routing.values())
+
+            mg, back = work / f"{name}-mcore", work / f"{name}-hf"
+            _step("HF -> Megatron torch_dist (TP2·PP2·EP2, offline) -> HF")
+            layout = dict(tp=2, pp=2, ep=2) if cfg.is_moe else dict(tp=2, pp=2)
+            r1 = convert(src, mg, to="megatron", progress=False, overwrite=True, **layout)
+            r2 = convert(mg, back, to="hf", progress=False, overwrite=True)
+            same, total, bad = _bit_exact(hf, HFCheckpoint(back))
+            print(f"  {r1.summary()}\n  {r2.summary()}")
+            print(f"  bit-exact: {same}/{total} tensors" + (f"; DIFFER: {bad}" if bad else ""))
+            ok &= not bad
+
+            if cfg.family != "vl":
+                for label, gsrc in (("HF", src), ("Megatron torch_dist", mg)):
+                    _step(f"{label} -> GGUF (f32)")
+                    out = work / f"{name}-{'hf' if gsrc == src else 'mcore'}.gguf"
+                    convert(gsrc, out, to="gguf", progress=False, overwrite=True)
+                    view = read_gguf_as_hf(out)
+                    same, total, bad = _bit_exact(hf, view)
+                    print(f"  wrote {out.name} ({out.stat().st_size / 1e3:.0f} kB); read back under HF names: "
+                          f"{same}/{total} tensors bit-exact" + (f"; DIFFER: {bad}" if bad else ""))  # fmt: skip
+                    ok &= not bad
         print(f"\n{'OK' if ok else 'FAILED'} in {time.time() - t0:.1f} s")
     finally:
         if not keep and out_dir is None:

@@ -32,8 +32,10 @@ CASES = [
 
 @pytest.mark.parametrize("op, hf", CASES, ids=lambda x: type(x).__name__ if not isinstance(x, tuple) else "")
 def test_op_round_trip_is_bit_exact(op, hf):
-    back = op.to_hf(op.to_mg(hf))
+    mg = op.to_mg(hf)
+    back = op.to_hf(mg)
     assert len(back) == len(hf) and all(torch.equal(a, b) for a, b in zip(back, hf))
+    assert op.mg_shapes(tuple(tuple(t.shape) for t in hf)) == tuple(tuple(t.shape) for t in mg)
 
 
 def test_fused_qkv_matches_megatron_split():

@@ -5,8 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 ASSETS = Path(__file__).parent
-# name -> (family, seed)
-EMBEDDED = {"tiny-ernie45-moe": ("moe", 11), "tiny-ernie45-dense": ("dense", 12)}
+# name -> (family, seed, overrides of ernie45.testing.TINY). The MoE one has the released 21B's shape of pattern
+# (a dense first layer, then MoE to the end, tied head), which llama.cpp can represent; the VL one is untied like
+# the 424B, with pools of different widths.
+EMBEDDED = {
+    "tiny-ernie45-moe": ("moe", 11, dict(moe_layer_interval=1, tie_word_embeddings=True)),
+    "tiny-ernie45-dense": ("dense", 12, {}),
+    "tiny-ernie45-vl": ("vl", 13, {}),
+}
 DEFAULT = "tiny-ernie45-moe"
 
 

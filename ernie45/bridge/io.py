@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -71,10 +72,11 @@ class HFCheckpoint:
         self._file_of: dict[str, Path] = {}
         self._shape: dict[str, tuple[int, ...]] = {}
         self._dtype: dict[str, str] = {}
-        self._handles: dict[Path, object] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}  # absolute byte range of each tensor's data
         files = self._weight_files()
         for f in files:
             handle = self._open(f)
+            self._offsets.update(_data_offsets(f))
             for name in handle.keys():
                 if name in self._file_of:
                     raise CheckpointError(f"{f}: tensor {name} also stored in {self._file_of[name]}")
@@ -120,9 +122,8 @@ class HFCheckpoint:
             handle = safe_open(str(f), framework="pt")
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
-        self._handles[f] = handle
         size = f.stat().st_size
-        # safe_open maps the file lazily; a truncated shard is caught here rather than mid-conversion
+        # safe_open validates the header (dtypes, shapes, offsets); a truncated shard is caught here, not mid-way
         declared = _declared_size(f)
         if declared > size:
             raise CheckpointError(f"{f}: truncated (header declares {declared} bytes, file has {size})")
@@ -172,41 +173,64 @@ class HFCheckpoint:
         return self.read(name)
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """The tensor, or its ``[start:stop]`` slice along ``dim`` (0 or 1), read lazily from disk."""
+        """The tensor, or its ``[start:stop]`` slice along ``dim`` (0 or 1), read from disk.
+
+        Reads use ``os.pread`` of exactly the bytes needed (rows are contiguous for a dim-0 slice) instead of the
+        memory map ``safe_open`` keeps: pages of a mapped file stay resident while it is open, so a streaming
+        conversion would otherwise grow to the size of its input.
+        """
         if name not in self._file_of:
             raise CheckpointError(f"{self.path}: no tensor {name}")
         f = self._file_of[name]
-        sl = self._handles[f].get_slice(name)
+        shape, dtype = self._shape[name], self.dtype(name)
+        row_bytes = dtype.itemsize * math.prod(shape[1:])
+        a, b = self._offsets[name]
+        if dim == 0:
+            stop = shape[0] if stop is None else stop
+            a, b = a + start * row_bytes, a + stop * row_bytes
+            shape = (stop - start, *shape[1:])
+        elif dim not in (None, 1):
+            raise ValueError(f"slicing along dim {dim} is not supported")
+        t = torch.empty(shape, dtype=dtype)  # read straight into the tensor's own (freeable) storage
+        fd = os.open(f, os.O_RDONLY)
         try:
-            if dim is None:
-                t = sl[:]
-            elif dim == 0:
-                t = sl[start:stop]
-            elif dim == 1:
-                t = sl[:, start:stop]
-            else:
-                raise ValueError(f"slicing along dim {dim} is not supported")
-        except (SafetensorError, RuntimeError) as e:
-            raise CheckpointError(f"{f}: cannot read {name} ({e})") from None
-        return t.contiguous()
+            # a ctypes view of the tensor's memory (not .numpy(), which would pin the storage as non-resizable)
+            n = os.preadv(fd, [(ctypes.c_char * (b - a)).from_address(t.data_ptr())], a) if b > a else 0
+        finally:
+            os.close(fd)
+        if n != b - a:
+            raise CheckpointError(f"{f}: truncated while reading {name}")
+        if dim == 1:
+            t = t[:, start:stop].contiguous()
+        return t
 
     def side_files(self) -> list[Path]:
         return [self.path / n for n in SIDE_FILES if (self.path / n).is_file()]
 
 
-def _declared_size(f: Path) -> int:
-    """Bytes a safetensors file must have according to its own header."""
+def _header(f: Path) -> tuple[int, dict]:
+    """(header length, header) of a safetensors file."""
     with open(f, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{f}: truncated (no header)")
         n = int.from_bytes(head, "little")
         try:
-            header = json.loads(fh.read(n))
+            return n, json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{f}: corrupted safetensors header ({e})") from None
+
+
+def _declared_size(f: Path) -> int:
+    """Bytes a safetensors file must have according to its own header."""
+    n, header = _header(f)
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     return 8 + n + end
+
+
+def _data_offsets(f: Path) -> dict[str, tuple[int, int]]:
+    n, header = _header(f)
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
 
 
 class HFWriter:

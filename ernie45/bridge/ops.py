@@ -43,6 +43,10 @@ class Op:
     def to_hf(self, mg: Tensors) -> Tensors:
         raise NotImplementedError
 
+    def mg_shapes(self, hf: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+        """Shapes ``to_mg`` produces from inputs of these shapes (planning without touching data)."""
+        raise NotImplementedError
+
     def describe(self) -> str:
         return type(self).__name__
 
@@ -51,6 +55,9 @@ class Op:
 class Identity(Op):
     def to_mg(self, hf: Tensors) -> Tensors:
         return hf
+
+    def mg_shapes(self, hf):
+        return tuple(hf)
 
     def to_hf(self, mg: Tensors) -> Tensors:
         return mg
@@ -72,6 +79,9 @@ class Squeeze0(Op):
         (x_E,) = mg
         return (x_E.unsqueeze(0),)
 
+    def mg_shapes(self, hf):
+        return (tuple(hf[0][1:]),)
+
 
 @dataclass(frozen=True)
 class Transpose(Op):
@@ -84,6 +94,9 @@ class Transpose(Op):
 
     def to_hf(self, mg: Tensors) -> Tensors:
         return (mg[0].t().contiguous(),)
+
+    def mg_shapes(self, hf):
+        return (tuple(reversed(hf[0])),)
 
 
 @dataclass(frozen=True)
@@ -120,6 +133,10 @@ class FuseQKV(Op):
             v.reshape(G * D, *rest).contiguous(),
         )
 
+    def mg_shapes(self, hf):
+        q, k, v = hf
+        return ((q[0] + k[0] + v[0], *q[1:]),)
+
     def describe(self) -> str:
         return f"FuseQKV(R={self.heads_per_group}, D={self.head_dim})"
 
@@ -141,6 +158,9 @@ class ConcatGLU(Op):
         gate_FH, up_FH = torch.chunk(mg[0], 2, dim=0)
         return (gate_FH.contiguous(), up_FH.contiguous())
 
+    def mg_shapes(self, hf):
+        return ((2 * hf[0][0], *hf[0][1:]),)
+
 
 @dataclass(frozen=True)
 class SplitRows(Op):
@@ -157,6 +177,9 @@ class SplitRows(Op):
 
     def to_hf(self, mg: Tensors) -> Tensors:
         return (torch.stack(mg, dim=0),)
+
+    def mg_shapes(self, hf):
+        return (tuple(hf[0][1:]),) * self.n_mg
 
     def describe(self) -> str:
         return f"SplitRows({self.n_mg})"

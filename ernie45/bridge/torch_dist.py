@@ -108,6 +108,7 @@ class _LazySavePlanner(DefaultSavePlanner):
         self._chunks = {(c.key, c.offsets): c for c in chunks}
         self._objects = objects
         self._on_chunk = on_chunk
+        self._last: torch.Tensor | None = None
 
     def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False) -> None:
         self.state_dict, self.is_coordinator = state_dict, is_coordinator
@@ -132,12 +133,18 @@ class _LazySavePlanner(DefaultSavePlanner):
     def resolve_data(self, write_item: WriteItem):
         if write_item.type == WriteItemType.BYTE_IO:
             return io.BytesIO(self._objects[write_item.index.fqn])
+        # DCP's file writer keeps a reference to every tensor of a file until the file is closed (it needs them
+        # only for its safetensors format). Its serial loader asks for the next chunk only after writing the
+        # previous one, so the previous chunk's storage can be released here: memory stays at one chunk.
+        if self._last is not None and self._last.untyped_storage().resizable():
+            self._last.untyped_storage().resize_(0)
         c = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
         t = c.produce()
         if tuple(t.shape) != c.sizes or t.dtype != c.dtype:
             raise CheckpointError(f"{c.key}@{c.offsets}: produced {list(t.shape)} {t.dtype}, planned {list(c.sizes)} {c.dtype}")
         self._on_chunk(c.nbytes)
-        return t.contiguous()
+        self._last = t.contiguous()
+        return self._last
 
 
 def write_dcp(path: Path, chunks: list[ChunkSpec], objects: dict[str, bytes], on_chunk=lambda n: None) -> None:
