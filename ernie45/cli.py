@@ -4,6 +4,9 @@
     ernie45 parity HF_DIR             # Megatron-Core (through the bridge) vs transformers, exact numbers
     ernie45 inspect PATH              # what a checkpoint is: family, sizes, parameters, dtypes, MTP, oddities
     ernie45 convert SRC DST --to {megatron,hf,gguf} [--tp N --pp N --ep N --vpp N] [--dry-run] [--overwrite]
+    ernie45 verify A B                # tensors, logits, top-1 and routing agreement between any two formats
+    ernie45 route-stats CKPT --prompts FILE --out DIR   # expert load heatmap and imbalance
+    ernie45 generate CKPT --prompt TEXT                  # greedy sample
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ EXAMPLES = """examples:
   ernie45 convert ./ERNIE-4.5-0.3B-PT ./ernie.gguf --to gguf --outtype q8_0
   ernie45 parity ./ERNIE-4.5-21B-A3B-PT --seq 32
   ernie45 inspect ./ERNIE-4.5-0.3B-PT --json
+  ernie45 verify ./ERNIE-4.5-0.3B-PT ./ernie.gguf
+  ernie45 route-stats ./ERNIE-4.5-21B-A3B-PT --prompts prompts.txt --out stats/
+  ernie45 generate ./mcore --prompt "Hello"
 """
 
 
@@ -120,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", type=Path)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_inspect)
+
+    from . import generate, route_stats, verify
+
+    for name, mod, help_, example in (
+        ("verify", verify, "compare two checkpoints (HF / torch_dist / GGUF): tensors, logits, routing per pool",
+         "ernie45 verify ./hf ./mcore --atol 1e-4 --min-routing 1\n  ernie45 verify ./hf ./model.gguf --prompt 'Hello'"),
+        ("route-stats", route_stats, "expert load per MoE layer and pool: CSV + PNG heatmap + imbalance",
+         "ernie45 route-stats ./ERNIE-4.5-21B-A3B-PT --prompts prompts.txt --out stats/"),
+        ("generate", generate, "greedy sample from any checkpoint format (KV cache)",
+         "ernie45 generate ./mcore --prompt 'The capital of France is' --max-new-tokens 8"),
+    ):  # fmt: skip
+        s = sub.add_parser(name, help=help_, epilog=f"example:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(s)
+        s.set_defaults(func=mod.run)
     return p
 
 

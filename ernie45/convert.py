@@ -54,13 +54,16 @@ class HFSource:
         self.path = Path(path)
         self.cfg = load_config(path)
         self.ckpt = HFCheckpoint(path)
-        self.plan = plan_from_hf(self.cfg, self.ckpt.shapes(), where=str(path))
+        self.plan = plan_from_hf(self.cfg, self.ckpt.shapes(), dtypes=self.ckpt.dtypes(), where=str(path))
 
     def keys(self) -> list[str]:
         return self.ckpt.keys()
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return self.ckpt.shapes()
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return self.ckpt.dtypes()
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.ckpt.shape(name)
@@ -115,6 +118,9 @@ class MegatronSource:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: self.shape(n) for n in self.keys()}
 
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {n: self.dtype(n) for n in self.keys()}
+
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self._by_hf:
             it = self._by_hf[name]
@@ -143,9 +149,9 @@ class MegatronSource:
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         t = self.get(name)
-        if dim is None:
-            return t
-        return t.narrow(dim, start, (t.shape[dim] if stop is None else stop) - start).contiguous()
+        out = t if dim is None else t.narrow(dim, start, (t.shape[dim] if stop is None else stop) - start).contiguous()
+        # The writer frees each chunk's storage once written; never hand it the cached tensor's own storage.
+        return out.clone() if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else out
 
     def side_files(self) -> list[Path]:
         return [self.path / n for n in SIDE_FILES if (self.path / n).is_file()]

@@ -3,7 +3,10 @@
 For each embedded checkpoint (text MoE, dense, VL):
   1. HF -> Megatron-Core live model (bridge, TP1) vs transformers: logits and expert choices   (text families)
   2. HF -> Megatron torch_dist at TP2·PP2·EP2, offline -> HF: tensors bit-exact
-  3. HF -> GGUF and Megatron torch_dist -> GGUF (text families): tensors read back under HF names, bit-exact (f32)
+  3. ernie45 verify HF (transformers) vs the Megatron torch_dist (Megatron-Core): tensors, logits, top-1 and
+     expert-routing agreement per MoE layer and pool (VL: with an image in the prompt)
+  4. HF -> GGUF and Megatron torch_dist -> GGUF (text families): tensors read back under HF names, bit-exact (f32);
+     verified in llama.cpp too when llama-cpp-python is installed
 """
 
 from __future__ import annotations
@@ -31,11 +34,24 @@ def _step(title: str) -> None:
     print(f"\n-- {title}")
 
 
+def _demo_image(path: Path) -> Path:
+    """A small deterministic picture (a colour gradient with a square), so the VL leg runs with a real image."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    px = (torch.rand(84, 112, 3, generator=g) * 64).to(torch.uint8)
+    px[:, :, 0] += torch.linspace(0, 190, 112).to(torch.uint8)
+    px[20:60, 30:70, 2] = 230
+    Image.fromarray(px.numpy()).save(path)
+    return path
+
+
 def run_demo(out_dir: Path | None = None, keep: bool = False) -> int:
     from .bridge.gguf import read_gguf_as_hf
     from .config import load_config
     from .convert import convert
     from .parity import check_parity
+    from .verify import llama_cpp_available, verify
 
     t0 = time.time()
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="ernie45-demo-"))
@@ -64,6 +80,13 @@ def run_demo(out_dir: Path | None = None, keep: bool = False) -> int:
             print(f"  bit-exact: {same}/{total} tensors" + (f"; DIFFER: {bad}" if bad else ""))
             ok &= not bad
 
+            image = _demo_image(work / "demo.png") if cfg.family == "vl" else None
+            _step("ernie45 verify HF (transformers) vs Megatron torch_dist (Megatron-Core)"
+                  + (", with an image" if image else ""))
+            rep = verify(src, mg, image=image, atol=1e-4, tensor_atol=0.0, min_top1=1.0, min_routing=1.0)
+            print(rep.table())
+            ok &= rep.ok
+
             if cfg.family != "vl":
                 for label, gsrc in (("HF", src), ("Megatron torch_dist", mg)):
                     _step(f"{label} -> GGUF (f32)")
@@ -74,6 +97,11 @@ def run_demo(out_dir: Path | None = None, keep: bool = False) -> int:
                     print(f"  wrote {out.name} ({out.stat().st_size / 1e3:.0f} kB); read back under HF names: "
                           f"{same}/{total} tensors bit-exact" + (f"; DIFFER: {bad}" if bad else ""))  # fmt: skip
                     ok &= not bad
+                if llama_cpp_available():
+                    _step("ernie45 verify HF (transformers) vs GGUF f32 (llama.cpp)")
+                    rep = verify(src, out, atol=1e-4, min_top1=1.0)
+                    print(rep.table())
+                    ok &= rep.ok
         print(f"\n{'OK' if ok else 'FAILED'} in {time.time() - t0:.1f} s")
     finally:
         if not keep and out_dir is None:

@@ -7,14 +7,17 @@ Backends (``backend="auto"`` picks the checkpoint's own runtime):
 * ``llama.cpp``    -- GGUF files, through ``llama_cpp`` when importable.
 
 Decoding is plain greedy (argmax, no sampling, no penalties) and stops at ``max_new_tokens`` or an EOS id
-(``generation_config.json`` / ``config.json``; llama.cpp's own for GGUF). The transformers and Megatron backends
-recompute the whole sequence for every new token: simple and exactly comparable, and cheap for the short samples
-this command is for (llama.cpp uses its KV cache). For VL checkpoints the image/video special ids are excluded from
-the argmax: a generated image placeholder would need image features nobody supplies.
+(``generation_config.json`` / ``config.json``; llama.cpp's own for GGUF). The Megatron backend decodes through
+Megatron-Core's static KV cache (``megatron/inference.py``: prefill once, one cached step per token); with
+``kv_cache=False`` it recomputes the whole sequence for every token, as the transformers backend always does --
+simple, exactly comparable, and cheap for the short samples this command is for. llama.cpp uses its own KV cache.
+For VL checkpoints the image/video special ids are excluded from the argmax: a generated image placeholder would
+need image features nobody supplies.
 
 Prompt: text is tokenized with the checkpoint's tokenizer (``transformers.AutoTokenizer``; for GGUF, the vocabulary
 in the file); without one, the prompt is whitespace-separated token ids, and the continuation is printed as ids.
-``image`` (VL): processed like ``ernie45 verify --image`` and placed right after the prompt's BOS.
+``image`` (VL): processed like ``ernie45 verify --image`` and placed right after the prompt's BOS (the tokenizer's,
+else ``bos_token_id`` of ``generation_config.json`` / ``config.json``), or first when there is none.
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
+from typing import Generator
 
 from .verify import (
     Batch,
     LlamaCppRuntime,
+    MegatronRuntime,
     VerifyError,
     check_text_ids,
+    declared_token_ids,
     image_block,
     image_inputs,
     open_runtime,
@@ -55,26 +59,20 @@ class Generation:
     new_ids: list[int]
     text: str | None  # the decoded continuation, None without a tokenizer
     stop: str  # "eos" | "max_new_tokens"
+    decoding: str  # "kv-cache" | "full-recompute"
 
     def summary(self) -> str:
-        head = f"{self.checkpoint} ({self.backend}, greedy): {len(self.prompt_ids)} prompt tokens -> {len(self.new_ids)} new"
+        head = (f"{self.checkpoint} ({self.backend}, greedy, {self.decoding}): {len(self.prompt_ids)} prompt tokens -> "
+                f"{len(self.new_ids)} new")  # fmt: skip
         head += ", stopped at EOS" if self.stop == "eos" else ""
         body = self.text if self.text is not None else " ".join(map(str, self.new_ids))
         return f"{head}\n{body}\nids: {self.new_ids}"
 
 
-def _eos_ids(path: Path) -> set[int]:
-    """EOS id(s): ``generation_config.json`` first, then ``config.json`` (top level or ``text_config``)."""
-    for name in ("generation_config.json", "config.json"):
-        f = path / name
-        if not f.is_file():
-            continue
-        raw = json.loads(f.read_text())
-        for d in (raw, raw.get("text_config") or {}):
-            v = d.get("eos_token_id")
-            if v is not None:
-                return set(v) if isinstance(v, list) else {int(v)}
-    return set()
+def _bos_ids(path: Path, tok) -> set[int]:
+    if tok is not None and tok.bos_token_id is not None:
+        return {tok.bos_token_id}
+    return declared_token_ids(path, "bos_token_id")
 
 
 def _parse_ids(prompt: str, where: str) -> list[int]:
@@ -93,6 +91,8 @@ def _gguf_has_vocab(path: Path) -> bool:
 
 
 def _generate_gguf(path: Path, prompt, image, max_new_tokens: int, stop_at_eos: bool) -> Generation:
+    import numpy as np
+
     if image is not None:
         raise GenerateError(f"{path}: llama.cpp has no ERNIE 4.5 VL architecture; a GGUF cannot take an image")
     rt = LlamaCppRuntime(path)
@@ -110,7 +110,7 @@ def _generate_gguf(path: Path, prompt, image, max_new_tokens: int, stop_at_eos: 
         new: list[int] = []
         stop = "max_new_tokens"
         for _ in range(max_new_tokens):
-            nxt = int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax())
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
             new.append(nxt)
             if stop_at_eos and nxt in eos:
                 stop = "eos"
@@ -119,7 +119,7 @@ def _generate_gguf(path: Path, prompt, image, max_new_tokens: int, stop_at_eos: 
         text = llm.detokenize(new).decode("utf-8", errors="replace") if vocab else None
     finally:
         rt.close()
-    return Generation(str(path), "llama.cpp", list(ids), new, text, stop)
+    return Generation(str(path), "llama.cpp", list(ids), new, text, stop, "kv-cache")
 
 
 def generate(
@@ -131,8 +131,16 @@ def generate(
     backend: str = "auto",
     hf_config: str | Path | None = None,
     stop_at_eos: bool = True,
+    kv_cache: bool = True,
 ) -> Generation:
-    """Greedy continuation of ``prompt`` (text, or token ids) from ``ckpt`` (HF dir / torch_dist dir / GGUF)."""
+    """Greedy continuation of ``prompt`` (text, or token ids) from ``ckpt`` (HF dir / torch_dist dir / GGUF).
+
+    ``kv_cache`` (Megatron backend): decode through Megatron-Core's KV cache; ``False`` recomputes the whole sequence
+    for every token (as the transformers backend always does).
+    """
+    import torch
+
+    from .convert import open_source
     from .inspect import detect_format
 
     ckpt = Path(ckpt)
@@ -156,49 +164,88 @@ def generate(
         ids = [int(i) for i in prompt]
     if not ids:
         raise GenerateError("the prompt is empty")
-    rt = open_runtime(ckpt, hf_runtime=backend, hf_config=hf_config, vision_attn_implementation="sdpa")
-    with rt:
-        cfg = rt.cfg
-        if min(ids) < 0 or max(ids) >= cfg.vocab_size:
-            raise GenerateError(f"prompt token ids must lie in [0, {cfg.vocab_size})")
-        check_text_ids(ids, cfg, "prompt")
-        pixels = grid = None
-        if image is not None:
-            pixels, grid = image_inputs(image, cfg, ckpt)
-            head = ids[:1] if tok is not None and ids[0] == tok.bos_token_id else []
-            ids = head + image_block(cfg, grid) + ids[len(head) :]
-        reserved = vision_special_ids(cfg)
-        eos = _eos_ids(ckpt) if stop_at_eos else set()
-        seq, new, stop = list(ids), [], "max_new_tokens"
-        for _ in range(max_new_tokens):
-            logits, _ = rt.forward(Batch(torch.tensor([seq]), pixels, grid), routing=False)
-            last_V = logits[0, -1].clone()
+    cfg = open_source(ckpt, hf_config=hf_config).cfg
+    if min(ids) < 0 or max(ids) >= cfg.vocab_size:
+        raise GenerateError(f"prompt token ids must lie in [0, {cfg.vocab_size})")
+    check_text_ids(ids, cfg, "prompt")
+    pixels = grid = None
+    if image is not None:
+        pixels, grid = image_inputs(image, cfg, ckpt)
+        head = ids[:1] if ids[0] in _bos_ids(ckpt, tok) else []
+        ids = head + image_block(cfg, grid) + ids[len(head) :]
+    reserved = vision_special_ids(cfg)
+    eos = declared_token_ids(ckpt, "eos_token_id") if stop_at_eos else set()
+    batch = Batch(torch.tensor([ids]), pixels, grid)
+    with open_runtime(ckpt, hf_runtime=backend, hf_config=hf_config, vision_attn_implementation="sdpa") as rt:
+        use_cache = kv_cache and isinstance(rt, MegatronRuntime)
+        steps = _cached_logits(rt, batch, max_new_tokens) if use_cache else _recomputed_logits(rt, batch)
+        new, stop = [], "max_new_tokens"
+        last_V = next(steps)
+        for i in range(max_new_tokens):
+            last_V = last_V.clone()
             last_V[reserved] = float("-inf")
             nxt = int(last_V.argmax())
             new.append(nxt)
-            seq.append(nxt)
             if nxt in eos:
                 stop = "eos"
                 break
+            if i < max_new_tokens - 1:
+                last_V = steps.send(nxt)
         name = rt.name
     text = tok.decode(new, skip_special_tokens=True) if tok is not None else None
-    return Generation(str(ckpt), name, ids, new, text, stop)
+    return Generation(str(ckpt), name, ids, new, text, stop, "kv-cache" if use_cache else "full-recompute")
+
+
+def _recomputed_logits(rt, batch: Batch) -> Generator[torch.Tensor, int, None]:
+    """Last-position logits ``[V]`` of the whole sequence, recomputed after each token sent in (any runtime)."""
+    import torch
+
+    seq = batch.input_ids[0].tolist()
+    while True:
+        logits, _ = rt.forward(Batch(torch.tensor([seq]), batch.pixel_values, batch.image_grid_thw), routing=False)
+        seq.append((yield logits[0, -1]))
+
+
+def _cached_logits(rt: MegatronRuntime, batch: Batch, max_new_tokens: int) -> Generator[torch.Tensor, int, None]:
+    """The same through Megatron-Core's static KV cache (``megatron/inference.py``): prefill once, then one step per
+    token."""
+    import torch
+
+    from .megatron.inference import KVCacheSession
+
+    cfg, ids = rt.cfg, batch.input_ids
+    mm = {}
+    if cfg.family == "vl":
+        from .megatron.vl_model import token_type_ids
+
+        types, moe_types = token_type_ids(ids, cfg)
+        mm = dict(mm_token_type_ids=types, moe_mm_token_type_ids=moe_types)
+        if batch.pixel_values is not None:
+            mm.update(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw)
+    session = KVCacheSession(rt.chunks, cfg, batch_size=1, max_length=ids.shape[1] + max_new_tokens)
+    logits = session.prefill(ids, **mm)[0, -1]
+    while True:
+        nxt = yield logits.float()
+        logits = session.step(torch.tensor([nxt]))[0]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="HF directory, Megatron torch_dist directory or GGUF file")
-    p.add_argument("prompt", help="prompt text (token ids, whitespace-separated, if the checkpoint has no tokenizer)")
+    p.add_argument("--prompt", required=True,
+                   help="prompt text (token ids, whitespace-separated, if the checkpoint has no tokenizer)")
     p.add_argument("--image", type=Path, default=None, help="an image file for VL checkpoints")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate at most (default 16)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: transformers for HF, megatron for torch_dist, llama.cpp for GGUF")  # fmt: skip
     p.add_argument("--hf-config", type=Path, default=None, help="config.json for a torch_dist directory without one")
     p.add_argument("--no-eos-stop", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--no-kv-cache", action="store_true", help="megatron: recompute the whole sequence for each token")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     g = generate(args.checkpoint, args.prompt, image=args.image, max_new_tokens=args.max_new_tokens,
-                 backend=args.backend, hf_config=args.hf_config, stop_at_eos=not args.no_eos_stop)  # fmt: skip
+                 backend=args.backend, hf_config=args.hf_config, stop_at_eos=not args.no_eos_stop,
+                 kv_cache=not args.no_kv_cache)  # fmt: skip
     print(json.dumps(asdict(g), indent=2) if args.json else g.summary())
     return 0

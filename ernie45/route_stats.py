@@ -10,7 +10,8 @@ Inputs
     token ids.
   * ``--images DIR`` (VL checkpoints): the image files in DIR (sorted by name) are processed with the checkpoint's
     HF image processor (``preprocessor_config.json``; else transformers' ERNIE 4.5 VL image processor with its
-    defaults and the config's patch/merge sizes). Image *k* goes in front of prompt *k* (after its BOS); images
+    defaults and the config's patch/merge sizes). Image *k* goes in front of prompt *k* (after its BOS: the
+    tokenizer's, else ``bos_token_id`` of ``generation_config.json`` / ``config.json``); images
     beyond the last prompt make sequences of their own. Image start/end tokens count as vision tokens, as in HF's
     MoE token types.
 
@@ -29,16 +30,17 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from .verify import (
     Batch,
     MegatronRuntime,
     VerifyError,
     check_text_ids,
+    declared_token_ids,
     image_block,
     image_inputs,
     tokenizer_for,
@@ -69,25 +71,24 @@ class RouteStats:
         """Per (layer, pool): tokens, max/mean load, coefficient of variation, unused experts."""
         rows = []
         for (L, pool), c in sorted(self.counts.items()):
-            t = torch.tensor(c, dtype=torch.float64)
-            mean = t.mean().item()
+            mean = statistics.fmean(c)
             rows.append(dict(
                 layer=L, pool=pool, tokens=self.tokens[(L, pool)],
-                max_over_mean=(t.max().item() / mean) if mean else float("nan"),
-                cv=(t.std(unbiased=False).item() / mean) if mean else float("nan"),
-                unused_experts=int((t == 0).sum()),
+                max_over_mean=max(c) / mean if mean else math.nan,
+                cv=statistics.pstdev(c) / mean if mean else math.nan,
+                unused_experts=sum(1 for x in c if x == 0),
             ))  # fmt: skip
         return rows
 
     def table(self) -> str:
         pools = sorted({p for _, p in self.counts})
         tok = ", ".join(f"{max(n for (_, p), n in self.tokens.items() if p == pool)} {pool}" for pool in pools)
-        lines = [f"route-stats: {self.checkpoint} ({self.family}, top-{self.top_k} of {self.experts} experts per pool), "
-                 f"{self.sequences} sequences, tokens: {tok}",
+        lines = [f"route-stats: {self.checkpoint} ({self.family}, top-{self.top_k} of {self.experts} experts per "
+                 f"pool), {self.sequences} sequences, tokens: {tok}",
                  f"  {'layer':>5} {'pool':<6} {'tokens':>7} {'max/mean':>9} {'cv':>7} {'unused':>7}"]  # fmt: skip
         for r in self.imbalance():
-            lines.append(f"  {r['layer']:>5} {r['pool']:<6} {r['tokens']:>7} {r['max_over_mean']:>9.3f} {r['cv']:>7.3f} "
-                         f"{r['unused_experts']:>7}")  # fmt: skip
+            lines.append(f"  {r['layer']:>5} {r['pool']:<6} {r['tokens']:>7} {r['max_over_mean']:>9.3f} "
+                         f"{r['cv']:>7.3f} {r['unused_experts']:>7}")  # fmt: skip
         lines += [f"  wrote {f}" for f in self.files]
         return "\n".join(lines)
 
@@ -139,7 +140,9 @@ def _images(images_dir: str | Path) -> list[Path]:
     return files
 
 
-def _sequences(cfg, prompts: list[list[int]], images: list[Path], ckpt: Path, bos: int | None, where: str) -> list[Batch]:
+def _sequences(cfg, prompts: list[list[int]], images: list[Path], ckpt: Path, bos: set[int], where: str) -> list[Batch]:
+    import torch
+
     for i, ids in enumerate(prompts):
         check_text_ids(ids, cfg, f"{where}: prompt {i + 1}")
         if ids and (min(ids) < 0 or max(ids) >= cfg.vocab_size):
@@ -151,7 +154,7 @@ def _sequences(cfg, prompts: list[list[int]], images: list[Path], ckpt: Path, bo
             out.append(Batch(torch.tensor([ids])))
             continue
         pixels, grid = image_inputs(images[k], cfg, ckpt)
-        head = ids[:1] if ids and ids[0] == bos else []
+        head = ids[:1] if ids and ids[0] in bos else []
         ids = head + image_block(cfg, grid) + ids[len(head) :]
         out.append(Batch(torch.tensor([ids]), pixels, grid))
     return out
@@ -177,12 +180,14 @@ def _write_csvs(stats: RouteStats, out_dir: Path) -> list[Path]:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["layer", "pool", "tokens", "max_over_mean", "cv", "unused_experts"])
         for r in stats.imbalance():
-            w.writerow([r["layer"], r["pool"], r["tokens"], f"{r['max_over_mean']:.6f}", f"{r['cv']:.6f}", r["unused_experts"]])
+            mom, cv = f"{r['max_over_mean']:.6f}", f"{r['cv']:.6f}"
+            w.writerow([r["layer"], r["pool"], r["tokens"], mom, cv, r["unused_experts"]])
     return [p1, p2]
 
 
 def _write_png(stats: RouteStats, path: Path, title: str) -> Path:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -190,17 +195,19 @@ def _write_png(stats: RouteStats, path: Path, title: str) -> Path:
     E, K = stats.experts, stats.top_k
     pools = [p for p in ("text", "vision") if any(q == p for _, q in stats.counts)]
     layers = sorted({L for L, _ in stats.counts})
-    fig, axes = plt.subplots(len(pools) + 1, 1, figsize=(max(6.0, 0.45 * E + 2.5), 1.2 + 0.45 * len(layers) * len(pools) + 2.6),
-                             gridspec_kw=dict(height_ratios=[max(2, len(layers))] * len(pools) + [3]), squeeze=False)  # fmt: skip
+    size = (max(6.0, 0.45 * E + 2.5), 1.2 + 0.45 * len(layers) * len(pools) + 2.6)
+    heights = [max(2, len(layers))] * len(pools) + [3]
+    fig, axes = plt.subplots(len(pools) + 1, 1, figsize=size, gridspec_kw=dict(height_ratios=heights), squeeze=False)
     axes = axes[:, 0]
-    vmax = max(2.0, max((c * E / (stats.tokens[k] * K) for k, cs in stats.counts.items() for c in cs if stats.tokens[k]), default=2.0))
+    relative = [c * E / (stats.tokens[k] * K) for k, cs in stats.counts.items() for c in cs]
+    vmax = max([2.0] + relative)
     for ax, pool in zip(axes, pools):
-        grid = torch.full((len(layers), E), float("nan"))
+        grid = np.full((len(layers), E), np.nan)
         for i, L in enumerate(layers):
             n = stats.tokens.get((L, pool), 0)
             if n:
-                grid[i] = torch.tensor(stats.counts[(L, pool)], dtype=torch.float64) * E / (n * K)
-        im = ax.imshow(grid.numpy(), aspect="auto", cmap="magma", vmin=0.0, vmax=vmax, interpolation="nearest")
+                grid[i] = np.array(stats.counts[(L, pool)], dtype=np.float64) * E / (n * K)
+        im = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0.0, vmax=vmax, interpolation="nearest")
         ax.set_yticks(range(len(layers)), [str(L) for L in layers])
         ax.set_xticks(range(E), [str(e) for e in range(E)] if E <= 32 else [""] * E)
         ax.set_ylabel("MoE layer")
@@ -210,9 +217,10 @@ def _write_png(stats: RouteStats, path: Path, title: str) -> Path:
         if E <= 16:
             for i in range(len(layers)):
                 for e in range(E):
-                    v = grid[i, e].item()
+                    v = float(grid[i, e])
                     if v == v:
-                        ax.text(e, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < vmax * 0.6 else "black")
+                        color = "white" if v < vmax * 0.6 else "black"
+                        ax.text(e, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color=color)
         fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02)
     ax = axes[-1]
     imb = stats.imbalance()
@@ -223,7 +231,8 @@ def _write_png(stats: RouteStats, path: Path, title: str) -> Path:
         ys = [rows[L]["max_over_mean"] for L in layers if L in rows]
         bars = ax.bar(xs, ys, width=width, label=f"{pool}: max/mean")
         for b, L in zip(bars, [L for L in layers if L in rows]):
-            ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"cv {rows[L]['cv']:.2f}", ha="center", va="bottom", fontsize=7)
+            x = b.get_x() + b.get_width() / 2
+            ax.text(x, b.get_height(), f"cv {rows[L]['cv']:.2f}", ha="center", va="bottom", fontsize=7)
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
     ax.set_xticks(range(len(layers)), [str(L) for L in layers])
     ax.set_xlabel("MoE layer")
@@ -253,6 +262,8 @@ def route_stats(
     title: str | None = None,
 ) -> RouteStats:
     """Expert load per MoE layer and pool over the prompts (and images); writes CSVs and a PNG to ``out_dir``."""
+    import torch
+
     from .convert import HFSource, MegatronSource
     from .inspect import detect_format
 
@@ -270,7 +281,10 @@ def route_stats(
     tok = tokenizer_for(ckpt)
     prompts = read_prompts(prompts_file, tok)
     images = _images(images_dir) if images_dir is not None else []
-    batches = _sequences(cfg, prompts, images, ckpt, getattr(tok, "bos_token_id", None), str(prompts_file))
+    bos = declared_token_ids(ckpt, "bos_token_id")
+    if tok is not None and tok.bos_token_id is not None:
+        bos = {tok.bos_token_id}
+    batches = _sequences(cfg, prompts, images, ckpt, bos, str(prompts_file))
 
     counts: dict[tuple[int, str], torch.Tensor] = {}
     tokens: dict[tuple[int, str], int] = {}
@@ -278,7 +292,8 @@ def route_stats(
         for batch in batches:
             _, routing = rt.forward(batch)
             for key, r in routing.items():
-                counts[key] = counts.get(key, torch.zeros(cfg.moe_num_experts, dtype=torch.long)) + r.chosen_BSE[r.mask_BS].sum(0)
+                zero = torch.zeros(cfg.moe_num_experts, dtype=torch.long)
+                counts[key] = counts.get(key, zero) + r.chosen_BSE[r.mask_BS].sum(0)
                 tokens[key] = tokens.get(key, 0) + int(r.mask_BS.sum())
     # a pool no token reached at all (e.g. vision without images) is left out rather than drawn as zeros
     keep = {k for k, n in tokens.items() if n}
@@ -296,7 +311,8 @@ def route_stats(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="MoE checkpoint: HF directory or Megatron torch_dist directory")
-    p.add_argument("prompts", type=Path, help="text file, one prompt per line (token ids if the checkpoint has no tokenizer)")
+    p.add_argument("--prompts", type=Path, required=True,
+                   help="text file, one prompt per line (token ids if the checkpoint has no tokenizer)")  # fmt: skip
     p.add_argument("--images", type=Path, default=None, help="VL: directory of images; image k goes before prompt k")
     p.add_argument("--out", type=Path, required=True, help="output directory for the CSVs and the PNG")
     p.add_argument("--hf-config", type=Path, default=None, help="config.json for a torch_dist directory without one")
@@ -305,7 +321,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    stats = route_stats(args.checkpoint, args.prompts, images_dir=args.images, out_dir=args.out, hf_config=args.hf_config,
-                        title=args.title)  # fmt: skip
+    stats = route_stats(args.checkpoint, args.prompts, images_dir=args.images, out_dir=args.out,
+                        hf_config=args.hf_config, title=args.title)  # fmt: skip
     print(json.dumps(stats.to_json(), indent=2) if args.json else stats.table())
     return 0

@@ -22,8 +22,9 @@ format's declared drops), or a tolerance given (``--atol`` logits, ``--tensor-at
 without a tolerance are reported, not judged.
 
 The runtimes (:func:`open_runtime`, :class:`Batch`, the routing captures) are shared by ``route_stats.py`` and
-``generate.py``. Memory: logits are compared by loading A, running it, freeing it, then B -- one fp32 model at a
-time.
+``generate.py``. torch and every heavy library are imported inside the functions that use them, so building the CLI
+parser (``add_arguments``) stays instant. Memory: logits are compared by loading A, running it, freeing it, then
+B -- one fp32 model at a time.
 
 Legend: ``B`` batch, ``S`` sequence, ``V`` vocab, ``E`` experts per pool, ``K`` top-k, ``N`` tokens of one pool.
 """
@@ -39,8 +40,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 __all__ = [
     "VerifyError",
     "verify",
@@ -52,9 +51,18 @@ __all__ = [
     "compare_tensors",
     "Batch",
     "PoolRouting",
+    "Runtime",
+    "TransformersRuntime",
+    "MegatronRuntime",
+    "LlamaCppRuntime",
     "open_runtime",
+    "llama_cpp_available",
     "tokenizer_for",
+    "declared_token_ids",
     "image_inputs",
+    "image_block",
+    "vision_special_ids",
+    "check_text_ids",
     "add_arguments",
     "run",
 ]
@@ -123,6 +131,7 @@ class GGUFView:
     def get(self, name: str) -> torch.Tensor:
         import gguf
         import numpy as np
+        import torch
         from gguf import GGMLQuantizationType as QT
 
         if name not in self._where:
@@ -138,7 +147,8 @@ class GGUFView:
             elif t.tensor_type == QT.BF16:
                 x = torch.from_numpy(np.array(t.data).view(np.int16).reshape(shape)).view(torch.bfloat16)
             else:
-                x = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape))
+                deq = gguf.quants.dequantize(t.data, t.tensor_type)
+                x = torch.from_numpy(np.array(deq, dtype=np.float32).reshape(shape))
             self._cache = (i, self._op[i].to_hf(x))
         return self._cache[1][pos].contiguous()
 
@@ -186,6 +196,8 @@ class TensorDiff:
 
 
 def _bytes_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    import torch
+
     return torch.equal(x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8))
 
 
@@ -212,15 +224,21 @@ def _dropped_reason(fmt: str, name: str) -> str | None:
 def compare_tensors(view_a, view_b, fmt_a: str, fmt_b: str) -> list[TensorDiff]:
     """Every HF name of either side, compared (sorted by name; one tensor of each side in memory at a time)."""
     keys_a, keys_b = set(view_a.keys()), set(view_b.keys())
+    # visit in a torch_dist side's own order: its views cache one Megatron tensor (fused q/k/v, gate/up) at a time
+    first, second = (view_b, view_a) if fmt_b == "megatron" else (view_a, view_b)
+    seen = set(first.keys())
+    order = list(first.keys()) + [n for n in second.keys() if n not in seen]
     out = []
-    for name in sorted(keys_a | keys_b):
+    for name in order:
         if name not in keys_b:
             why = _dropped_reason(fmt_b, name)
-            out.append(TensorDiff(name, "dropped-b" if why else "only-a", dtype_a=_dtype_name(view_a, name), note=why or ""))
+            status = "dropped-b" if why else "only-a"
+            out.append(TensorDiff(name, status, dtype_a=_dtype_name(view_a, name), note=why or ""))
             continue
         if name not in keys_a:
             why = _dropped_reason(fmt_a, name)
-            out.append(TensorDiff(name, "dropped-a" if why else "only-b", dtype_b=_dtype_name(view_b, name), note=why or ""))
+            status = "dropped-a" if why else "only-b"
+            out.append(TensorDiff(name, status, dtype_b=_dtype_name(view_b, name), note=why or ""))
             continue
         da, db = _dtype_name(view_a, name), _dtype_name(view_b, name)
         sa, sb = tuple(view_a.shape(name)), tuple(view_b.shape(name))
@@ -233,7 +251,7 @@ def compare_tensors(view_a, view_b, fmt_a: str, fmt_b: str) -> list[TensorDiff]:
             continue
         d = _max_abs_diff(x, y)
         out.append(TensorDiff(name, "exact" if d == 0.0 else "differs", d, da, db))
-    return out
+    return sorted(out, key=lambda d: d.name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -249,6 +267,8 @@ class Batch:
     image_grid_thw: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        import torch
+
         if self.input_ids.dim() != 2:
             raise VerifyError(f"input_ids must be [B, S], got shape {list(self.input_ids.shape)}")
         self.input_ids = self.input_ids.to(torch.long)
@@ -257,11 +277,27 @@ class Batch:
 def tokenizer_for(path: str | Path):
     """The checkpoint's ``transformers.AutoTokenizer`` if it ships tokenizer files, else None."""
     path = Path(path)
-    if not path.is_dir() or not any((path / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")):
+    files = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+    if not path.is_dir() or not any((path / f).is_file() for f in files):
         return None
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+def declared_token_ids(path: str | Path, key: str) -> set[int]:
+    """``key`` ("eos_token_id", "bos_token_id") from ``generation_config.json``, else ``config.json`` (top level or
+    ``text_config``); an int or a list there. Empty when neither names it."""
+    for name in ("generation_config.json", "config.json"):
+        f = Path(path) / name
+        if not f.is_file():
+            continue
+        raw = jsonlib.loads(f.read_text())
+        for d in (raw, raw.get("text_config") or {}):
+            v = d.get(key)
+            if v is not None:
+                return {int(x) for x in v} if isinstance(v, list) else {int(v)}
+    return set()
 
 
 def image_inputs(image: str | Path, cfg, processor_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,9 +323,11 @@ def image_inputs(image: str | Path, cfg, processor_dir: str | Path | None = None
 
         proc = transformers.AutoImageProcessor.from_pretrained(str(processor_dir))
     else:
-        from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import Ernie4_5_VLMoeImageProcessorPil
+        from transformers.models.ernie4_5_vl_moe import image_processing_pil_ernie4_5_vl_moe as pil_processing
 
-        proc = Ernie4_5_VLMoeImageProcessorPil(patch_size=cfg.vision.patch_size, merge_size=cfg.vision.spatial_merge_size)
+        proc = pil_processing.Ernie4_5_VLMoeImageProcessorPil(
+            patch_size=cfg.vision.patch_size, merge_size=cfg.vision.spatial_merge_size
+        )
     out = proc(images=[img], return_tensors="pt")
     return out["pixel_values"].float(), out["image_grid_thw"]
 
@@ -299,7 +337,8 @@ def image_block(cfg, grid_thw: torch.Tensor) -> list[int]:
     t, h, w = (int(v) for v in grid_thw.reshape(-1)[:3])
     m = cfg.vision.spatial_merge_size
     ids = cfg.special_ids
-    return [ids["image_start_token_id"]] + [ids["image_token_id"]] * (t * h * w // (m * m)) + [ids["image_end_token_id"]]
+    n = t * h * w // (m * m)
+    return [ids["image_start_token_id"]] + [ids["image_token_id"]] * n + [ids["image_end_token_id"]]
 
 
 def vision_special_ids(cfg) -> list[int]:
@@ -338,6 +377,8 @@ Routing = dict[tuple[int, str], PoolRouting]
 
 def _pool_routing(mask_BS: torch.Tensor, rows: torch.Tensor, order: str, E: int) -> PoolRouting:
     """Rows of a router's output (one per token of the pool, in ``order`` "BS" or "SB") -> :class:`PoolRouting`."""
+    import torch
+
     B, S = mask_BS.shape
     if order == "BS":
         where = mask_BS.nonzero()
@@ -401,6 +442,8 @@ class TransformersRuntime(Runtime):
     name = "transformers"
 
     def __init__(self, path: str | Path, cfg) -> None:
+        import torch
+
         self.cfg = cfg
         if cfg.family == "vl":
             import transformers
@@ -416,6 +459,8 @@ class TransformersRuntime(Runtime):
             self.model = load_reference(path)
 
     def forward(self, batch: Batch, *, routing: bool = True) -> tuple[torch.Tensor, Routing]:
+        import torch
+
         from .reference import hf_routing
 
         cfg, ids = self.cfg, batch.input_ids
@@ -464,7 +509,7 @@ def _megatron_groups() -> bool:
         sizes = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
                  ps.get_expert_model_parallel_world_size())  # fmt: skip
         if sizes != (1, 1, 1):
-            raise VerifyError(f"Megatron is already initialised with TP·PP·EP = {sizes}; verify runs at TP1·PP1·EP1")
+            raise VerifyError(f"Megatron is already initialised at TP·PP·EP = {sizes}; this runs at TP1·PP1·EP1")
         return False
     parallel.initialize(parallel.Layout())
     return True
@@ -476,6 +521,8 @@ class MegatronRuntime(Runtime):
     name = "megatron-core"
 
     def __init__(self, source, *, vision_attn_implementation: str = "eager") -> None:
+        import torch
+
         from .bridge.live import load_hf
         from .bridge.tables import effective_tie
         from .megatron.parallel import Layout
@@ -501,6 +548,8 @@ class MegatronRuntime(Runtime):
             raise
 
     def forward(self, batch: Batch, *, routing: bool = True) -> tuple[torch.Tensor, Routing]:
+        import torch
+
         from .megatron.run import capture_routing, forward_logits
 
         cfg, ids = self.cfg, batch.input_ids
@@ -533,7 +582,8 @@ class MegatronRuntime(Runtime):
             logits = chunk(ids, **kw)
         vision_BS = moe > 0
         masks = {"text": ~vision_BS, "vision": vision_BS}
-        return logits[..., : cfg.vocab_size].float(), {k: _pool_routing(masks[k[1]], r, "SB", E) for k, r in rows.items()}
+        routed = {k: _pool_routing(masks[k[1]], r, "SB", E) for k, r in rows.items()}
+        return logits[..., : cfg.vocab_size].float(), routed
 
     def close(self) -> None:
         self.chunks = None
@@ -582,6 +632,7 @@ class LlamaCppRuntime(Runtime):
 
     def forward(self, batch: Batch, *, routing: bool = True) -> tuple[torch.Tensor, None]:
         import numpy as np
+        import torch
 
         if batch.pixel_values is not None:
             raise VerifyError(f"{self.path}: llama.cpp has no ERNIE 4.5 VL architecture; a GGUF cannot take an image")
@@ -602,8 +653,8 @@ class LlamaCppRuntime(Runtime):
 
 def open_runtime(path: str | Path, *, hf_runtime: str = "transformers", hf_config: str | Path | None = None,
                  vision_attn_implementation: str = "eager") -> Runtime:  # fmt: skip
-    """The runtime for a checkpoint: HF → ``hf_runtime`` ("transformers" | "megatron"), torch_dist → Megatron, GGUF →
-    llama.cpp."""
+    """The runtime for a checkpoint: HF → ``hf_runtime`` ("transformers" | "megatron"), torch_dist → Megatron,
+    GGUF → llama.cpp."""
     from .inspect import detect_format
 
     if hf_runtime not in ("transformers", "megatron"):
@@ -621,6 +672,9 @@ def open_runtime(path: str | Path, *, hf_runtime: str = "transformers", hf_confi
 
 # ----------------------------------------------------------------------------------------------------------------------
 # report
+
+
+TABLE_MAX_TENSORS = 20  # non-structural differences listed in the table (JSON always has every tensor)
 
 
 @dataclass
@@ -685,17 +739,25 @@ class VerifyReport:
 
     # -- output ------------------------------------------------------------------------------------------------------
     def table(self, *, all_tensors: bool = False) -> str:
-        lines = [f"verify  A = {self.a}  ({self.format_a}{', ' + self.runtime_a if self.runtime_a else ''})",
-                 f"        B = {self.b}  ({self.format_b}{', ' + self.runtime_b if self.runtime_b else ''})"]  # fmt: skip
+        lines = [
+            f"verify  A = {self.a}  ({self.format_a}{', ' + self.runtime_a if self.runtime_a else ''})",
+            f"        B = {self.b}  ({self.format_b}{', ' + self.runtime_b if self.runtime_b else ''})",
+        ]
         if self.tensors is not None:
             counts: dict[str, int] = {}
             for d in self.tensors:
                 counts[d.status] = counts.get(d.status, 0) + 1
             summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: -kv[1]))
             lines.append(f"  tensors  {len(self.tensors)} names under HF naming: {summary}")
-            for d in self.tensors:
-                if d.status == "bit-exact" and not all_tensors:
-                    continue
+            shown = self.tensors
+            if not all_tensors:  # every structural problem, then the largest differences first
+                others = [d for d in self.tensors if d.status != "bit-exact" and not d.structural]
+                others.sort(key=lambda d: -(d.max_abs if d.max_abs == d.max_abs else math.inf))  # NaN first
+                shown = [d for d in self.tensors if d.structural] + others[:TABLE_MAX_TENSORS]
+                if len(others) > TABLE_MAX_TENSORS:
+                    lines.append(f"    (the {TABLE_MAX_TENSORS} largest of {len(others)} differences; "
+                                 "--all-tensors lists all)")  # fmt: skip
+            for d in shown:
                 detail = {
                     "bit-exact": f"bit-exact ({d.dtype_a})",
                     "exact": f"equal values ({d.dtype_a} vs {d.dtype_b})",
@@ -714,8 +776,8 @@ class VerifyReport:
         if self.routing is not None:
             for L, pools in sorted(self.routing.items()):
                 for pool, r in pools.items():
-                    lines.append(f"  routing  layer {L:>3} {pool:<6}: {r['agreement']:.2%} of {int(r['tokens'])} tokens "
-                                 "chose the same experts")  # fmt: skip
+                    lines.append(f"  routing  layer {L:>3} {pool:<6}: {r['agreement']:.2%} of {int(r['tokens'])} "
+                                 "tokens chose the same experts")  # fmt: skip
         lines += [f"  note     {n}" for n in self.notes]
         fails = self.failures()
         lines.append("  result   OK" if not fails else "  result   FAILED\n" + "\n".join(f"    - {f}" for f in fails))
@@ -735,6 +797,8 @@ class VerifyReport:
 
 def _prompt_batch(prompt_ids, cfg, vocab: int, image, processor_dir) -> Batch:
     """The ids both sides run: the given rows, or 2×16 seeded random ids (below the VL special ids for VL)."""
+    import torch
+
     if prompt_ids is None:
         high = min(vision_special_ids(cfg) or [vocab])
         ids = torch.randint(1 if cfg is not None and cfg.family == "vl" else 0, high, (2, 16),
@@ -760,7 +824,9 @@ def _prompt_batch(prompt_ids, cfg, vocab: int, image, processor_dir) -> Batch:
 
 
 def _routing_agreement(ra: Routing, rb: Routing) -> dict[int, dict[str, dict[str, float]]]:
-    if set(ra) != set(rb):
+    import torch
+
+    if set(ra) != set(rb):  # the configs are checked first; this would be a runtime bug
         raise VerifyError(f"the two sides routed different (layer, pool)s: {sorted(set(ra) ^ set(rb))}")
     out: dict[int, dict[str, dict[str, float]]] = {}
     for key in sorted(ra):
@@ -799,15 +865,21 @@ def verify(
     """
     fmt_a, view_a = open_view(a, hf_config=hf_config)
     fmt_b, view_b = open_view(b, hf_config=hf_config)
-    report = VerifyReport(str(a), str(b), fmt_a, fmt_b,
-                          thresholds=dict(atol=atol, tensor_atol=tensor_atol, min_top1=min_top1, min_routing=min_routing))  # fmt: skip
+    thresholds = dict(atol=atol, tensor_atol=tensor_atol, min_top1=min_top1, min_routing=min_routing)
+    report = VerifyReport(str(a), str(b), fmt_a, fmt_b, thresholds=thresholds)
     cfgs = [v.cfg for v in (view_a, view_b) if hasattr(v, "cfg")]
-    if len(cfgs) == 2 and (cfgs[0].family, cfgs[0].vocab_size) != (cfgs[1].family, cfgs[1].vocab_size):
-        report.notes.append(f"different models: {cfgs[0].family}/vocab {cfgs[0].vocab_size} vs "
-                            f"{cfgs[1].family}/vocab {cfgs[1].vocab_size}")  # fmt: skip
+    shape_of = [(c.family, c.vocab_size, c.mlp_layer_types) for c in cfgs]
+    different = len(cfgs) == 2 and shape_of[0] != shape_of[1]
+    if different:
+        a_, b_ = (f"{c.family}, vocab {c.vocab_size}, {''.join('S' if t == 'sparse' else 'D' for t in layers)}"
+                  for c, (_, _, layers) in zip(cfgs, shape_of))  # fmt: skip
+        report.notes.append(f"different models: {a_} vs {b_}")
     if tensors:
         report.tensors = compare_tensors(view_a, view_b, fmt_a, fmt_b)
     if not logits:
+        return report
+    if different:
+        report.notes.append("logits and routing not compared: the configs describe different models")
         return report
     missing_llama = [p for p, f in ((a, fmt_a), (b, fmt_b)) if f == "gguf" and not llama_cpp_available()]
     if missing_llama:
@@ -847,14 +919,18 @@ def verify(
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", type=Path, help="HF directory, Megatron torch_dist directory or GGUF file")
     p.add_argument("b", type=Path, help="the checkpoint to compare with A (any of the three formats)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="prompt text, tokenized with the checkpoint's tokenizer; repeat for more rows")
     p.add_argument("--prompt-ids", action="append", default=None, metavar="IDS",
                    help='a row of whitespace-separated token ids, e.g. "1 17 42"; repeat for more rows (equal '
                         "lengths). Default: 2 rows of 16 seeded random ids")  # fmt: skip
     p.add_argument("--image", type=Path, default=None, help="an image file for VL checkpoints (inserted mid-prompt)")
     p.add_argument("--atol", type=float, default=None, help="fail (exit 1) above this logits max |Δ|")
-    p.add_argument("--tensor-atol", type=float, default=None, help="fail above this max |Δ| of any tensor (0: bit-exact values)")
+    p.add_argument("--tensor-atol", type=float, default=None,
+                   help="fail above this max |Δ| of any tensor (0: equal values)")  # fmt: skip
     p.add_argument("--min-top1", type=float, default=None, help="fail below this top-1 agreement (0..1)")
-    p.add_argument("--min-routing", type=float, default=None, help="fail below this routing agreement in any layer/pool (0..1)")
+    p.add_argument("--min-routing", type=float, default=None,
+                   help="fail below this routing agreement in any MoE layer / pool (0..1)")  # fmt: skip
     p.add_argument("--no-tensors", action="store_true", help="skip the tensor comparison")
     p.add_argument("--no-logits", action="store_true", help="skip logits and routing (tensors only)")
     p.add_argument("--hf-runtime", choices=["transformers", "megatron"], default="transformers",
@@ -873,9 +949,24 @@ def _parse_ids(rows: list[str] | None):
         raise VerifyError(f"--prompt-ids takes whitespace-separated integers, got {rows}") from None
 
 
+def _tokenize(a: Path, b: Path, prompts: list[str]) -> list[list[int]]:
+    """Token ids of the prompts by the first of A, B that ships a tokenizer; rows cut to the shortest."""
+    tok = next((t for t in map(tokenizer_for, (a, b)) if t is not None), None)
+    if tok is None:
+        raise VerifyError(f"--prompt needs a tokenizer and neither {a} nor {b} ships one; use --prompt-ids")
+    rows = [tok(p)["input_ids"] for p in prompts]
+    n = min(len(r) for r in rows)
+    if n == 0:
+        raise VerifyError("--prompt: a prompt tokenized to nothing")
+    return [r[:n] for r in rows]
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.prompt and args.prompt_ids:
+        raise VerifyError("give --prompt or --prompt-ids, not both")
+    ids = _tokenize(args.a, args.b, args.prompt) if args.prompt else _parse_ids(args.prompt_ids)
     report = verify(
-        args.a, args.b, prompt_ids=_parse_ids(args.prompt_ids), image=args.image, atol=args.atol,
+        args.a, args.b, prompt_ids=ids, image=args.image, atol=args.atol,
         tensor_atol=args.tensor_atol, min_top1=args.min_top1, min_routing=args.min_routing,
         tensors=not args.no_tensors, logits=not args.no_logits, hf_runtime=args.hf_runtime, hf_config=args.hf_config,
     )  # fmt: skip

@@ -13,18 +13,20 @@ import pytest
 import torch.multiprocessing as mp
 
 from conftest import free_port
-from feature_worker import CASES, FAMILIES, worker
+from feature_worker import FAMILIES, worker
 
 TOL = 1e-5
-RESULTS = [f"{family}/{case}" for family in FAMILIES for case in CASES]
+RESULTS = [f"{family}/{case}" for family, cases in FAMILIES.items() for case in cases]
 
 
 @pytest.fixture(scope="module")
-def sp_results(tmp_path_factory):
+def sp_results(tiny_ckpts, tmp_path_factory):
     from ernie45.testing import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("sp")
-    hf_dirs = {family: str(write_tiny_checkpoint(root / family, family, seed=5)) for family in ("dense", "moe", "vl")}
+    # the session's tiny dense (tied) and MoE (untied) checkpoints, and a tiny VL one
+    hf_dirs = {"dense": str(tiny_ckpts["dense"]), "moe": str(tiny_ckpts["moe"])}
+    hf_dirs["vl"] = str(write_tiny_checkpoint(root / "vl", "vl", seed=5))
     mp.spawn(worker, args=(free_port(), hf_dirs, str(root)), nprocs=2, join=True)
     results = json.loads((root / "results.json").read_text())
     assert "error" not in results, results.get("error")

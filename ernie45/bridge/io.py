@@ -153,6 +153,9 @@ class HFCheckpoint:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self._shape)
 
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {n: self.dtype(n) for n in self._file_of}
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shape[name]
 
@@ -278,6 +281,20 @@ class HFWriter:
         return names
 
 
+def _remove_stale_temporaries(dst: Path) -> None:
+    """Delete temporaries of earlier conversions into ``dst`` whose process is gone (killed, crashed)."""
+    for stale in dst.parent.glob(f".{dst.name}.tmp-*-*"):
+        pid = stale.name[len(f".{dst.name}.tmp-") :].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
 @contextlib.contextmanager
 def atomic_output(dst: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``dst``; on success it replaces ``dst``, on any error it is removed.
@@ -289,7 +306,8 @@ def atomic_output(dst: str | Path, *, overwrite: bool = False) -> Iterator[Path]
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise CheckpointError(f"{dst}: destination exists and is not empty (pass --overwrite to replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    _remove_stale_temporaries(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{os.getpid()}-", dir=dst.parent))
     try:
         yield tmp
     except BaseException:

@@ -108,11 +108,11 @@ def _read_hf_slices(ckpt: HFCheckpoint, item: Item, index: int, count: int, cfg:
 def load_hf(chunks: list[torch.nn.Module], cfg: ErnieConfig, layout: Layout, source) -> Plan:
     """Load HF-named tensors into this rank's model chunks. Returns the plan (with the ignored tensors).
 
-    ``source`` is an HF directory, an :class:`HFCheckpoint`, or any HF-named view with ``path``, ``shapes()`` and
-    ``read(name, dim, start, stop)`` (e.g. ``ernie45.convert.MegatronSource`` over a torch_dist checkpoint).
+    ``source`` is an HF directory, an :class:`HFCheckpoint`, or any HF-named view with ``path``, ``shapes()``,
+    ``dtypes()`` and ``read(name, dim, start, stop)`` (e.g. ``ernie45.convert.MegatronSource`` over a torch_dist checkpoint).
     """
     ckpt = HFCheckpoint(source) if isinstance(source, (str, Path)) else source
-    plan = plan_from_hf(cfg, ckpt.shapes(), where=str(ckpt.path))
+    plan = plan_from_hf(cfg, ckpt.shapes(), dtypes=ckpt.dtypes(), where=str(ckpt.path))
     coords = RankCoords()
     targets = _local_targets(plan, layout, coords, len(chunks))
     for v, chunk in enumerate(chunks):

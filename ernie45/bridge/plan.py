@@ -11,6 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+import torch
+
 from ..config import ErnieConfig
 from .tables import Item, effective_tie, expand, ignored_reason
 
@@ -60,8 +62,14 @@ def _check_table(items: list[Item]) -> None:
         _fail(f"bridge table maps these {side} names more than once", {"duplicated": dup})
 
 
-def plan_from_hf(cfg: ErnieConfig, shapes: Mapping[str, tuple[int, ...]], *, where: str = "checkpoint") -> Plan:
-    """Plan HF → Megatron for a source with these tensor names and shapes."""
+def plan_from_hf(
+    cfg: ErnieConfig,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    dtypes: Mapping[str, torch.dtype] | None = None,
+    where: str = "checkpoint",
+) -> Plan:
+    """Plan HF → Megatron for a source with these tensor names and shapes (and dtypes: weights must be floats)."""
     tied = effective_tie(cfg, shapes)
     items = expand(cfg, tied=tied)
     _check_table(items)
@@ -75,9 +83,14 @@ def plan_from_hf(cfg: ErnieConfig, shapes: Mapping[str, tuple[int, ...]], *, whe
         for n in expected
         if n in shapes and tuple(shapes[n]) != tuple(expected[n])
     )
+    not_float = sorted(
+        f"{n}: {str(dtypes[n]).replace('torch.', '')}, a weight must be a floating-point tensor"
+        for n in expected
+        if dtypes is not None and n in dtypes and not dtypes[n].is_floating_point
+    )
     _fail(
         f"{where} does not match its config ({cfg.family}, {cfg.num_hidden_layers} layers)",
-        {"missing tensors": missing, "unexpected tensors": unexpected, "wrong shapes": wrong},
+        {"missing tensors": missing, "unexpected tensors": unexpected, "wrong shapes": wrong, "wrong dtypes": not_float},
     )
     return Plan(cfg, tied, items, sorted(ignored))
 

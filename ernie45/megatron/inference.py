@@ -58,6 +58,9 @@ class KVCacheSession:
 
         if len(chunks) != 1 or not (chunks[0].pre_process and chunks[0].post_process):
             raise ConfigError("KV-cache inference needs the whole model on one pipeline stage (PP = 1, no VPP)")
+        if chunks[0].config.sequence_parallel:
+            # a decode step holds one token per row: nothing to split over the TP ranks
+            raise ConfigError("KV-cache inference runs without sequence parallelism; build the model with it off")
         self.model = chunks[0].eval()  # Megatron caches only outside training mode
         self.cfg = cfg
         self.vl = cfg.family == "vl"
@@ -142,8 +145,9 @@ class KVCacheSession:
             # HF: rope_delta = max + 1 - n_valid; the next token sits at n_valid + delta = max + 1 (§F.4)
             masked_3BP = self.positions.masked_fill(~valid_BP.unsqueeze(0), -1)
             self.next_position_B = masked_3BP.amax(dim=(0, 2)) + 1
-            moe_types_BP = torch.zeros_like(input_ids_BP) if moe_mm_token_type_ids is None else moe_mm_token_type_ids.long()
-            moe_types_BP = moe_types_BP.masked_fill(~valid_BP, PAD_TOKEN_TYPE)
+            # None = all text, as in HF; padding routes with the text pool under its own type (vl_moe.py)
+            moe_types_BP = torch.zeros_like(input_ids_BP) if moe_mm_token_type_ids is None else moe_mm_token_type_ids
+            moe_types_BP = moe_types_BP.long().masked_fill(~valid_BP, PAD_TOKEN_TYPE)
             mm_inputs = dict(
                 pixel_values=pixel_values,
                 image_grid_thw=image_grid_thw,

@@ -147,7 +147,9 @@ class PackedBatch:
     def packed_seq_params(self):
         """Megatron's THD description of this pack (TransformerEngine attention; unused on CPU).
 
-        THD kernels must cover every token, so a padding tail becomes one extra (loss-free) sequence.
+        For ``GPTModel.forward(..., attention_mask=None, packed_seq_params=...)`` with TE layer specs; move the
+        ``cu_seqlens`` to the model's device with the batch. THD kernels must cover every token, so a padding tail
+        becomes one extra (loss-free) sequence.
         """
         from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -171,10 +173,9 @@ class PackedBatch:
 
 def block_causal_mask(segment_ids_BS: torch.Tensor) -> torch.Tensor:
     """``[B, 1, S, S]`` bool, True = masked: causal, and no attention across segments."""
-    B, S = segment_ids_BS.shape
-    seg_BS = segment_ids_BS
-    other_segment_BSS = seg_BS.unsqueeze(2) != seg_BS.unsqueeze(1)
-    future_SS = torch.triu(torch.ones(S, S, dtype=torch.bool, device=seg_BS.device), diagonal=1)
+    S = segment_ids_BS.shape[1]
+    other_segment_BSS = segment_ids_BS.unsqueeze(2) != segment_ids_BS.unsqueeze(1)
+    future_SS = torch.triu(torch.ones(S, S, dtype=torch.bool, device=segment_ids_BS.device), diagonal=1)
     return (other_segment_BSS | future_SS).unsqueeze(1)
 
 
@@ -238,7 +239,10 @@ def pack(
         if not vl:
             pos_N.append(torch.arange(ids_S.numel()).view(1, -1))
             continue
-        if "mm_token_type_ids" in sample:
+        given = {"mm_token_type_ids", "moe_mm_token_type_ids"} & set(sample)
+        if len(given) == 1:
+            raise ValueError(f"sample {i}: give both token-type arrays or neither (spec §J.7); got only {given}")
+        if given:
             mm_S = _row(sample["mm_token_type_ids"], f"sample {i} mm_token_type_ids")
             moe_S = _row(sample["moe_mm_token_type_ids"], f"sample {i} moe_mm_token_type_ids")
         else:
@@ -270,7 +274,8 @@ def pack(
     S = -(-S_real // pad_to_multiple_of) * pad_to_multiple_of
     pad = S - S_real
 
-    seg_S = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(lengths)] + [torch.full((pad,), -1)])
+    seg_N = [torch.full((n,), i, dtype=torch.long) for i, n in enumerate(lengths)]
+    seg_S = torch.cat(seg_N + [torch.full((pad,), -1, dtype=torch.long)])
     ids_S = torch.cat(ids_N + [torch.full((pad,), pad_token_id, dtype=torch.long)])
     # labels shift inside each sample; its last token gets -100 (lm_labels does exactly that per row)
     shifted = [lm_labels(lab.view(1, -1), ignore_index=IGNORE_INDEX) for lab in labels_N]
@@ -342,7 +347,8 @@ def use_position_ids_rope(chunks, cfg: ErnieConfig) -> None:
         if chunk.position_embedding_type == "mrope":
             continue
         if chunk.position_embedding_type != "rope":
-            raise ConfigError(f"expected a RoPE GPTModel, got position_embedding_type={chunk.position_embedding_type!r}")
+            kind = chunk.position_embedding_type
+            raise ConfigError(f"expected a RoPE GPTModel, got position_embedding_type={kind!r}")
         section = (0, 0, cfg.head_dim // 2)
         rotary = ErnieMultimodalRotaryEmbedding(cfg.head_dim, cfg.rope_theta, section)
         device = next(chunk.parameters()).device
@@ -388,7 +394,14 @@ def vl_forward(
     )
 
 
-def forward_packed(chunk, packed: PackedBatch, cfg: ErnieConfig, *, with_loss: bool = False, runtime_gather_output=None):
+def forward_packed(
+    chunk,
+    packed: PackedBatch,
+    cfg: ErnieConfig,
+    *,
+    with_loss: bool = False,
+    runtime_gather_output: Optional[bool] = None,
+) -> torch.Tensor:
     """Logits ``[1, S, V(/tp)]`` of a packed row -- or Megatron's per-token loss ``[1, S]`` with ``with_loss``.
 
     Text chunks must take positions from ``position_ids`` (:func:`use_position_ids_rope`); otherwise every sample
@@ -407,7 +420,9 @@ def forward_packed(chunk, packed: PackedBatch, cfg: ErnieConfig, *, with_loss: b
             **packed.vl_inputs(),
         )
     if not takes_position_ids(chunk):
-        raise ConfigError("this text model rotates by arange(S); call use_position_ids_rope(chunks, cfg) before packing")
+        raise ConfigError(
+            "this text model rotates by arange(S), not by position_ids; call use_position_ids_rope(chunks, cfg) first"
+        )
     return chunk(
         packed.input_ids,
         packed.position_ids,
