@@ -144,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_libraries() -> None:
+    """Keep the libraries' chatter out of our reports; what they say here is known and harmless."""
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of the reference model
+    # our VL MoE layer builds its own process groups, so megatron's "Unknown MLP type ... default kwargs" is expected
+    logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
+    # gguf's SpecialVocab warns that a pair template names '<s>'; llama.cpp takes BOS from the metadata, not there
+    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .bridge.io import CheckpointError
     from .config import ConfigError
@@ -151,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", module="megatron")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    _quiet_libraries()
     try:
         return args.func(args)
     except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:

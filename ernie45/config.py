@@ -119,6 +119,10 @@ class ErnieConfig:
     mrope_section: tuple[int, int, int] | None = None  # (H bands, W bands, T bands)
     vision: VisionConfig | None = None
     special_ids: Mapping[str, int | None] = field(default_factory=dict)
+    # Megatron-side build choice, not read from config.json: "hf" = transformers' ViT replicated over TP,
+    # "megatron" = the TP-sharded Megatron-Core ViT (megatron/vit.py). Models and bridge tables both follow it:
+    # ``dataclasses.replace(cfg, vit_impl="megatron")``.
+    vit_impl: str = "hf"
     # the source dict, kept verbatim so exports write back the user's config.json unchanged
     hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -126,6 +130,8 @@ class ErnieConfig:
     def __post_init__(self) -> None:
         if self.family not in ("dense", "moe", "vl"):
             raise ConfigError(f"unknown family {self.family!r}")
+        if self.vit_impl not in ("hf", "megatron") or (self.vit_impl == "megatron" and self.family != "vl"):
+            raise ConfigError(f"vit_impl={self.vit_impl!r}: 'hf' or, for VL configs, 'megatron'")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act must be 'silu' for the ERNIE 4.5 LM, got {self.hidden_act!r}")
         if self.num_attention_heads % self.num_key_value_heads:

@@ -71,8 +71,8 @@ def run_demo(out_dir: Path | None = None, keep: bool = False) -> int:
                 ok &= report.logits_max_abs_diff <= 1e-4 and all(v == 1.0 for v in report.routing.values())
 
             mg, back = work / f"{name}-mcore", work / f"{name}-hf"
-            _step("HF -> Megatron torch_dist (TP2·PP2·EP2, offline) -> HF")
             layout = dict(tp=2, pp=2, ep=2) if cfg.is_moe else dict(tp=2, pp=2)
+            _step(f"HF -> Megatron torch_dist ({'·'.join(f'{k.upper()}{v}' for k, v in layout.items())}, offline) -> HF")
             r1 = convert(src, mg, to="megatron", progress=False, overwrite=True, **layout)
             r2 = convert(mg, back, to="hf", progress=False, overwrite=True)
             same, total, bad = _bit_exact(hf, HFCheckpoint(back))

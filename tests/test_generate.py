@@ -30,6 +30,7 @@ def _hf_greedy(path, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
+@pytest.mark.llama  # its llama.cpp half runs in .ci/run's llama target
 def test_text_moe_all_backends_equal_transformers_generate(tmp_path, capsys):
     src = embedded_checkpoint("tiny-ernie45-moe")  # ships a tokenizer
     prompt = "the router takes a softmax over"

@@ -131,6 +131,7 @@ def test_different_models_fail_structurally(ckpts, tmp_path):
     assert any("different models" in n for n in r.notes)
 
 
+@pytest.mark.llama  # its llama.cpp half runs in .ci/run's llama target
 def test_gguf_tensors_and_llama_cpp_logits(ckpts):
     r = verify(ckpts["hf"], ckpts["gguf"], logits=False, tensor_atol=0.0)
     assert {d.status for d in r.tensors} == {"bit-exact"} and r.ok

@@ -404,7 +404,7 @@ def dist_results(tmp_path_factory):
     return results, out
 
 
-@pytest.mark.parametrize("layout", ["TP2", "EP2", "PP2", "TP2xEP2"])
+@pytest.mark.parametrize("layout", ["TP2", "EP2", "PP2", "TP2xEP2", "TP2-mgvit", "TP2xEP2-mgvit"])
 def test_two_process_layouts_equal_one_process(layout, dist_results):
     r = dist_results[0][layout]
     print(layout, r)
@@ -412,7 +412,7 @@ def test_two_process_layouts_equal_one_process(layout, dist_results):
     assert r["n_grads"] > 0 and r["grads_rel"] <= GRAD_RTOL, r
 
 
-@pytest.mark.parametrize("layout", ["TP2", "EP2", "PP2", "TP2xEP2"])
+@pytest.mark.parametrize("layout", ["TP2", "EP2", "PP2", "TP2xEP2", "TP2-mgvit", "TP2xEP2-mgvit"])
 def test_two_process_live_export_is_bit_exact(layout, dist_results):
     """HF -> live Megatron (both pools split under EP) -> HF through the production bridge, every tensor equal."""
     from ernie45.bridge.io import HFCheckpoint
@@ -478,6 +478,70 @@ def test_vl_bridge_round_trip_is_bit_exact(world1, cfg, hf_dir, mg_model):
 
     src = HFCheckpoint(hf_dir / "hf")
     state = gather_hf([mg_model], cfg, Layout(), tied=False)
+    assert sorted(state) == sorted(src.keys())
+    for name in src.keys():
+        assert torch.equal(state[name], src.get(name)), name
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the Megatron-Core ViT (ErnieConfig.vit_impl="megatron", megatron/vit.py): TP-sharded, same mathematics
+
+
+@pytest.fixture(scope="module")
+def mg_vit_model(world1, cfg, hf_model, hf_dir):
+    import dataclasses
+
+    return _build(dataclasses.replace(cfg, vit_impl="megatron"), hf_model, hf_dir).eval()
+
+
+def test_megatron_vit_features_match_hf(mg_vit_model, hf_model, cfg):
+    from ernie45.megatron.vit import ErnieMegatronViT
+
+    assert isinstance(mg_vit_model.vision_model, ErnieMegatronViT)
+    batch = make_batch(cfg, CASES["padded_mix"], seed=5)
+    for pixels, grid in ((batch["pixel_values"], batch["image_grid_thw"]),
+                         (batch["pixel_values_videos"], batch["video_grid_thw"])):  # fmt: skip
+        with torch.no_grad():
+            ref = hf_model.model.vision_tower(pixels, grid_thw=grid).last_hidden_state
+            out = mg_vit_model.vision_model(pixels, grid)
+        diff = (out - ref).abs().max().item()
+        print(f"ViT features {list(grid.tolist())}: max |Δ| = {diff:.3g} (|features| max {ref.abs().max().item():.3g})")
+        assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "text_only"])
+def test_megatron_vit_model_matches_hf(case, hf_model, mg_vit_model, cfg):
+    batch = make_batch(cfg, CASES[case], seed=len(case))
+    cap = RoutingCapture()
+    cap.hook_hf(hf_model, cfg)
+    cap.hook_megatron(mg_vit_model)
+    try:
+        with torch.no_grad():
+            ref = _hf_forward(hf_model, batch).logits
+            out = mg_vit_model(**batch)
+    finally:
+        cap.remove()
+    valid = _valid(batch)
+    assert (out - ref).abs()[valid].max().item() <= LOGIT_TOL
+    moe_types = batch["moe_mm_token_type_ids"]
+    hf_sets, mg_sets = cap.sets("hf", moe_types), cap.sets("mg", moe_types)
+    keys = {k for k in hf_sets if valid[k[2], k[3]]}
+    assert keys and all(hf_sets[k] == mg_sets[k] for k in keys)
+
+
+def test_megatron_vit_bridge_round_trip_is_bit_exact(world1, cfg, hf_dir, mg_vit_model):
+    """HF fused [Q|K|V] rows -> per-head [q_h, k_h, v_h] linear_qkv -> HF, and every other tensor, bit for bit."""
+    import dataclasses
+
+    from ernie45.bridge.io import HFCheckpoint
+    from ernie45.bridge.live import gather_hf
+    from ernie45.megatron.parallel import Layout
+
+    names = set(megatron_tensors(mg_vit_model))
+    assert "vision_model.decoder.layers.0.self_attention.linear_qkv.weight" in names
+    assert not any(n.startswith("vision_model.blocks.") for n in names)
+    src = HFCheckpoint(hf_dir / "hf")
+    state = gather_hf([mg_vit_model], dataclasses.replace(cfg, vit_impl="megatron"), Layout(), tied=False)
     assert sorted(state) == sorted(src.keys())
     for name in src.keys():
         assert torch.equal(state[name], src.get(name)), name

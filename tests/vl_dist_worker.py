@@ -14,6 +14,7 @@ Rank 0 writes the numbers as JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import traceback
@@ -27,6 +28,11 @@ LAYOUTS = {
     "EP2": dict(ep=2),
     "PP2": dict(pp=2),
     "TP2xEP2": dict(tp=2, ep=2, etp=1),
+}
+# the same model with the TP-sharded Megatron-Core ViT (ErnieConfig.vit_impl="megatron"), against its own 1-process run
+MG_VIT_LAYOUTS = {
+    "TP2-mgvit": dict(tp=2),
+    "TP2xEP2-mgvit": dict(tp=2, ep=2, etp=1),
 }
 # the first sample's second half is pure text: under TP2 + SP rank 1 holds no vision token of it, so the vision
 # pool runs dummy rows there while rank 0 routes real ones
@@ -115,7 +121,7 @@ def worker(rank: int, port: int, out_root: str) -> None:
     try:
         from megatron.core import parallel_state as ps
 
-        from ernie45.bridge.live import export_hf
+        from ernie45.bridge.live import export_hf, gather_hf
         from ernie45.config import ErnieConfig
         from ernie45.megatron import parallel
         from ernie45.megatron.parallel import Layout
@@ -140,16 +146,32 @@ def worker(rank: int, port: int, out_root: str) -> None:
         hf_model(**batch, labels=hf_labels).loss.backward()
         hf_grads = {n: p.grad for n, p in hf_model.named_parameters() if p.grad is not None}
 
-        _, ref_logits, ref_loss = _run(cfg, hf_dir, Layout(), batch, labels)
-        parallel.destroy()
-        for name, kw in LAYOUTS.items():
+        mg_vit = dataclasses.replace(cfg, vit_impl="megatron")
+        refs = {}
+        for c in (cfg, mg_vit):
+            _, ref_logits, ref_loss = _run(c, hf_dir, Layout(), batch, labels)
+            refs[c.vit_impl] = ref_logits, ref_loss
+            parallel.destroy()
+        runs = [(n, kw, cfg) for n, kw in LAYOUTS.items()] + [(n, kw, mg_vit) for n, kw in MG_VIT_LAYOUTS.items()]
+        for name, kw, run_cfg in runs:
             layout = Layout(**kw)
-            chunks, logits, loss = _run(cfg, hf_dir, layout, batch, labels)
-            export_hf(chunks, cfg, layout, Path(out_root) / f"export-{name}", tied=False, side_files_from=hf_dir)
+            ref_logits, ref_loss = refs[run_cfg.vit_impl]
+            chunks, logits, loss = _run(run_cfg, hf_dir, layout, batch, labels)
+            export_hf(chunks, run_cfg, layout, Path(out_root) / f"export-{name}", tied=False, side_files_from=hf_dir)
             factor = min(ps.get_data_parallel_world_size(), layout.ep)
             worst, n_grads = 0.0, 0
+            # Megatron-ViT gradients come back under HF names through the bridge (TP shards gathered)
+            own_vit = run_cfg.vit_impl == "megatron"
+            vit_grads = gather_hf(chunks, run_cfg, layout, tied=False, getter=lambda t: t.grad) if own_vit else None
+            for hf_name, g in (vit_grads or {}).items():
+                if hf_name.startswith("model.vision_model."):  # on disk; transformers holds it as vision_tower
+                    w = hf_grads["model.vision_tower." + hf_name[len("model.vision_model.") :]]
+                    worst = max(worst, ((g - w).abs().max() / w.abs().max().clamp_min(1e-12)).item())
+                    n_grads += 1
             for chunk in chunks:
                 params = {n: p for n, p in chunk.named_parameters() if p.grad is not None}
+                if own_vit:
+                    params = {n: p for n, p in params.items() if not n.startswith("vision_model.")}
                 want = expected_from_hf(chunk, hf_grads, cfg, sorted(params))
                 for n, p in params.items():
                     w = want[n] * (factor if ".experts.local_experts." in n else 1)

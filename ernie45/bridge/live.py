@@ -97,8 +97,11 @@ def _read_hf_slices(ckpt: HFCheckpoint, item: Item, index: int, count: int, cfg:
             out.append(ckpt.read(name))
             continue
         pad_to = -(-shape[0] // count) * count if item.split is Split.VOCAB else None
-        a, b, pad = shard_bounds(item.split, shape[dim], count, index, pad_to=pad_to)
-        t = ckpt.read(name, dim=dim, start=a, stop=b)
+        blocks = item.op.hf_blocks
+        size = shape[dim] // blocks
+        a, b, pad = shard_bounds(item.split, size, count, index, pad_to=pad_to)
+        parts = [ckpt.read(name, dim=dim, start=j * size + a, stop=j * size + b) for j in range(blocks)]
+        t = parts[0] if blocks == 1 else torch.cat(parts, dim=dim)
         if pad:
             t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))], dim=0)
         out.append(t)
@@ -222,7 +225,12 @@ def gather_hf(
             raise PlanError(f"{item.mg}: got shards {sorted(shards)} of {counts[i]}")
         for j, name in enumerate(item.hf):
             parts = [shards[s][j] for s in range(counts[i])]
-            out[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=item.split.dim)
+            dim, blocks = item.split.dim, item.op.hf_blocks
+            if len(parts) == 1:
+                out[name] = parts[0]
+            else:  # block j of the full tensor = block j of every shard, in shard order (ops.Op.hf_blocks)
+                per_block = [torch.cat([p.chunk(blocks, dim)[j] for p in parts], dim) for j in range(blocks)]
+                out[name] = torch.cat(per_block, dim)
     return out
 
 

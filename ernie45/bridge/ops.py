@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Op", "Identity", "Squeeze0", "Transpose", "FuseQKV", "ConcatGLU", "SplitRows", "OPS"]
+__all__ = ["Op", "Identity", "Squeeze0", "Transpose", "FuseQKV", "ConcatGLU", "SplitRows", "RegroupQKV", "OPS"]
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -36,6 +36,9 @@ class Op:
     n_mg: int = 1
     # dims of the *Megatron* tensor along which this op commutes with chunking (see module docstring)
     shardable_dims: tuple[int, ...] = (0, 1)
+    # the HF tensor's split dim is this many equal blocks, each chunked on its own: TP shard i of the Megatron
+    # tensor comes from the i-th chunk of every block, concatenated (HF's fused [Q | K | V] ViT rows)
+    hf_blocks: int = 1
 
     def to_mg(self, hf: Tensors) -> Tensors:
         raise NotImplementedError
@@ -185,4 +188,34 @@ class SplitRows(Op):
         return f"SplitRows({self.n_mg})"
 
 
-OPS = (Identity, Squeeze0, Transpose, FuseQKV, ConcatGLU, SplitRows)
+@dataclass(frozen=True)
+class RegroupQKV(Op):
+    """HF ViT ``qkv [3·NH·D, …]`` (rows ``[Q | K | V]``) ⇄ Megatron ``linear_qkv`` (rows ``[q_h, k_h, v_h]`` per head,
+    spec §H.6). Weight ``[3C, C]`` and bias ``[3C]`` alike; ``hf_blocks=3`` makes TP shards read whole heads of each
+    of Q, K and V."""
+
+    head_dim: int = 0
+    shardable_dims: tuple[int, ...] = (0,)
+    hf_blocks: int = 3
+
+    def to_mg(self, hf: Tensors) -> Tensors:
+        (x,) = hf
+        rest = x.shape[1:]
+        if x.shape[0] % (3 * self.head_dim):
+            raise ValueError(f"qkv rows {x.shape[0]} are not 3 blocks of whole {self.head_dim}-row heads")
+        x_3NDx = x.reshape(3, -1, self.head_dim, *rest)
+        return (x_3NDx.transpose(0, 1).reshape(x.shape).contiguous(),)
+
+    def to_hf(self, mg: Tensors) -> Tensors:
+        (x,) = mg
+        x_N3Dx = x.reshape(-1, 3, self.head_dim, *x.shape[1:])
+        return (x_N3Dx.transpose(0, 1).reshape(x.shape).contiguous(),)
+
+    def mg_shapes(self, hf):
+        return (tuple(hf[0]),)
+
+    def describe(self) -> str:
+        return f"RegroupQKV(D={self.head_dim})"
+
+
+OPS = (Identity, Squeeze0, Transpose, FuseQKV, ConcatGLU, SplitRows, RegroupQKV)

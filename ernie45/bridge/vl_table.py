@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import ErnieConfig
-from .ops import ConcatGLU, Identity, SplitRows, Transpose
+from .ops import ConcatGLU, Identity, RegroupQKV, SplitRows, Transpose
 from .tables import Row, Split, text_rows
 
 __all__ = ["vl_rows", "vision_prefix"]
@@ -81,22 +81,25 @@ def _vision_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
     Ct = Cs * v.temporal_merge_size  # temporal_linear input ([first, second] frame features)
     V = vision_prefix(cfg)
     rep = Split.REPLICATED  # the ViT and resampler are replicated on every TP rank (vision.py)
-    rows = [
+    rows = [  # the patch embedding has the same name in both ViTs
         Row((V + "patch_embed.proj.weight",), ("vision_model.patch_embed.proj.weight",), Identity(), rep, "model",
             lambda c: ((C, P),)),
-        Row((V + "ln.weight",), ("vision_model.ln.weight",), Identity(), rep, "model", lambda c: ((C,),)),
-        Row((V + "ln.bias",), ("vision_model.ln.bias",), Identity(), rep, "model", lambda c: ((C,),)),
     ]  # fmt: skip
     block = {
         "norm1.weight": (C,), "norm1.bias": (C,), "norm2.weight": (C,), "norm2.bias": (C,),
         "attn.qkv.weight": (3 * C, C), "attn.qkv.bias": (3 * C,), "attn.proj.weight": (C, C), "attn.proj.bias": (C,),
         "mlp.fc1.weight": (F, C), "mlp.fc1.bias": (F,), "mlp.fc2.weight": (C, F), "mlp.fc2.bias": (C,),
     }  # fmt: skip
-    for name, shape in block.items():
-        rows.append(
-            Row((V + "blocks.{B}." + name,), ("vision_model.blocks.{B}." + name,), Identity(), rep, "vision_block",
-                lambda c, s=shape: (s,))
-        )  # fmt: skip
+    if cfg.vit_impl == "megatron":
+        rows += _megatron_vit_rows(cfg)
+    else:
+        rows += [Row((V + f"ln.{p}",), (f"vision_model.ln.{p}",), Identity(), rep, "model", lambda c: ((C,),))
+                 for p in ("weight", "bias")]  # fmt: skip
+        for name, shape in block.items():
+            rows.append(
+                Row((V + "blocks.{B}." + name,), ("vision_model.blocks.{B}." + name,), Identity(), rep, "vision_block",
+                    lambda c, s=shape: (s,))
+            )  # fmt: skip
     # resampler: on disk the nn.Sequential indices (0 Linear, 1 GELU, 2 Linear, 3 LayerNorm), in memory fc1/fc2/ln
     R = "model.resampler_model."
     resampler = {}
@@ -111,6 +114,34 @@ def _vision_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
     for (disk, mem), shape in resampler.items():
         rows.append(Row((R + disk,), ("resampler_model." + mem,), Identity(), rep, "model", lambda c, s=shape: (s,)))
     return tuple(rows)
+
+
+def _megatron_vit_rows(cfg: ErnieConfig) -> list[Row]:
+    """The TP-sharded Megatron-Core ViT (``megatron/vit.py``, spec §H.6 MG-ViT): blocks and final norm."""
+    v = cfg.vision
+    C, F = v.hidden_size, v.intermediate_size
+    V, B = vision_prefix(cfg), "vision_model.decoder.layers.{B}."
+    rep, col, row = Split.REPLICATED, Split.COLUMN, Split.ROW
+    qkv = RegroupQKV(head_dim=C // v.num_heads)
+    table = [  # HF name, Megatron name, op, split, shape
+        ("norm1.weight", "input_layernorm.weight", Identity(), rep, (C,)),
+        ("norm1.bias", "input_layernorm.bias", Identity(), rep, (C,)),
+        ("attn.qkv.weight", "self_attention.linear_qkv.weight", qkv, col, (3 * C, C)),
+        ("attn.qkv.bias", "self_attention.linear_qkv.bias", qkv, col, (3 * C,)),
+        ("attn.proj.weight", "self_attention.linear_proj.weight", Identity(), row, (C, C)),
+        ("attn.proj.bias", "self_attention.linear_proj.bias", Identity(), rep, (C,)),  # added after the all-reduce
+        ("norm2.weight", "pre_mlp_layernorm.weight", Identity(), rep, (C,)),
+        ("norm2.bias", "pre_mlp_layernorm.bias", Identity(), rep, (C,)),
+        ("mlp.fc1.weight", "mlp.linear_fc1.weight", Identity(), col, (F, C)),
+        ("mlp.fc1.bias", "mlp.linear_fc1.bias", Identity(), col, (F,)),
+        ("mlp.fc2.weight", "mlp.linear_fc2.weight", Identity(), row, (C, F)),
+        ("mlp.fc2.bias", "mlp.linear_fc2.bias", Identity(), rep, (C,)),
+    ]
+    rows = [Row((V + "blocks.{B}." + h,), (B + m,), op, split, "vision_block", lambda c, s=shape: (s,))
+            for h, m, op, split, shape in table]  # fmt: skip
+    rows += [Row((V + f"ln.{p}",), (f"vision_model.decoder.final_layernorm.{p}",), Identity(), rep, "model",
+                 lambda c: ((C,),)) for p in ("weight", "bias")]  # fmt: skip
+    return rows
 
 
 def vl_rows(cfg: ErnieConfig) -> tuple[Row, ...]:

@@ -12,7 +12,8 @@ Pixel contract: ``pixel_values`` are the **HF processor's output** (rescaled and
 inside its model (spec §I.3 #10), which would double-normalise processor output.
 
 The HF configs are rebuilt from the normalised :class:`~ernie45.config.ErnieConfig`, so the nested and the flat
-(Thinking) layouts give the same modules. A Megatron-native, TP-sharded ViT is a possible later optimisation.
+(Thinking) layouts give the same modules. ``ErnieConfig.vit_impl="megatron"`` swaps the ViT for the TP-sharded
+Megatron-Core one of ``vit.py`` (same mathematics, Megatron parameter names); the resampler stays this one.
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ def hf_vision_configs(cfg: ErnieConfig, attn_implementation: str):
 
 
 def build_vision_modules(
-    cfg: ErnieConfig, *, params_dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+    cfg: ErnieConfig,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    vit_config=None,
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(``vision_model``, ``resampler_model``): the HF ViT and resampler for ``cfg``, randomly initialised.
 
@@ -66,13 +71,19 @@ def build_vision_modules(
     )
 
     vision_cfg, composite = hf_vision_configs(cfg, attn_implementation)
+    resampler_model = Ernie4_5_VLMoeVariableResolutionResamplerModel(composite).to(params_dtype)
+    if cfg.vit_impl == "megatron":
+        from .vit import ErnieMegatronViT
+
+        if vit_config is None:
+            raise ValueError("vit_impl='megatron' needs the ViT's Megatron config (vit.vit_transformer_config)")
+        return ErnieMegatronViT(cfg, vit_config), resampler_model
     vision_model = Ernie4_5_VLMoeVisionTransformerPretrainedModel(vision_cfg)
     if vision_model.config._attn_implementation != attn_implementation:
         raise ValueError(
             f"transformers chose attention {vision_model.config._attn_implementation!r}, asked for {attn_implementation!r}"
         )
-    resampler_model = Ernie4_5_VLMoeVariableResolutionResamplerModel(composite)
-    return vision_model.to(params_dtype), resampler_model.to(params_dtype)
+    return vision_model.to(params_dtype), resampler_model
 
 
 def vision_features(
@@ -83,5 +94,10 @@ def vision_features(
     ``[Σ t·h·w, 588]`` pixel rows -> ViT -> resampler -> ``[Σ h·w/4, H]`` for images, ``[Σ t·h·w/8, H]`` for videos
     (HF ``get_image_features`` / ``get_video_features``; the resampler's temporal slicing tells the two apart by t).
     """
-    hidden = vision_model(pixel_values, grid_thw=grid_thw).last_hidden_state
+    from .vit import ErnieMegatronViT
+
+    if isinstance(vision_model, ErnieMegatronViT):
+        hidden = vision_model(pixel_values, grid_thw)
+    else:
+        hidden = vision_model(pixel_values, grid_thw=grid_thw).last_hidden_state
     return resampler_model(hidden, grid_thw)

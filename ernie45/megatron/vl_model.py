@@ -88,7 +88,8 @@ def vl_transformer_config(
     if cfg.family != "vl":
         raise ConfigError(f"vl_transformer_config needs a VL config, got family {cfg.family!r}")
     text_view = dataclasses.replace(
-        cfg, family="moe", moe_intermediate_size=cfg.moe_intermediate_size[:1], mrope_section=None, vision=None
+        cfg, family="moe", moe_intermediate_size=cfg.moe_intermediate_size[:1], mrope_section=None, vision=None,
+        vit_impl="hf",
     )
     tc = transformer_config(
         text_view, layout, params_dtype=params_dtype, sequence_parallel=sequence_parallel, recompute=recompute, aux_loss=aux_loss
@@ -249,6 +250,7 @@ class ErnieVLModel(MegatronModule):
         pp_rank: int = 0,
         vp_stage: int | None = None,
         vision_attn_implementation: str = "sdpa",
+        vit_config=None,
     ) -> None:
         super().__init__(config=config)
         self.cfg = cfg
@@ -276,8 +278,9 @@ class ErnieVLModel(MegatronModule):
         self.resampler_model = None
         if pre_process:
             self.vision_model, self.resampler_model = build_vision_modules(
-                cfg, params_dtype=config.params_dtype, attn_implementation=vision_attn_implementation
-            )
+                cfg, params_dtype=config.params_dtype, attn_implementation=vision_attn_implementation,
+                vit_config=vit_config,
+            )  # fmt: skip
 
     # -- Megatron plumbing (pipeline input, tied embeddings) ------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -419,6 +422,11 @@ def build_vl_model(
     )
     tie = cfg.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
     pp_rank = ps.get_pipeline_model_parallel_rank()
+    vit_config = None
+    if cfg.vit_impl == "megatron":
+        from .vit import vit_transformer_config
+
+        vit_config = vit_transformer_config(cfg, layout, params_dtype=params_dtype)
     chunks = []
     for v in range(layout.vpp):
         vp = v if layout.vpp > 1 else None
@@ -434,6 +442,7 @@ def build_vl_model(
                 pp_rank=pp_rank,
                 vp_stage=vp,
                 vision_attn_implementation=vision_attn_implementation,
+                vit_config=vit_config,
             )
         )
     return chunks
