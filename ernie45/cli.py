@@ -45,7 +45,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     report = convert(
         args.src, args.dst, to=args.to, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp,
         first=args.first, last=args.last, dry_run=args.dry_run, overwrite=args.overwrite, hf_config=args.hf_config,
-        outtype=args.outtype, progress=not args.no_progress and sys.stderr.isatty(),
+        outtype=args.outtype, vit=args.vit, progress=not args.no_progress and sys.stderr.isatty(),
     )  # fmt: skip
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--last", type=int, default=None, help="layers in the last pipeline stage (uneven PP)")
     c.add_argument("--hf-config", type=Path, default=None, help="HF config for a torch_dist source without one")
     c.add_argument("--outtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF tensor type")
+    c.add_argument("--vit", default=None, choices=["hf", "megatron"],
+                   help="VL, --to megatron: transformers' ViT replicated over TP (hf, default) or the TP-sharded "
+                        "Megatron-Core ViT (megatron)")  # fmt: skip
     c.add_argument("--dry-run", action="store_true", help="print the plan (names, ops, shards, bytes); write nothing")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -19,6 +19,8 @@ divide). Tensors the model does not use (MTP) are carried under ``ernie45.carry.
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import json
 import math
@@ -43,6 +45,7 @@ __all__ = ["HFSource", "MegatronSource", "open_source", "write_megatron", "write
 
 CARRY_PREFIX = "ernie45.carry."
 INFO_NAME = "ernie45.json"
+MEGATRON_VIT_PREFIX = "vision_model.decoder.layers."
 
 
 class HFSource:
@@ -50,9 +53,11 @@ class HFSource:
 
     format = "hf"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, vit: str = "hf") -> None:
         self.path = Path(path)
-        self.cfg = load_config(path)
+        cfg = load_config(path)
+        # the Megatron side's ViT (VL only): the HF files are the same either way, the Megatron names differ
+        self.cfg = dataclasses.replace(cfg, vit_impl=vit) if cfg.family == "vl" else cfg
         self.ckpt = HFCheckpoint(path)
         self.plan = plan_from_hf(self.cfg, self.ckpt.shapes(), dtypes=self.ckpt.dtypes(), where=str(path))
 
@@ -92,10 +97,13 @@ class MegatronSource:
         cfg_path = Path(hf_config) if hf_config else self.path
         if not (cfg_path / "config.json").is_file() and not cfg_path.is_file():
             raise CheckpointError(f"{self.path}: no config.json; pass the HF config with --hf-config")
-        self.cfg = load_config(cfg_path)
+        cfg = load_config(cfg_path)
         info_path = self.path / INFO_NAME
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         keys = set(self.reader.keys())
+        if cfg.family == "vl" and any(k.startswith(MEGATRON_VIT_PREFIX) for k in keys):
+            cfg = dataclasses.replace(cfg, vit_impl="megatron")  # saved from (or for) the Megatron-Core ViT
+        self.cfg = cfg
         self.tied = info.get("tied", "output_layer.weight" not in keys)
         items = expand(self.cfg, tied=self.tied)
         self.plan = Plan(self.cfg, self.tied, items)
@@ -157,14 +165,22 @@ class MegatronSource:
         return [self.path / n for n in SIDE_FILES if (self.path / n).is_file()]
 
 
-def open_source(path: str | Path, *, hf_config: str | Path | None = None) -> HFSource | MegatronSource:
+def open_source(
+    path: str | Path, *, hf_config: str | Path | None = None, vit: str | None = None
+) -> HFSource | MegatronSource:
+    """``vit`` ("hf" / "megatron", VL only): the ViT of the Megatron side, for an HF source; a torch_dist source
+    says which it holds, and asking for the other is an error (convert through HF to switch)."""
     from .inspect import detect_format
 
     fmt = detect_format(path)
     if fmt == "hf":
-        return HFSource(path)
+        return HFSource(path, vit=vit or "hf")
     if fmt == "megatron":
-        return MegatronSource(path, hf_config=hf_config)
+        source = MegatronSource(path, hf_config=hf_config)
+        if vit is not None and source.cfg.family == "vl" and vit != source.cfg.vit_impl:
+            raise ValueError(f"{path} holds the {source.cfg.vit_impl!r} ViT; to change it to {vit!r}, convert to HF "
+                             "first")  # fmt: skip
+        return source
     raise CheckpointError(f"{path}: a {fmt} file cannot be a conversion source")
 
 
@@ -289,7 +305,7 @@ def write_megatron(source, dst: Path, layout: Layout, *, overwrite=False, progre
         (tmp / "config.json").write_text(json.dumps(source.cfg.to_hf(), indent=2, sort_keys=True) + "\n")
         info = dict(
             format="ernie45 torch_dist", version=1, family=source.cfg.family, tied=source.plan.tied,
-            layout=asdict(layout), vocab_size=source.cfg.vocab_size, carried=_carried(source),
+            layout=asdict(layout), vocab_size=source.cfg.vocab_size, carried=_carried(source), vit=source.cfg.vit_impl,
             local_spec="megatron-core local spec, SequentialMLP experts",
         )  # fmt: skip
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
@@ -346,13 +362,19 @@ def convert(
     overwrite: bool = False,
     hf_config: str | Path | None = None,
     outtype: str = "f32",
+    vit: str | None = None,
     progress: bool = True,
 ) -> ConversionReport:
-    """Convert ``src`` (HF dir or torch_dist dir) to ``to`` in {"megatron", "hf", "gguf"} at ``dst``."""
+    """Convert ``src`` (HF dir or torch_dist dir) to ``to`` in {"megatron", "hf", "gguf"} at ``dst``.
+
+    ``vit`` (VL, ``to="megatron"``): "hf" (default) writes transformers' ViT replicated, "megatron" the TP-sharded
+    Megatron-Core ViT (``ErnieConfig.vit_impl``)."""
     t0 = time.time()
     if to not in ("megatron", "hf", "gguf"):
         raise ValueError(f"--to must be megatron, hf or gguf, not {to!r}")
-    source = open_source(src, hf_config=hf_config)
+    if vit is not None and to != "megatron":
+        raise ValueError("--vit chooses the ViT of a Megatron target; it needs --to megatron")
+    source = open_source(src, hf_config=hf_config, vit=vit)
     dst = Path(dst)
     if dst.exists() and not overwrite and (dst.is_file() or any(dst.iterdir())):
         raise CheckpointError(f"{dst}: destination exists and is not empty (pass --overwrite to replace it)")

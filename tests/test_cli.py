@@ -16,7 +16,7 @@ from ernie45.cli import build_parser, main
 SURFACE = {
     "demo": ["--out", "--keep"],
     "convert": ["<src>", "<dst>", "--to", "--tp", "--pp", "--ep", "--etp", "--vpp", "--first", "--last", "--hf-config",
-                "--outtype", "--dry-run", "--overwrite", "--no-progress", "--json"],
+                "--outtype", "--vit", "--dry-run", "--overwrite", "--no-progress", "--json"],
     "parity": ["<checkpoint>", "--batch", "--seq", "--atol", "--json"],
     "inspect": ["<path>", "--json"],
     "verify": ["<a>", "<b>", "--prompt", "--prompt-ids", "--image", "--atol", "--tensor-atol", "--min-top1",

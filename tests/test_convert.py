@@ -12,7 +12,7 @@ from ernie45.bridge.io import CheckpointError, HFCheckpoint
 from ernie45.bridge.torch_dist import TorchDistReader
 from ernie45.cli import main as cli
 from ernie45.convert import convert
-from ernie45.testing import write_tiny_checkpoint
+from ernie45.testing import tiny_hf_config, write_tiny_checkpoint
 
 MTP = {
     "model.mtp_block.0.self_attn.q_proj.weight": (64, 64),
@@ -40,7 +40,12 @@ def grid_ckpts(tmp_path_factory):
     shape = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=6)
     dense = write_tiny_checkpoint(root / "dense", "dense", seed=21, head_dim=8, **shape)
     moe = _with_mtp(write_tiny_checkpoint(root / "moe", "moe", seed=22, dtype=torch.bfloat16, **shape))
-    return {"dense": dense, "moe": moe}
+    # VL: 8 heads / 4 KV groups of 16, 6 layers (dense first), 8 experts per pool of different widths, 4 ViT heads
+    text = dict(tiny_hf_config("vl")["text_config"], num_attention_heads=8, num_key_value_heads=4, hidden_size=128,
+                num_hidden_layers=6, mlp_layer_types=["dense"] + ["sparse"] * 5)  # fmt: skip
+    vision = dict(tiny_hf_config("vl")["vision_config"], num_heads=4)
+    vl = write_tiny_checkpoint(root / "vl", "vl", seed=23, text_config=text, vision_config=vision)
+    return {"dense": dense, "moe": moe, "vl": vl}
 
 
 LAYOUTS = {
@@ -55,6 +60,14 @@ LAYOUTS = {
         dict(tp=2, ep=2), dict(pp=2), dict(pp=3), dict(pp=2, first=2, last=4), dict(tp=2, pp=2, ep=2),
         dict(tp=2, pp=2, ep=2, etp=1), dict(pp=2, vpp=3), dict(pp=3, vpp=2, ep=4), dict(tp=2, pp=3, ep=4, etp=2),
         dict(ep=8), dict(tp=4, ep=2, etp=4), dict(pp=6, ep=2), dict(tp=2, pp=2, vpp=3, ep=8, etp=1),
+    ],
+    # both pools split under EP; "vit": the TP-sharded Megatron-Core ViT instead of the replicated HF one
+    "vl": [
+        dict(), dict(tp=2), dict(tp=4), dict(ep=2), dict(ep=4), dict(ep=8), dict(tp=2, ep=2, etp=1),
+        dict(tp=4, ep=2), dict(pp=2), dict(pp=3), dict(pp=2, first=2, last=4), dict(tp=2, pp=2, ep=2),
+        dict(pp=2, vpp=3), dict(pp=3, vpp=2, ep=4), dict(tp=2, pp=3, ep=4, etp=2), dict(pp=2, first=1, last=5),
+        dict(vit="megatron"), dict(tp=2, vit="megatron"), dict(tp=4, ep=4, etp=1, vit="megatron"),
+        dict(tp=2, pp=2, ep=2, vit="megatron"), dict(tp=4, pp=3, vpp=2, ep=2, vit="megatron"),
     ],
 }  # fmt: skip
 
@@ -71,7 +84,7 @@ def _assert_same_hf(a, b):
         assert torch.equal(a.get(name), b.get(name)), name
 
 
-@pytest.mark.parametrize("family", ["dense", "moe"])
+@pytest.mark.parametrize("family", ["dense", "moe", "vl"])
 def test_round_trip_over_layout_grid(family, grid_ckpts, tmp_path):
     src = grid_ckpts[family]
     assert len(LAYOUTS[family]) >= 20
@@ -126,6 +139,30 @@ def test_offline_keys_equal_live_model_sharded_state_dict(grid_ckpts, tmp_path, 
     reader = TorchDistReader(tmp_path / "mg")
     written = set(reader.metadata.state_dict_metadata)
     assert live == {k for k in written if not k.startswith("ernie45.carry.")}
+
+
+def test_offline_vl_keys_equal_live_model_with_either_vit(grid_ckpts, tmp_path, megatron):
+    """The VL contract, with the replicated HF ViT and with the TP-sharded Megatron ViT (and its keys on disk)."""
+    import dataclasses
+
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from ernie45.config import load_config
+    from ernie45.convert import MegatronSource
+    from ernie45.megatron.parallel import Layout
+    from ernie45.megatron.vl_model import build_vl_model
+
+    megatron(Layout())
+    for vit in ("hf", "megatron"):
+        dst = tmp_path / f"mg-{vit}"
+        convert(grid_ckpts["vl"], dst, to="megatron", vit=vit, progress=False)
+        cfg = dataclasses.replace(load_config(grid_ckpts["vl"]), vit_impl=vit)
+        (model,) = build_vl_model(cfg, Layout())
+        live = {v.unique_key if isinstance(v, ShardedObject) else v.key for v in nested_values(model.sharded_state_dict())}
+        assert live == set(TorchDistReader(dst).metadata.state_dict_metadata)
+        assert MegatronSource(dst).cfg.vit_impl == vit  # told apart by the keys on disk
+        assert any(k.startswith("vision_model.decoder.layers.") for k in live) == (vit == "megatron")
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(grid_ckpts, tmp_path, capsys):

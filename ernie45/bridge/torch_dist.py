@@ -50,10 +50,13 @@ MEGATRON_METADATA = {
     "common_backend_version": 1,
 }
 
+# the GPT local spec's sharded_state_dict_keys_map (language model only; the ViT's spec keeps its norm names)
 _RENAMES = (
-    (re.compile(r"(.*decoder\.layers\.\d+\.)input_layernorm\.weight"), r"\1self_attention.linear_qkv.layer_norm_weight"),
-    (re.compile(r"(.*decoder\.layers\.\d+\.)pre_mlp_layernorm\.weight"), r"\1mlp.linear_fc1.layer_norm_weight"),
-)
+    (re.compile(r"((?:language_model\.)?decoder\.layers\.\d+\.)input_layernorm\.weight"),
+     r"\1self_attention.linear_qkv.layer_norm_weight"),
+    (re.compile(r"((?:language_model\.)?decoder\.layers\.\d+\.)pre_mlp_layernorm\.weight"),
+     r"\1mlp.linear_fc1.layer_norm_weight"),
+)  # fmt: skip
 _EXPERT = re.compile(r"(?P<pre>.*\.experts\.)local_experts\.(?P<X>\d+)\.(?P<fc>linear_fc[12])\.weight")
 
 
@@ -179,13 +182,19 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class _SafeReader(FileSystemReader):
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self._parsed = None  # DCP asks for the metadata on every load; a big .metadata takes a while to parse
+
     def read_metadata(self, *args, **kwargs):
         path = Path(self.path) / ".metadata"
-        try:
-            with open(path, "rb") as f:
-                md = _MetadataUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
-            raise CheckpointError(f"{path}: unreadable or untrusted DCP metadata ({e})") from None
+        if self._parsed is None:
+            try:
+                with open(path, "rb") as f:
+                    self._parsed = _MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+                raise CheckpointError(f"{path}: unreadable or untrusted DCP metadata ({e})") from None
+        md = self._parsed
         if getattr(md, "storage_meta", None) is not None:
             md.storage_meta.load_id = self.load_id
         return md

@@ -80,6 +80,9 @@ def vit_transformer_config(cfg: ErnieConfig, layout: Layout, *, params_dtype: to
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
+        # per-layer dist-checkpoint keys (vision_model.decoder.layers.{B}.…) like the language model's, instead of
+        # one [depth, …] stack: the offline converter and the bridge table name every block
+        hetereogenous_dist_checkpoint=True,
     )
 
 
