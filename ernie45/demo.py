@@ -2,7 +2,7 @@
 
 For each embedded checkpoint (text MoE, dense, VL):
   1. HF -> Megatron-Core live model (bridge, TP1) vs transformers: logits and expert choices   (text families)
-  2. HF -> Megatron torch_dist at TP2·PP2·EP2, offline -> HF: tensors bit-exact
+  2. HF -> Megatron torch_dist at TP2·PP2·EP2, offline -> HF: tensors bit-exact (VL: with either ViT)
   3. ernie45 verify HF (transformers) vs the Megatron torch_dist (Megatron-Core): tensors, logits, top-1 and
      expert-routing agreement per MoE layer and pool (VL: with an image in the prompt)
   4. HF -> GGUF and Megatron torch_dist -> GGUF (text families): tensors read back under HF names, bit-exact (f32);
@@ -79,6 +79,15 @@ def run_demo(out_dir: Path | None = None, keep: bool = False) -> int:
             print(f"  {r1.summary()}\n  {r2.summary()}")
             print(f"  bit-exact: {same}/{total} tensors" + (f"; DIFFER: {bad}" if bad else ""))
             ok &= not bad
+
+            if cfg.family == "vl":
+                _step("HF -> Megatron torch_dist with the TP-sharded Megatron-Core ViT (--vit megatron) -> HF")
+                mgv, backv = work / f"{name}-mcore-vit", work / f"{name}-hf-vit"
+                r1 = convert(src, mgv, to="megatron", vit="megatron", progress=False, overwrite=True, **layout)
+                convert(mgv, backv, to="hf", progress=False, overwrite=True)
+                same, total, bad = _bit_exact(hf, HFCheckpoint(backv))
+                print(f"  {r1.summary()}\n  bit-exact: {same}/{total} tensors" + (f"; DIFFER: {bad}" if bad else ""))
+                ok &= not bad
 
             image = _demo_image(work / "demo.png") if cfg.family == "vl" else None
             _step("ernie45 verify HF (transformers) vs Megatron torch_dist (Megatron-Core)"

@@ -27,6 +27,20 @@ def gloo_world():
     # left initialised for the session; the process exits afterwards
 
 
+@pytest.fixture(scope="module")
+def world1(gloo_world):
+    """Megatron process groups for TP1·PP1·EP1 on the single-process gloo world, for one test module."""
+    from megatron.core import parallel_state as ps
+
+    from ernie45.megatron import parallel
+
+    if ps.model_parallel_is_initialized():
+        parallel.destroy()
+    parallel.initialize(parallel.Layout())
+    yield
+    parallel.destroy()
+
+
 @pytest.fixture()
 def megatron(gloo_world):
     """Megatron process groups for one test; torn down after it."""

@@ -26,19 +26,6 @@ TOL = 1e-5
 NEW = 8  # generated tokens
 
 
-@pytest.fixture(scope="module")
-def world1(gloo_world):
-    from megatron.core import parallel_state as ps
-
-    from ernie45.megatron import parallel
-
-    if ps.model_parallel_is_initialized():
-        parallel.destroy()
-    parallel.initialize(Layout())
-    yield
-    parallel.destroy()
-
-
 def _text_model(path, *, position_rope: bool = False):
     from ernie45.megatron.model import build_model
     from ernie45.megatron.packing import use_position_ids_rope

@@ -26,19 +26,6 @@ TOL = 1e-5
 TEXT_LENGTHS = (5, 9, 1, 7)  # a one-token sample has no target: its loss is NaN, its logits still count
 
 
-@pytest.fixture(scope="module")
-def world1(gloo_world):
-    from megatron.core import parallel_state as ps
-
-    from ernie45.megatron import parallel
-
-    if ps.model_parallel_is_initialized():
-        parallel.destroy()
-    parallel.initialize(Layout())
-    yield
-    parallel.destroy()
-
-
 def _alone_text(chunk, ids_S):
     """Logits [1, S, V] and mean loss of one sample through the model's ordinary forward."""
     S = ids_S.numel()

@@ -27,20 +27,6 @@ GRAD_RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def world1(gloo_world):
-    """Megatron process groups for TP1·PP1·EP1 on conftest's single-process gloo world, for this module."""
-    from megatron.core import parallel_state as ps
-
-    from ernie45.megatron import parallel
-
-    if ps.model_parallel_is_initialized():
-        parallel.destroy()
-    parallel.initialize(parallel.Layout())
-    yield
-    parallel.destroy()
-
-
-@pytest.fixture(scope="module")
 def cfg():
     return ErnieConfig.from_hf(tiny_hf_config("vl"))
 
@@ -182,8 +168,8 @@ def test_position_ids_match_hf_get_rope_index(hf_model, cfg):
 # forward parity
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_forward_matches_hf(case, hf_model, mg_model, cfg):
+def _forward_and_routing(hf_model, mg_model, cfg, case):
+    """Both models on one case: (batch, valid mask, max |Δlogits| over real tokens, HF and Megatron expert sets)."""
     batch = make_batch(cfg, CASES[case], seed=len(case))
     cap = RoutingCapture()
     cap.hook_hf(hf_model, cfg)
@@ -197,10 +183,14 @@ def test_forward_matches_hf(case, hf_model, mg_model, cfg):
     valid = _valid(batch)
     diff = (out - ref).abs()[valid].max().item()
     print(f"{case}: max |Δlogits| = {diff:.3g} (|logits| max {ref.abs().max().item():.3g})")
-    assert diff <= LOGIT_TOL
-
     moe_types = batch["moe_mm_token_type_ids"]
-    hf_sets, mg_sets = cap.sets("hf", moe_types), cap.sets("mg", moe_types)
+    return batch, valid, diff, cap.sets("hf", moe_types), cap.sets("mg", moe_types)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_matches_hf(case, hf_model, mg_model, cfg):
+    _, valid, diff, hf_sets, mg_sets = _forward_and_routing(hf_model, mg_model, cfg, case)
+    assert diff <= LOGIT_TOL
     keys = {k for k in hf_sets if valid[k[2], k[3]]}
     assert keys == {k for k in mg_sets if valid[k[2], k[3]]}
     assert len(keys) == len(cfg.moe_layers) * int(valid.sum())
@@ -511,20 +501,8 @@ def test_megatron_vit_features_match_hf(mg_vit_model, hf_model, cfg):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "text_only"])
 def test_megatron_vit_model_matches_hf(case, hf_model, mg_vit_model, cfg):
-    batch = make_batch(cfg, CASES[case], seed=len(case))
-    cap = RoutingCapture()
-    cap.hook_hf(hf_model, cfg)
-    cap.hook_megatron(mg_vit_model)
-    try:
-        with torch.no_grad():
-            ref = _hf_forward(hf_model, batch).logits
-            out = mg_vit_model(**batch)
-    finally:
-        cap.remove()
-    valid = _valid(batch)
-    assert (out - ref).abs()[valid].max().item() <= LOGIT_TOL
-    moe_types = batch["moe_mm_token_type_ids"]
-    hf_sets, mg_sets = cap.sets("hf", moe_types), cap.sets("mg", moe_types)
+    _, valid, diff, hf_sets, mg_sets = _forward_and_routing(hf_model, mg_vit_model, cfg, case)
+    assert diff <= LOGIT_TOL
     keys = {k for k in hf_sets if valid[k[2], k[3]]}
     assert keys and all(hf_sets[k] == mg_sets[k] for k in keys)
 

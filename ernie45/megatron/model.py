@@ -32,6 +32,7 @@ from .router import ErnieTopKRouter
 __all__ = [
     "ErnieRMSNorm",
     "ErnieTransformerConfig",
+    "engine_settings",
     "transformer_config",
     "build_model",
     "causal_mask",
@@ -65,6 +66,24 @@ class ErnieRMSNorm(torch.nn.Module):
 def padded_vocab_size(cfg: ErnieConfig, layout: Layout) -> int:
     """Vocab rows the embedding holds: a multiple of TP (Megatron's VocabParallelEmbedding splits evenly)."""
     return -(-cfg.vocab_size // layout.tp) * layout.tp
+
+
+def engine_settings(params_dtype: torch.dtype) -> dict:
+    """What every ERNIE Megatron config (LM and ViT) shares: no dropout (ERNIE 4.5 trains without), unfused kernels
+    (exact HF arithmetic, and the CPU path has no fused ones), parameters created on the CPU in ``params_dtype``."""
+    return dict(
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=True,
+    )
 
 
 def transformer_config(
@@ -118,18 +137,8 @@ def transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         rotary_interleaved=True,
-        apply_rope_fusion=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=True,
+        **engine_settings(params_dtype),
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,

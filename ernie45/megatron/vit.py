@@ -32,6 +32,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from ..config import ConfigError, ErnieConfig
+from .model import engine_settings
 from .parallel import Layout
 
 __all__ = ["ErnieMegatronViT", "quick_gelu", "vit_transformer_config", "vision_position_ids", "frame_mask"]
@@ -63,20 +64,10 @@ def vit_transformer_config(cfg: ErnieConfig, layout: Layout, *, params_dtype: to
         activation_func=quick_gelu,
         add_bias_linear=True,
         add_qkv_bias=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         attention_softmax_in_fp32=True,
         rotary_interleaved=False,  # half-split ("rotate_half") RoPE, spec §D.3
-        apply_rope_fusion=False,
-        bias_activation_fusion=False,
         bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=True,
+        **engine_settings(params_dtype),
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
