@@ -150,11 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_libraries() -> None:
     """Keep the libraries' chatter out of our reports; what they say here is known and harmless."""
     import logging
+    import os
 
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of the reference model
+    # read by transformers / huggingface_hub when (and only if) a command imports them: convert does not
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the "Loading weights" bars of the reference model
     # our VL MoE layer builds its own process groups, so megatron's "Unknown MLP type ... default kwargs" is expected
     logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
     # gguf's SpecialVocab warns that a pair template names '<s>'; llama.cpp takes BOS from the metadata, not there
