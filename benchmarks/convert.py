@@ -6,7 +6,8 @@ The checkpoints have the real ERNIE-4.5-VL-28B-A3B tensor shapes (hidden 2560, 2
 12288, expert widths 1536 / 512, ViT width 1280, resampler 5120) with fewer layers, ViT blocks and experts, in bf16
 (routers and expert bias fp32, as HF keeps them). Everything is measured in this run:
 
-* the baseline: ``cp -r`` of the same HF directory (warm page cache, like the conversions);
+* the baseline: ``cp -r`` of the same HF directory (warm page cache, like the conversions), median of three runs;
+  every measurement starts after ``sync``, so no earlier step's writeback is billed to it;
 * each conversion as a separate ``python -m ernie45 convert`` process, its wall time and its own peak RSS
   (``os.wait4`` rusage of that child);
 * the ratios wall/cp, and a bit-exact check of the round trip.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -119,9 +121,16 @@ def main() -> None:
             shutil.rmtree(d, ignore_errors=True)
             nbytes = write_synthetic(d / "hf", vl_config(*SIZES[size]))
             subprocess.run(["cat", *map(str, (d / "hf").glob("*.safetensors"))], stdout=subprocess.DEVNULL, check=True)
-            cp_wall, cp_rss = timed(["cp", "-r", str(d / "hf"), str(d / "hf-copy")])
+            cp_runs = []
+            for k in range(3):  # the median of three: cp's time swings with the page cache's writeback state
+                os.sync()
+                cp_runs.append(timed(["cp", "-r", str(d / "hf"), str(d / f"hf-copy{k}")])[0])
+                shutil.rmtree(d / f"hf-copy{k}")
+            cp_wall = sorted(cp_runs)[1]
+            os.sync()  # no writeback of earlier steps lands inside the next measurement
             to_mg, to_mg_rss = timed(exe + [str(d / "hf"), str(d / "mg"), "--to", "megatron", "--tp", "2", "--pp", "2",
                                            "--ep", "2", "--no-progress"])  # fmt: skip
+            os.sync()
             to_hf, to_hf_rss = timed(exe + [str(d / "mg"), str(d / "back"), "--to", "hf", "--no-progress"])
             exact = bit_exact(d / "hf", d / "back")
             rows.append(dict(size=f"{nbytes / 2**30:.2f} GiB", cp=cp_wall, to_mg=to_mg, to_hf=to_hf,

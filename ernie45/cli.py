@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", module="megatron")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # DCP's note that it runs without a process group: the offline converter does so on purpose
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     _quiet_libraries()
     try:
         return args.func(args)

@@ -26,6 +26,7 @@ import json
 import math
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -410,26 +411,23 @@ def _tokenizer_dir(source) -> Path | None:
     return source.path if (source.path / "tokenizer.model").is_file() else None
 
 
-def inspect_other(path: str | Path, fmt: str) -> dict:
-    """``ernie45 inspect`` for torch_dist directories (GGUF files are described by the GGUF module)."""
-    if fmt == "gguf":
-        from .bridge.gguf import describe_gguf
+def inspect_torch_dist(path: str | Path) -> dict:
+    """``ernie45 inspect`` for torch_dist directories."""
+    from .inspect import model_facts
 
-        return describe_gguf(path)
     src = MegatronSource(path)
     cfg = src.cfg
     info_path = Path(path) / INFO_NAME
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    total, active = cfg.parameter_counts()
-    return {
-        "format": "megatron-core torch_dist",
-        "family": cfg.family,
-        "layers": f"{cfg.num_hidden_layers} ({''.join('S' if t == 'sparse' else 'D' for t in cfg.mlp_layer_types)})",
-        "written for layout": info.get("layout", "unknown (not written by ernie45)"),
-        "tied head": src.tied,
-        "parameters": f"{total:,} total, {active:,} active per token",
+    layout = info.get("layout")
+    out = {"format": "megatron-core torch_dist", **model_facts(cfg, tied=src.tied)}
+    if cfg.family == "vl":
+        out["vision"] += f"; {'Megatron-Core (TP-sharded)' if cfg.vit_impl == 'megatron' else 'transformers'} ViT"
+    out.update({
+        "written for layout": str(Layout(**layout)) if layout else "unknown (not written by ernie45); loads at any",
         "tensors": len(src.reader.keys()),
-        "dtypes": sorted({str(src.reader.dtype(k)).replace("torch.", "") for k in src.reader.keys()}),
+        "dtypes": dict(Counter(str(src.reader.dtype(k)).replace("torch.", "") for k in src.reader.keys())),
         "size on disk": f"{sum(f.stat().st_size for f in Path(path).glob('*.distcp')) / 2**20:.1f} MiB",
         "mtp tensors": sum(1 for n in src.carried if "mtp" in n),
-    }
+    })  # fmt: skip
+    return out

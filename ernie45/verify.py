@@ -89,11 +89,11 @@ class GGUFView:
         import gguf
 
         # the GGUF table's name patterns (bridge.gguf keeps them private; read_gguf_as_hf uses the same)
-        from .bridge.gguf import SqueezeRow, StackExperts, _gguf_name_patterns
+        from .bridge.gguf import SqueezeRow, StackExperts, gguf_name_patterns
 
         self.path = Path(path)
         self.reader = gguf.GGUFReader(str(path))
-        patterns = _gguf_name_patterns()
+        patterns = gguf_name_patterns()
         self._where: dict[str, tuple[int, int]] = {}  # HF name -> (GGUF tensor index, position in op output)
         self._shape: dict[str, tuple[int, ...]] = {}
         self._op: dict[int, object] = {}  # GGUF tensor index -> its row's op

@@ -90,6 +90,7 @@ __all__ = [
     "plan_gguf",
     "read_gguf_as_hf",
     "describe_gguf",
+    "gguf_name_patterns",
     "llama_cpp_layer_pattern",
 ]
 
@@ -700,7 +701,8 @@ def export_gguf(
 # reading back (GGUF -> HF names), through the same table
 
 
-def _gguf_name_patterns() -> list[tuple[re.Pattern[str], GGUFRow]]:
+def gguf_name_patterns() -> list[tuple[re.Pattern[str], GGUFRow]]:
+    """(full-name regex with the layer as group ``L``, table row) for every GGUF tensor name the table produces."""
     out = []
     for row in GGUF_TABLE:
         base = re.escape(gguf.TENSOR_NAMES[row.tensor]).replace(r"\{bid\}", r"(?P<L>\d+)")
@@ -715,7 +717,7 @@ def read_gguf_as_hf(path: str | Path) -> dict[str, torch.Tensor]:
     as rounded, Q8_0 dequantised. A GGUF tensor that matches no row is an error.
     """
     reader = gguf.GGUFReader(str(path))
-    patterns = _gguf_name_patterns()
+    patterns = gguf_name_patterns()
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for t in reader.tensors:
