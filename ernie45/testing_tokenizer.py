@@ -26,12 +26,16 @@ import io
 import json
 from pathlib import Path
 
-__all__ = ["TINY_CORPUS", "CONTROL_TOKENS", "write_tiny_tokenizer"]
+__all__ = ["TINY_CORPUS", "CONTROL_TOKENS", "VL_CONTROL_TOKENS", "write_tiny_tokenizer"]
 
 # Special pieces, in id order. ERNIE 4.5: pad_token_id = 0 (<unk>), bos_token_id = 1, eos_token_id = 2.
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 # Two of ERNIE's control pieces (cls / sep in its tokenizer_config), so the CONTROL token type path is exercised.
 CONTROL_TOKENS = ("<|begin_of_sentence|>", "<|end_of_sentence|>")
+# ERNIE 4.5 VL's image / video pieces, in the order of the config's image_start/end, image, video_start/end, video
+# token ids. As control pieces they follow CONTROL_TOKENS (ids 5..10) and never come out of text.
+VL_CONTROL_TOKENS = ("<|IMAGE_START|>", "<|IMAGE_END|>", "<|IMAGE_PLACEHOLDER|>", "<|VIDEO_START|>", "<|VIDEO_END|>",
+                     "<|VIDEO_PLACEHOLDER|>")  # fmt: skip
 
 # Fixed training text. Small alphabet on purpose: every distinct character becomes a piece, and with 160 pieces
 # in all there must be room left for merges.
@@ -49,7 +53,7 @@ tokens, scores and types go into the file together with the weights of the model
 """.strip().splitlines()
 
 
-def _train(vocab_size: int) -> bytes:
+def _train(vocab_size: int, controls: tuple[str, ...]) -> bytes:
     import sentencepiece as spm
 
     model = io.BytesIO()
@@ -66,7 +70,7 @@ def _train(vocab_size: int) -> bytes:
         unk_piece=UNK,
         bos_piece=BOS,
         eos_piece=EOS,
-        control_symbols=list(CONTROL_TOKENS),
+        control_symbols=list(controls),
         byte_fallback=False,
         # Llama-style normalisation: none (llama.cpp's SPM tokenizer applies no NFKC and keeps repeated spaces),
         # plus the "▁" dummy prefix that both SentencePiece and llama.cpp add.
@@ -82,8 +86,11 @@ def _train(vocab_size: int) -> bytes:
     return model.getvalue()
 
 
-def write_tiny_tokenizer(out_dir: str | Path, vocab_size: int) -> Path:
+def write_tiny_tokenizer(out_dir: str | Path, vocab_size: int, *, vl: bool = False) -> Path:
     """Train and write a SentencePiece tokenizer with exactly ``vocab_size`` pieces into ``out_dir``.
+
+    ``vl``: also the image / video control pieces (:data:`VL_CONTROL_TOKENS`, ids 5..10), which a VL config must
+    then name as its image / video token ids.
 
     Writes ``tokenizer.model`` (what llama.cpp's converter and :func:`ernie45.bridge.gguf.export_gguf` read),
     and ``tokenizer.json`` + ``tokenizer_config.json`` + ``special_tokens_map.json`` for transformers. The
@@ -103,7 +110,8 @@ def write_tiny_tokenizer(out_dir: str | Path, vocab_size: int) -> Path:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    blob = _train(vocab_size)
+    control_tokens = CONTROL_TOKENS + (VL_CONTROL_TOKENS if vl else ())
+    blob = _train(vocab_size, control_tokens)
     sp = spm.SentencePieceProcessor(model_proto=blob)
     if sp.get_piece_size() != vocab_size:  # hard_vocab_limit should make this impossible; check, do not trust
         raise ValueError(f"trained {sp.get_piece_size()} pieces, wanted {vocab_size}")
@@ -112,7 +120,7 @@ def write_tiny_tokenizer(out_dir: str | Path, vocab_size: int) -> Path:
     (out_dir / "tokenizer.model").write_bytes(blob)
 
     vocab = {sp.id_to_piece(i): i for i in range(vocab_size)}
-    controls = [AddedToken(tok, normalized=False, special=True) for tok in CONTROL_TOKENS]
+    controls = [AddedToken(tok, normalized=False, special=True) for tok in control_tokens]
     hf_tok = LlamaTokenizer(
         vocab=vocab,
         merges=generate_merges(vocab),

@@ -799,10 +799,11 @@ def _prompt_batch(prompt_ids, cfg, vocab: int, image, processor_dir) -> Batch:
     """The ids both sides run: the given rows, or 2×16 seeded random ids (below the VL special ids for VL)."""
     import torch
 
-    if prompt_ids is None:
-        high = min(vision_special_ids(cfg) or [vocab])
-        ids = torch.randint(1 if cfg is not None and cfg.family == "vl" else 0, high, (2, 16),
-                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+    if prompt_ids is None:  # seeded random text ids, never an image / video id of a VL config
+        reserved = set(vision_special_ids(cfg))
+        allowed = torch.tensor([i for i in range(1 if reserved else 0, vocab) if i not in reserved])
+        pick = torch.randint(0, len(allowed), (2, 16), generator=torch.Generator().manual_seed(0))
+        ids = allowed[pick]
     else:
         ids = torch.as_tensor(prompt_ids, dtype=torch.long)
         if ids.dim() == 1:

@@ -105,3 +105,22 @@ def test_refusals(tmp_path):
     vl = write_tiny_checkpoint(tmp_path / "vl", "vl", seed=1)
     with pytest.raises(VerifyError, match=r"text token id\(s\) \[152\] are this VL config's \['image_token_id'\]"):
         generate(vl, [1, 152, 3])
+
+
+def test_embedded_vl_tokenizer_keeps_vision_ids_out_of_text():
+    """The embedded VL checkpoint's image / video ids are its tokenizer's control pieces: text never yields them."""
+    import transformers
+
+    from ernie45.assets import embedded_checkpoint
+    from ernie45.config import load_config
+    from ernie45.testing_tokenizer import TINY_CORPUS, VL_CONTROL_TOKENS
+    from ernie45.verify import vision_special_ids
+
+    src = embedded_checkpoint("tiny-ernie45-vl")
+    cfg, tok = load_config(src), transformers.AutoTokenizer.from_pretrained(str(src))
+    reserved = set(vision_special_ids(cfg))
+    assert sorted(tok.convert_tokens_to_ids(list(VL_CONTROL_TOKENS))) == sorted(reserved)
+    for line in TINY_CORPUS:
+        assert not set(tok(line)["input_ids"]) & reserved, line
+    g = generate(src, TINY_CORPUS[0], max_new_tokens=4, backend="megatron", stop_at_eos=False)
+    assert len(g.new_ids) == 4

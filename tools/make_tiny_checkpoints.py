@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import shutil
 
+from transformers import AutoTokenizer
+
 from ernie45.assets import ASSETS, EMBEDDED
 from ernie45.config import load_config
 from ernie45.testing import write_tiny_checkpoint
-from ernie45.testing_tokenizer import write_tiny_tokenizer
+from ernie45.testing_tokenizer import VL_CONTROL_TOKENS, write_tiny_tokenizer
 
 
 def main() -> None:
@@ -22,7 +24,14 @@ def main() -> None:
         if out.exists():
             shutil.rmtree(out)
         write_tiny_checkpoint(out, family, seed=seed, **overrides)
-        write_tiny_tokenizer(out, load_config(out).vocab_size)
+        cfg = load_config(out)
+        write_tiny_tokenizer(out, cfg.vocab_size, vl=family == "vl")
+        if family == "vl":  # the config's image / video ids are the tokenizer's VL control pieces
+            tok = AutoTokenizer.from_pretrained(out)
+            want = [cfg.special_ids[k] for k in ("image_start_token_id", "image_end_token_id", "image_token_id",
+                                                  "video_start_token_id", "video_end_token_id", "video_token_id")]
+            if tok.convert_tokens_to_ids(list(VL_CONTROL_TOKENS)) != want:
+                raise SystemExit(f"{out}: VL token ids {want} are not the tokenizer's {VL_CONTROL_TOKENS}")
         print(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e3:.0f} kB)")
 
 

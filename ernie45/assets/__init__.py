@@ -11,7 +11,10 @@ ASSETS = Path(__file__).parent
 EMBEDDED = {
     "tiny-ernie45-moe": ("moe", 11, dict(moe_layer_interval=1, tie_word_embeddings=True)),
     "tiny-ernie45-dense": ("dense", 12, {}),
-    "tiny-ernie45-vl": ("vl", 13, {}),
+    # image / video ids = the tokenizer's VL control pieces (testing_tokenizer.VL_CONTROL_TOKENS), so no text
+    # prompt ever tokenizes into them
+    "tiny-ernie45-vl": ("vl", 13, dict(image_start_token_id=5, image_end_token_id=6, image_token_id=7,
+                                       video_start_token_id=8, video_end_token_id=9, video_token_id=10)),
 }
 DEFAULT = "tiny-ernie45-moe"
 
