@@ -19,6 +19,7 @@ Megatron-Core one of ``vit.py`` (same mathematics, Megatron parameter names); th
 from __future__ import annotations
 
 import torch
+from megatron.core.transformer import TransformerConfig
 
 from ..config import ErnieConfig
 
@@ -59,7 +60,7 @@ def build_vision_modules(
     *,
     params_dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
-    vit_config=None,
+    vit_config: TransformerConfig | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(``vision_model``, ``resampler_model``): the HF ViT and resampler for ``cfg``, randomly initialised.
 

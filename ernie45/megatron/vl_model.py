@@ -40,6 +40,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -250,7 +251,7 @@ class ErnieVLModel(MegatronModule):
         pp_rank: int = 0,
         vp_stage: int | None = None,
         vision_attn_implementation: str = "sdpa",
-        vit_config=None,
+        vit_config: TransformerConfig | None = None,
     ) -> None:
         super().__init__(config=config)
         self.cfg = cfg
