@@ -14,11 +14,10 @@ import pytest
 import torch
 
 from ernie45.bridge.live import load_hf
-from ernie45.config import ErnieConfig, load_config
+from ernie45.config import load_config
 from ernie45.megatron.inference import KVCacheSession, generate, teacher_forced_logits
 from ernie45.megatron.parallel import Layout
 from ernie45.reference import load_reference
-from ernie45.testing import build_hf_model, tiny_hf_config
 
 from vl_helpers import make_batch
 
@@ -103,16 +102,9 @@ VIDEO_PROMPT = [("text", 2), ("video", (4, 4, 4)), ("text", 3)]
 
 @pytest.fixture(scope="module")
 def vl(world1, tmp_path_factory):
-    from ernie45.megatron.vl_model import build_vl_model
+    from vl_helpers import bridged_tiny_vl
 
-    raw = tiny_hf_config("vl")
-    cfg = ErnieConfig.from_hf(raw)
-    hf_model = build_hf_model(raw, seed=0)
-    path = tmp_path_factory.mktemp("vl-inference") / "hf"
-    hf_model.save_pretrained(path)
-    chunks = build_vl_model(cfg, Layout(), vision_attn_implementation="eager")
-    load_hf(chunks, cfg, Layout(), path)
-    return cfg, hf_model, chunks
+    return bridged_tiny_vl(tmp_path_factory.mktemp("vl-inference"))
 
 
 def _prompt_inputs(batch):

@@ -18,7 +18,7 @@ from ernie45.megatron.model import causal_mask
 from ernie45.megatron.packing import block_causal_mask, forward_packed, pack, use_position_ids_rope
 from ernie45.megatron.parallel import Layout
 from ernie45.megatron.vl_model import lm_labels, masked_token_mean
-from ernie45.testing import build_hf_model, tiny_hf_config
+from ernie45.testing import tiny_hf_config
 
 from vl_helpers import make_batch
 
@@ -174,16 +174,9 @@ VL_SAMPLES = [
 
 @pytest.fixture(scope="module")
 def vl(world1, tmp_path_factory):
-    from ernie45.bridge.live import load_hf
-    from ernie45.megatron.vl_model import build_vl_model
+    from vl_helpers import bridged_tiny_vl
 
-    raw = tiny_hf_config("vl")
-    cfg = ErnieConfig.from_hf(raw)
-    hf_model = build_hf_model(raw, seed=0)
-    path = tmp_path_factory.mktemp("vl-pack") / "hf"
-    hf_model.save_pretrained(path)
-    chunks = build_vl_model(cfg, Layout(), vision_attn_implementation="eager")
-    load_hf(chunks, cfg, Layout(), path)
+    cfg, hf_model, chunks = bridged_tiny_vl(tmp_path_factory.mktemp("vl-pack"))
     chunk = chunks[0].eval()
     samples = [make_batch(cfg, [s], seed=10 + i) for i, s in enumerate(VL_SAMPLES)]
     alone = []

@@ -155,6 +155,22 @@ def load_through_bridge(hf_model, chunks, cfg, layout, tmp_dir) -> None:
 
 
 @torch.no_grad()
+def bridged_tiny_vl(tmp_dir, *, seed: int = 0):
+    """(cfg, transformers model, Megatron chunks at TP1) of the tiny VL config, loaded through the production bridge
+    from the model's own on-disk checkpoint. Process groups must exist."""
+    from ernie45.config import ErnieConfig
+    from ernie45.megatron.parallel import Layout
+    from ernie45.megatron.vl_model import build_vl_model
+    from ernie45.testing import build_hf_model, tiny_hf_config
+
+    raw = tiny_hf_config("vl")
+    cfg = ErnieConfig.from_hf(raw)
+    hf_model = build_hf_model(raw, seed=seed)
+    chunks = build_vl_model(cfg, Layout(), vision_attn_implementation="eager")
+    load_through_bridge(hf_model, chunks, cfg, Layout(), tmp_dir)
+    return cfg, hf_model, chunks
+
+
 def load_hf_into_vl(hf_model, chunks, cfg, *, check_hf_totality: bool = True) -> None:
     """Copy every weight of ``hf_model`` into this rank's Megatron chunks; fail on anything left over."""
     hf = dict(hf_model.state_dict())
