@@ -180,3 +180,46 @@ def test_vl_greedy_equals_transformers_generate(prompts, vl):
     P = batch["input_ids"].shape[1]
     assert ref.shape[1] == P + NEW  # the tiny VL model has no eos: every step is compared
     assert torch.equal(mine, ref), (mine[:, P:], ref[:, P:])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2 processes (gloo): decoding at TP2 / TP2·EP2 equals the unsharded model, text and VL (Megatron ViT, image)
+
+
+@pytest.fixture(scope="module")
+def two_process_decoding(tiny_ckpts, tmp_path_factory):
+    import torch.multiprocessing as mp
+    from conftest import free_port
+    from inference_worker import worker
+    from safetensors.torch import save_file
+
+    from ernie45.testing import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("decode-2proc")
+    paths = {"dense": str(tiny_ckpts["dense"]), "moe": str(tiny_ckpts["moe"]),
+             "vl": str(write_tiny_checkpoint(root / "vl", "vl", seed=7))}  # fmt: skip
+    for family in ("dense", "moe"):
+        ids, mask = _text_batch(load_config(paths[family]).vocab_size, S=12, pad=3, seed=8)
+        save_file({"ids": ids, "attention_mask": mask, "prompt_len": torch.tensor(7)},
+                  str(root / f"inputs-{family}.safetensors"))  # fmt: skip
+    cfg = load_config(paths["vl"])
+    batch = make_batch(cfg, [IMAGE_PROMPT], seed=2)
+    text = torch.randint(1, 150, (1, 5), generator=torch.Generator().manual_seed(4))  # a text continuation
+    vl_inputs = {"ids": torch.cat([batch["input_ids"], text], dim=1), "prompt_len": torch.tensor(batch["input_ids"].shape[1])}
+    vl_inputs.update({k: v.contiguous() for k, v in _prompt_inputs(batch).items()})
+    save_file(vl_inputs, str(root / "inputs-vl.safetensors"))
+    mp.spawn(worker, args=(free_port(), paths, str(root)), nprocs=2, join=True)
+    assert not (root / "error.txt").exists(), (root / "error.txt").read_text()
+    return root
+
+
+@pytest.mark.parametrize("case", ["dense-TP2", "moe-TP2", "moe-TP2xEP2", "vl-TP2xEP2-mgvit"])
+def test_two_process_decoding_equals_unsharded(case, two_process_decoding):
+    from safetensors.torch import load_file
+
+    got = load_file(str(two_process_decoding / f"{case}.safetensors"))
+    ref = load_file(str(two_process_decoding / f"{case}-ref.safetensors"))
+    diff = (got["logits"] - ref["logits"]).abs().max().item()
+    print(f"{case}: cached decoding, max |Δlogits| vs unsharded = {diff:.3g}")
+    assert diff <= TOL
+    assert torch.equal(got["tokens"], ref["tokens"])

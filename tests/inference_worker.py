@@ -1,0 +1,76 @@
+"""Body of the 2-process KV-cache test (``torch.multiprocessing.spawn`` from ``test_inference.py``).
+
+For each case, both ranks build the model at a TP / EP layout, load the HF checkpoint through the bridge and run the
+same decoding: teacher-forced logits through the cache, and greedy generation, once unsharded (the reference) and
+once at the layout. Rank 0 writes both as safetensors for the parent test to compare.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# case -> (family key of the parent's checkpoints, layout, Megatron ViT?)
+CASES = {
+    "dense-TP2": ("dense", dict(tp=2), False),
+    "moe-TP2": ("moe", dict(tp=2), False),
+    "moe-TP2xEP2": ("moe", dict(tp=2, ep=2, etp=1), False),
+    "vl-TP2xEP2-mgvit": ("vl", dict(tp=2, ep=2, etp=1), True),
+}
+
+
+def run_case(family: str, path: str, layout, *, mg_vit: bool, inputs: dict) -> dict[str, torch.Tensor]:
+    """Teacher-forced logits and greedy tokens of one model at ``layout`` (process groups initialised here)."""
+    from ernie45.bridge.live import load_hf
+    from ernie45.config import load_config
+    from ernie45.megatron import parallel
+    from ernie45.megatron.inference import generate, teacher_forced_logits
+    from ernie45.megatron.model import build_model
+    from ernie45.megatron.vl_model import build_vl_model
+
+    parallel.initialize(layout)
+    try:
+        cfg = load_config(path)
+        if mg_vit:
+            cfg = dataclasses.replace(cfg, vit_impl="megatron")
+        build = build_vl_model if family == "vl" else build_model
+        chunks = build(cfg, layout)
+        load_hf(chunks, cfg, layout, path)
+        for c in chunks:
+            c.eval()
+        ids, mask, prompt_len = inputs["ids"], inputs.get("attention_mask"), int(inputs["prompt_len"])
+        mm = {k: v for k, v in inputs.items() if k not in ("ids", "attention_mask", "prompt_len")}
+        with torch.no_grad():
+            logits = teacher_forced_logits(chunks, cfg, ids, prompt_len, attention_mask=mask, **mm)
+            tokens = generate(chunks, cfg, ids[:, :prompt_len], 6,
+                              attention_mask=None if mask is None else mask[:, :prompt_len], **mm)  # fmt: skip
+        return {"logits": logits.contiguous(), "tokens": tokens.contiguous()}
+    finally:
+        parallel.destroy()
+
+
+def worker(rank: int, port: int, paths: dict[str, str], out_root: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from ernie45.megatron.parallel import Layout
+
+    try:
+        for name, (family, kw, mg_vit) in CASES.items():
+            inputs = load_file(str(Path(out_root) / f"inputs-{family}.safetensors"))
+            # the reference: the same model unsharded (TP1; the two ranks are data-parallel replicas)
+            for suffix, layout in (("-ref", Layout()), ("", Layout(**kw))):
+                result = run_case(family, paths[family], layout, mg_vit=mg_vit, inputs=inputs)
+                if rank == 0:
+                    save_file(result, str(Path(out_root) / f"{name}{suffix}.safetensors"))
+    except Exception:
+        if rank == 0:
+            (Path(out_root) / "error.txt").write_text(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    dist.destroy_process_group()
