@@ -127,6 +127,12 @@ def offline_worker(rank: int, port: int, mg_dir: str, hf_dir: str, ref_file: str
                 chunk.load_state_dict(state, strict=True)
             logits = forward_logits(chunks, ref["input_ids"], vocab_size=cfg.vocab_size)
             results[name] = (logits - ref["logits"]).abs().max().item()
+            # and Megatron's own writer, from this live layout: the converter must read what training saves
+            saved = Path(out_root, f"saved-{name}")
+            if rank == 0:
+                saved.mkdir()
+            dist.barrier()
+            dist_checkpointing.save(chunks[0].sharded_state_dict(), str(saved))
             parallel.destroy()
     except Exception:
         results["error"] = f"rank {rank}:\n{traceback.format_exc()}"

@@ -67,3 +67,17 @@ def test_offline_checkpoint_loads_into_live_models_at_two_layouts(tiny_ckpts, tm
     results = json.loads((tmp_path / "offline.json").read_text())
     assert "error" not in results, results.get("error")
     assert results["TP2"] <= 1e-4 and results["EP2"] <= 1e-4, results
+
+    # checkpoints written by Megatron's dist_checkpointing.save from the live TP2 and EP2 models (no config.json,
+    # no ernie45.json): back to HF bit-exact, and resharded offline
+    src = HFCheckpoint(hf_dir)
+    for name in ("TP2", "EP2"):
+        saved = tmp_path / f"saved-{name}"
+        convert(saved, tmp_path / f"hf-{name}", to="hf", hf_config=hf_dir, progress=False)
+        convert(saved, tmp_path / f"resharded-{name}", to="megatron", pp=2, ep=4, hf_config=hf_dir, progress=False)
+        convert(tmp_path / f"resharded-{name}", tmp_path / f"hf2-{name}", to="hf", progress=False)
+        for out in (tmp_path / f"hf-{name}", tmp_path / f"hf2-{name}"):
+            back = HFCheckpoint(out)
+            assert sorted(back.keys()) == sorted(src.keys())
+            for key in src.keys():
+                assert back.dtype(key) == src.dtype(key) and torch.equal(back.get(key), src.get(key)), (out, key)
