@@ -154,7 +154,6 @@ def load_through_bridge(hf_model, chunks, cfg, layout, tmp_dir) -> None:
     load_hf(chunks, cfg, layout, path)
 
 
-@torch.no_grad()
 def bridged_tiny_vl(tmp_dir, *, seed: int = 0):
     """(cfg, transformers model, Megatron chunks at TP1) of the tiny VL config, loaded through the production bridge
     from the model's own on-disk checkpoint. Process groups must exist."""
@@ -171,6 +170,7 @@ def bridged_tiny_vl(tmp_dir, *, seed: int = 0):
     return cfg, hf_model, chunks
 
 
+@torch.no_grad()
 def load_hf_into_vl(hf_model, chunks, cfg, *, check_hf_totality: bool = True) -> None:
     """Copy every weight of ``hf_model`` into this rank's Megatron chunks; fail on anything left over."""
     hf = dict(hf_model.state_dict())
