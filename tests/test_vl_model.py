@@ -394,7 +394,7 @@ def dist_results(tmp_path_factory):
     return results, out
 
 
-@pytest.mark.parametrize("layout", ["TP2", "EP2", "PP2", "TP2xEP2", "TP2-mgvit", "TP2xEP2-mgvit"])
+@pytest.mark.parametrize("layout", ["TP2", "EP2", "PP2", "TP2xEP2", "TP2-mgvit", "PP2-mgvit", "TP2xEP2-mgvit"])
 def test_two_process_layouts_equal_one_process(layout, dist_results):
     r = dist_results[0][layout]
     print(layout, r)
@@ -402,7 +402,7 @@ def test_two_process_layouts_equal_one_process(layout, dist_results):
     assert r["n_grads"] > 0 and r["grads_rel"] <= GRAD_RTOL, r
 
 
-@pytest.mark.parametrize("layout", ["TP2", "EP2", "PP2", "TP2xEP2", "TP2-mgvit", "TP2xEP2-mgvit"])
+@pytest.mark.parametrize("layout", ["TP2", "EP2", "PP2", "TP2xEP2", "TP2-mgvit", "PP2-mgvit", "TP2xEP2-mgvit"])
 def test_two_process_live_export_is_bit_exact(layout, dist_results):
     """HF -> live Megatron (both pools split under EP) -> HF through the production bridge, every tensor equal."""
     from ernie45.bridge.io import HFCheckpoint

@@ -32,6 +32,7 @@ LAYOUTS = {
 # the same model with the TP-sharded Megatron-Core ViT (ErnieConfig.vit_impl="megatron"), against its own 1-process run
 MG_VIT_LAYOUTS = {
     "TP2-mgvit": dict(tp=2),
+    "PP2-mgvit": dict(pp=2),
     "TP2xEP2-mgvit": dict(tp=2, ep=2, etp=1),
 }
 # the first sample's second half is pure text: under TP2 + SP rank 1 holds no vision token of it, so the vision
