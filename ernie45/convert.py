@@ -19,15 +19,13 @@ divide). Tensors the model does not use (MTP) are carried under ``ernie45.carry.
 
 from __future__ import annotations
 
-import dataclasses
-
 import io
 import json
 import math
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -58,7 +56,7 @@ class HFSource:
         self.path = Path(path)
         cfg = load_config(path)
         # the Megatron side's ViT (VL only): the HF files are the same either way, the Megatron names differ
-        self.cfg = dataclasses.replace(cfg, vit_impl=vit) if cfg.family == "vl" else cfg
+        self.cfg = replace(cfg, vit_impl=vit) if cfg.family == "vl" else cfg
         self.ckpt = HFCheckpoint(path)
         self.plan = plan_from_hf(self.cfg, self.ckpt.shapes(), dtypes=self.ckpt.dtypes(), where=str(path))
 
@@ -100,10 +98,11 @@ class MegatronSource:
             raise CheckpointError(f"{self.path}: no config.json; pass the HF config with --hf-config")
         cfg = load_config(cfg_path)
         info_path = self.path / INFO_NAME
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        # what ernie45 wrote beside the checkpoint (layout, tied, ...); empty for Megatron's own checkpoints
+        self.info = info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         keys = set(self.reader.keys())
         if cfg.family == "vl" and any(k.startswith(MEGATRON_VIT_PREFIX) for k in keys):
-            cfg = dataclasses.replace(cfg, vit_impl="megatron")  # saved from (or for) the Megatron-Core ViT
+            cfg = replace(cfg, vit_impl="megatron")  # saved from (or for) the Megatron-Core ViT
         self.cfg = cfg
         self.tied = info.get("tied", "output_layer.weight" not in keys)
         items = expand(self.cfg, tied=self.tied)
@@ -417,9 +416,7 @@ def inspect_torch_dist(path: str | Path) -> dict:
 
     src = MegatronSource(path)
     cfg = src.cfg
-    info_path = Path(path) / INFO_NAME
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    layout = info.get("layout")
+    layout = src.info.get("layout")
     out = {"format": "megatron-core torch_dist", **model_facts(cfg, tied=src.tied)}
     if cfg.family == "vl":
         out["vision"] += f"; {'Megatron-Core (TP-sharded)' if cfg.vit_impl == 'megatron' else 'transformers'} ViT"

@@ -70,23 +70,19 @@ def run_demo(out_dir: Path | None = None, keep: bool = False) -> int:
                 print(report.table())
                 ok &= report.logits_max_abs_diff <= 1e-4 and all(v == 1.0 for v in report.routing.values())
 
-            mg, back = work / f"{name}-mcore", work / f"{name}-hf"
             layout = dict(tp=2, pp=2, ep=2) if cfg.is_moe else dict(tp=2, pp=2)
-            _step(f"HF -> Megatron torch_dist ({'·'.join(f'{k.upper()}{v}' for k, v in layout.items())}, offline) -> HF")
-            r1 = convert(src, mg, to="megatron", progress=False, overwrite=True, **layout)
-            r2 = convert(mg, back, to="hf", progress=False, overwrite=True)
-            same, total, bad = _bit_exact(hf, HFCheckpoint(back))
-            print(f"  {r1.summary()}\n  {r2.summary()}")
-            print(f"  bit-exact: {same}/{total} tensors" + (f"; DIFFER: {bad}" if bad else ""))
-            ok &= not bad
-
-            if cfg.family == "vl":
-                _step("HF -> Megatron torch_dist with the TP-sharded Megatron-Core ViT (--vit megatron) -> HF")
-                mgv, backv = work / f"{name}-mcore-vit", work / f"{name}-hf-vit"
-                r1 = convert(src, mgv, to="megatron", vit="megatron", progress=False, overwrite=True, **layout)
-                convert(mgv, backv, to="hf", progress=False, overwrite=True)
-                same, total, bad = _bit_exact(hf, HFCheckpoint(backv))
-                print(f"  {r1.summary()}\n  bit-exact: {same}/{total} tensors" + (f"; DIFFER: {bad}" if bad else ""))
+            where = "·".join(f"{k.upper()}{v}" for k, v in layout.items())
+            mg = work / f"{name}-mcore"  # what verify and the GGUF legs below read (VL: the transformers-ViT one)
+            for vit in ("hf", "megatron") if cfg.family == "vl" else (None,):
+                suffix = "-vit" if vit == "megatron" else ""
+                mg_v, back = work / f"{name}-mcore{suffix}", work / f"{name}-hf{suffix}"
+                kind = ", TP-sharded Megatron-Core ViT (--vit megatron)" if vit == "megatron" else ""
+                _step(f"HF -> Megatron torch_dist ({where}{kind}, offline) -> HF")
+                r1 = convert(src, mg_v, to="megatron", vit=vit, progress=False, overwrite=True, **layout)
+                r2 = convert(mg_v, back, to="hf", progress=False, overwrite=True)
+                same, total, bad = _bit_exact(hf, HFCheckpoint(back))
+                print(f"  {r1.summary()}\n  {r2.summary()}")
+                print(f"  bit-exact: {same}/{total} tensors" + (f"; DIFFER: {bad}" if bad else ""))
                 ok &= not bad
 
             image = _demo_image(work / "demo.png") if cfg.family == "vl" else None

@@ -85,16 +85,17 @@ def _vision_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
         Row((V + "patch_embed.proj.weight",), ("vision_model.patch_embed.proj.weight",), Identity(), rep, "model",
             lambda c: ((C, P),)),
     ]  # fmt: skip
-    block = {
-        "norm1.weight": (C,), "norm1.bias": (C,), "norm2.weight": (C,), "norm2.bias": (C,),
-        "attn.qkv.weight": (3 * C, C), "attn.qkv.bias": (3 * C,), "attn.proj.weight": (C, C), "attn.proj.bias": (C,),
-        "mlp.fc1.weight": (F, C), "mlp.fc1.bias": (F,), "mlp.fc2.weight": (C, F), "mlp.fc2.bias": (C,),
-    }  # fmt: skip
     if cfg.vit_impl == "megatron":
         rows += _megatron_vit_rows(cfg)
     else:
         rows += [Row((V + f"ln.{p}",), (f"vision_model.ln.{p}",), Identity(), rep, "model", lambda c: ((C,),))
                  for p in ("weight", "bias")]  # fmt: skip
+        block = {
+            "norm1.weight": (C,), "norm1.bias": (C,), "norm2.weight": (C,), "norm2.bias": (C,),
+            "attn.qkv.weight": (3 * C, C), "attn.qkv.bias": (3 * C,), "attn.proj.weight": (C, C),
+            "attn.proj.bias": (C,), "mlp.fc1.weight": (F, C), "mlp.fc1.bias": (F,), "mlp.fc2.weight": (C, F),
+            "mlp.fc2.bias": (C,),
+        }  # fmt: skip
         for name, shape in block.items():
             rows.append(
                 Row((V + "blocks.{B}." + name,), ("vision_model.blocks.{B}." + name,), Identity(), rep, "vision_block",
