@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .errors import InputError
+
 __all__ = [
     "VerifyError",
     "verify",
@@ -68,7 +70,7 @@ __all__ = [
 ]
 
 
-class VerifyError(ValueError):
+class VerifyError(InputError):
     """A verification that cannot be set up (names the checkpoint / tensor / option)."""
 
 
@@ -128,6 +130,11 @@ class GGUFView:
     def gguf_type(self, name: str) -> str:
         return self.reader.tensors[self._where[name][0]].tensor_type.name
 
+    def weight_type(self) -> str:
+        """The file's lossiest tensor type (``F32`` < ``F16`` < ``BF16`` < ``Q8_0`` < anything else): what its
+        logits are judged by (:data:`DEFAULT_THRESHOLDS`)."""
+        return max((t.tensor_type.name for t in self.reader.tensors), key=_gguf_rank, default="F32")
+
     def get(self, name: str) -> torch.Tensor:
         import gguf
         import numpy as np
@@ -178,6 +185,24 @@ def _dtype_name(view, name: str) -> str:
 _CHUNK = 1 << 22  # elements per step of a max |Δ| (bounds the float64 temporaries of a huge tensor)
 
 
+# The default tensor bound (no --tensor-atol): the rounding of the coarser storage type, relative to the tensor's
+# scale, |Δ| <= rel · (max |x| + tiny). rel is the type's machine epsilon (twice the worst round-to-nearest error,
+# so one ulp anywhere passes); Q8_0 stores blocks of 32 as 8-bit multiples of an f16 scale max|x_block|/127, whose
+# worst error max|x_block|·(1/254 + 2^-11) ≈ max|x|/226 stays below 1/127. ``tiny`` (f16's smallest normal) covers
+# f16 subnormals and Q8_0 scales of near-zero blocks. Any other GGUF type has no default: give --tensor-atol.
+STORAGE_REL = {
+    "float64": 2.0**-52,
+    "float32": 2.0**-23,
+    "float16": 2.0**-10,
+    "bfloat16": 2.0**-7,
+    "gguf F32": 2.0**-23,
+    "gguf F16": 2.0**-10,
+    "gguf BF16": 2.0**-7,
+    "gguf Q8_0": 1.0 / 127,
+}
+_TINY = 2.0**-14
+
+
 @dataclass
 class TensorDiff:
     """One HF name. ``status``: bit-exact | exact | differs | shape | only-a | only-b | dropped-a | dropped-b."""
@@ -188,11 +213,21 @@ class TensorDiff:
     dtype_a: str | None = None
     dtype_b: str | None = None
     note: str = ""
+    scale: float | None = None  # max |x| over both sides (for a "differs")
 
     @property
     def structural(self) -> bool:
         """A difference no tolerance can excuse: a missing tensor or a different shape."""
         return self.status in ("shape", "only-a", "only-b")
+
+    def default_bound(self) -> float | None:
+        """The storage-rounding bound on ``max_abs`` (see :data:`STORAGE_REL`); None: no default for these types."""
+        if self.scale is None:
+            return 0.0
+        rel = [STORAGE_REL.get(d) for d in (self.dtype_a, self.dtype_b)]
+        if None in rel:
+            return None
+        return max(rel) * (self.scale + _TINY)
 
 
 def _bytes_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -201,15 +236,18 @@ def _bytes_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
     return torch.equal(x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8))
 
 
-def _max_abs_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+def _max_abs_diff(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """``(max |x - y|, max(|x|, |y|))`` in float64, NaN if any element is NaN."""
     xf, yf = x.reshape(-1), y.reshape(-1)
-    worst = 0.0
+    worst = scale = 0.0
     for i in range(0, xf.numel(), _CHUNK):
-        d = (xf[i : i + _CHUNK].double() - yf[i : i + _CHUNK].double()).abs().max().item()
+        xd, yd = xf[i : i + _CHUNK].double(), yf[i : i + _CHUNK].double()
+        d = (xd - yd).abs().max().item()
         if math.isnan(d):
-            return math.nan
+            return math.nan, math.nan
         worst = max(worst, d)
-    return worst
+        scale = max(scale, xd.abs().max().item(), yd.abs().max().item())
+    return worst, scale
 
 
 def _dropped_reason(fmt: str, name: str) -> str | None:
@@ -249,8 +287,8 @@ def compare_tensors(view_a, view_b, fmt_a: str, fmt_b: str) -> list[TensorDiff]:
         if x.dtype == y.dtype and _bytes_equal(x, y):
             out.append(TensorDiff(name, "bit-exact", 0.0, da, db))
             continue
-        d = _max_abs_diff(x, y)
-        out.append(TensorDiff(name, "exact" if d == 0.0 else "differs", d, da, db))
+        d, scale = _max_abs_diff(x, y)
+        out.append(TensorDiff(name, "exact" if d == 0.0 else "differs", d, da, db, scale=None if d == 0.0 else scale))
     return sorted(out, key=lambda d: d.name)
 
 
@@ -437,26 +475,18 @@ class Runtime:
 
 
 class TransformersRuntime(Runtime):
-    """The reference: transformers, fp32, eager attention and experts."""
+    """The reference: transformers, eager attention and experts, fp32 (or bf16: ``dtype``)."""
 
     name = "transformers"
 
-    def __init__(self, path: str | Path, cfg) -> None:
+    def __init__(self, path: str | Path, cfg, *, dtype: str = "fp32") -> None:
         import torch
 
+        from .reference import load_reference
+
         self.cfg = cfg
-        if cfg.family == "vl":
-            import transformers
-
-            model = transformers.Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(
-                str(path), dtype=torch.float32, attn_implementation="eager"
-            )
-            model.set_experts_implementation("eager")
-            self.model = model.eval()
-        else:
-            from .reference import load_reference
-
-            self.model = load_reference(path)
+        self.dtype = getattr(torch, DTYPES[dtype])
+        self.model = load_reference(path, dtype=self.dtype, cfg=cfg)
 
     def forward(self, batch: Batch, *, routing: bool = True) -> tuple[torch.Tensor, Routing]:
         import torch
@@ -485,7 +515,7 @@ class TransformersRuntime(Runtime):
                 pairs.append((getattr(mlp, f"{pool}_moe").gate, hook))
         kw = dict(input_ids=ids, mm_token_type_ids=mm, moe_mm_token_type_ids=moe)
         if batch.pixel_values is not None:
-            kw.update(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw)
+            kw.update(pixel_values=batch.pixel_values.to(self.dtype), image_grid_thw=batch.image_grid_thw)
         with torch.no_grad(), _hooks(pairs if routing else []):
             logits = self.model(**kw).logits
         vision_BS = moe > 0
@@ -520,14 +550,16 @@ class MegatronRuntime(Runtime):
 
     name = "megatron-core"
 
-    def __init__(self, source, *, vision_attn_implementation: str = "eager") -> None:
+    def __init__(self, source, *, vision_attn_implementation: str = "eager", dtype: str = "fp32") -> None:
         import torch
+        from megatron.core.transformer.moe.router import TopKRouter
 
         from .bridge.live import load_hf
         from .bridge.tables import effective_tie
         from .megatron.parallel import Layout
 
         self.cfg = cfg = source.cfg
+        self.dtype = params_dtype = getattr(torch, DTYPES[dtype])
         tied = source.tied if hasattr(source, "tied") else effective_tie(cfg, source.keys())
         self._owned = _megatron_groups()
         try:
@@ -535,14 +567,20 @@ class MegatronRuntime(Runtime):
             if cfg.family == "vl":
                 from .megatron.vl_model import build_vl_model
 
-                self.chunks = build_vl_model(
-                    cfg, Layout(), tie_word_embeddings=tied, vision_attn_implementation=vision_attn_implementation
-                )
+                self.chunks = build_vl_model(cfg, Layout(), tie_word_embeddings=tied, params_dtype=params_dtype,
+                                             vision_attn_implementation=vision_attn_implementation)  # fmt: skip
             else:
                 from .megatron.model import build_model
 
-                self.chunks = build_model(cfg, Layout(), tie_word_embeddings=tied)
-            load_hf(self.chunks, cfg, Layout(), source)
+                self.chunks = build_model(cfg, Layout(), tie_word_embeddings=tied, params_dtype=params_dtype)
+            # transformers keeps every router weight in fp32 whatever the model dtype (_keep_in_fp32_modules_strict)
+            # and so must we: Megatron creates it in params_dtype (its gating GEMM then runs in fp32 on bf16-rounded
+            # weights). The expert bias is an fp32 buffer already (router.py).
+            for chunk in self.chunks:
+                for m in chunk.modules():
+                    if isinstance(m, TopKRouter):
+                        m.weight.data = m.weight.data.float()
+            self.plan = load_hf(self.chunks, cfg, Layout(), source)
         except BaseException:
             self.close()
             raise
@@ -577,7 +615,7 @@ class MegatronRuntime(Runtime):
                 pairs.append((getattr(layer.mlp, f"{pool}_moe_layer").router, hook))
         kw = dict(mm_token_type_ids=mm, moe_mm_token_type_ids=moe)
         if batch.pixel_values is not None:
-            kw.update(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw)
+            kw.update(pixel_values=batch.pixel_values.to(self.dtype), image_grid_thw=batch.image_grid_thw)
         with torch.no_grad(), _hooks(pairs if routing else []):
             logits = chunk(ids, **kw)
         vision_BS = moe > 0
@@ -652,22 +690,26 @@ class LlamaCppRuntime(Runtime):
 
 
 def open_runtime(path: str | Path, *, hf_runtime: str = "transformers", hf_config: str | Path | None = None,
-                 vision_attn_implementation: str = "eager") -> Runtime:  # fmt: skip
+                 vision_attn_implementation: str = "eager", dtype: str = "fp32") -> Runtime:  # fmt: skip
     """The runtime for a checkpoint: HF → ``hf_runtime`` ("transformers" | "megatron"), torch_dist → Megatron,
-    GGUF → llama.cpp."""
+    GGUF → llama.cpp (fp32 only); ``dtype`` "fp32" | "bf16" for the first two."""
     from .inspect import detect_format
 
     if hf_runtime not in ("transformers", "megatron"):
         raise VerifyError(f"hf_runtime must be 'transformers' or 'megatron', not {hf_runtime!r}")
+    if dtype not in DTYPES:
+        raise VerifyError(f"dtype must be one of {list(DTYPES)}, not {dtype!r}")
     fmt = detect_format(path)
     if fmt == "gguf":
+        if dtype != "fp32":
+            raise VerifyError(f"{path}: llama.cpp runs a GGUF at its own tensor types; dtype {dtype} is not offered")
         return LlamaCppRuntime(path)
     from .convert import HFSource, MegatronSource
 
     source = HFSource(path) if fmt == "hf" else MegatronSource(path, hf_config=hf_config)
     if fmt == "hf" and hf_runtime == "transformers":
-        return TransformersRuntime(path, source.cfg)
-    return MegatronRuntime(source, vision_attn_implementation=vision_attn_implementation)
+        return TransformersRuntime(path, source.cfg, dtype=dtype)
+    return MegatronRuntime(source, vision_attn_implementation=vision_attn_implementation, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -675,6 +717,26 @@ def open_runtime(path: str | Path, *, hf_runtime: str = "transformers", hf_confi
 
 
 TABLE_MAX_TENSORS = 20  # non-structural differences listed in the table (JSON always has every tensor)
+
+# What "the same model" means when no threshold is given, by what is compared (``--dtype``, or the GGUF side's
+# weight type: :meth:`GGUFView.weight_type`). ``atol``: logits max |Δ|; ``min_cosine``: the worst token's cosine
+# similarity of the two logit vectors; ``min_top1``: share of tokens with the same argmax; ``min_routing``: share of
+# a pool's tokens with the same set of experts, in every MoE layer and pool. None: not judged by default. A given
+# threshold replaces its default; NaN or inf logits always fail. docs/verify.md gives the measurements behind them.
+DEFAULT_THRESHOLDS: dict[str, dict[str, float | None]] = {
+    # two fp32 implementations differ only in summation order: measured ~3e-6 on O(1) logits
+    "fp32": dict(atol=1e-4, min_cosine=None, min_top1=1.0, min_routing=1.0),
+    # both sides bf16 (routers and expert bias fp32): rounding moves logits by O(1e-2), flips near-ties
+    "bf16": dict(atol=None, min_cosine=0.999, min_top1=0.9, min_routing=0.9),
+    # llama.cpp computes in f32 (f32 KV cache, no flash attention); the weights' type sets the distance
+    "gguf F32": dict(atol=1e-4, min_cosine=None, min_top1=1.0, min_routing=None),
+    "gguf F16": dict(atol=None, min_cosine=0.9999, min_top1=0.95, min_routing=None),
+    "gguf BF16": dict(atol=None, min_cosine=0.999, min_top1=0.9, min_routing=None),
+    "gguf Q8_0": dict(atol=None, min_cosine=0.99, min_top1=0.75, min_routing=None),
+}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+_JUDGED = (("atol", "logits max |Δ|", "<="), ("min_cosine", "cosine", ">="), ("min_top1", "top-1", ">="),
+           ("min_routing", "routing", ">="))  # fmt: skip
 
 
 @dataclass
@@ -684,6 +746,10 @@ class LogitsDiff:
     mean_abs: float
     scale: float  # max |logit| of side A
     top1_agreement: float
+    cosine: float = 1.0  # the worst token's cosine similarity of the two logit vectors (float64)
+    nonfinite_a: int = 0  # NaN / inf values among A's logits
+    nonfinite_b: int = 0
+    values: int = 0  # logits per side (B·S·V)
 
 
 @dataclass
@@ -698,40 +764,84 @@ class VerifyReport:
     logits: LogitsDiff | None = None
     routing: dict[int, dict[str, dict[str, float]]] | None = None  # layer -> pool -> {agreement, tokens}
     notes: list[str] = field(default_factory=list)
-    thresholds: dict[str, float | None] = field(default_factory=dict)
+    thresholds: dict[str, float | None] = field(default_factory=dict)  # the ones given (None: not given)
+    dtype: str = "fp32"
+    defaults_key: str | None = None  # the DEFAULT_THRESHOLDS row that applies (None: no default for this pair)
+    mismatch: str = ""  # the two runtimes' logits could not be compared (different shapes): always a failure
 
     # -- judgement ---------------------------------------------------------------------------------------------------
+    @property
+    def applied(self) -> dict[str, float | None]:
+        """The logits / routing thresholds judged: each given one, else its default."""
+        base = DEFAULT_THRESHOLDS.get(self.defaults_key or "", {})
+        return {k: self.thresholds.get(k) if self.thresholds.get(k) is not None else base.get(k)
+                for k, _, _ in _JUDGED}  # fmt: skip
+
     def failures(self) -> list[str]:
         """Why this verification fails (empty: it passes). See the module docstring for the rules."""
         out = []
-        t = self.thresholds
+        t, applied = self.thresholds, self.applied
         if self.tensors is not None:
+            tol = t.get("tensor_atol")
             for d in self.tensors:
                 if d.structural:
                     out.append(f"tensor {d.name}: {d.status} {d.note}".rstrip())
-            tol = t.get("tensor_atol")
-            if tol is not None:
-                out += [f"tensor {d.name}: max |Δ| {d.max_abs:.3e} > {tol:g}"
-                        for d in self.tensors if d.max_abs is not None and not d.max_abs <= tol]  # fmt: skip
+                elif d.max_abs is None:
+                    continue
+                elif tol is not None:
+                    if not d.max_abs <= tol:
+                        out.append(f"tensor {d.name}: max |Δ| {d.max_abs:.3e} > {tol:g}")
+                elif (bound := d.default_bound()) is None:
+                    out.append(f"tensor {d.name}: {d.dtype_a} vs {d.dtype_b} has no default bound; give --tensor-atol")
+                elif not d.max_abs <= bound:
+                    out.append(f"tensor {d.name}: max |Δ| {d.max_abs:.3e} > {bound:.3e} (rounding of "
+                               f"{d.dtype_a} / {d.dtype_b} at max |x| {d.scale:.3g})")  # fmt: skip
         elif t.get("tensor_atol") is not None:
             out.append("--tensor-atol given but tensors were not compared")
-        for key, what in (("atol", "logits max |Δ|"), ("min_top1", "top-1 agreement")):
-            if t.get(key) is None:
+        if self.mismatch:
+            out.append(self.mismatch)
+        g = self.logits
+        if g is not None:
+            for side, n in (("A", g.nonfinite_a), ("B", g.nonfinite_b)):
+                if n:
+                    out.append(f"logits of {side} contain NaN or inf ({n} of {g.values} values)")
+        for key, what in (("atol", "logits max |Δ|"), ("min_cosine", "cosine"), ("min_top1", "top-1 agreement")):
+            if g is None:
+                if t.get(key) is not None:  # a default that could not be checked is only a note
+                    out.append(f"{what} could not be checked: logits were not compared (see notes)")
                 continue
-            if self.logits is None:
-                out.append(f"{what} could not be checked: logits were not compared (see notes)")
-            elif key == "atol" and not self.logits.max_abs <= t[key]:
-                out.append(f"{what} {self.logits.max_abs:.3e} > {t[key]:g}")
-            elif key == "min_top1" and not self.logits.top1_agreement >= t[key]:
-                out.append(f"{what} {self.logits.top1_agreement:.4f} < {t[key]:g}")
-        if t.get("min_routing") is not None:
-            if self.routing is None:
+            value = dict(atol=g.max_abs, min_cosine=g.cosine, min_top1=g.top1_agreement)[key]
+            bound = applied[key]
+            if bound is None:
+                continue
+            if key == "atol" and not value <= bound:
+                out.append(f"{what} {value:.3e} > {bound:g}")
+            elif key != "atol" and not value >= bound:
+                out.append(f"{what} {value:.6f} < {bound:g}")
+        if self.routing is None:
+            if t.get("min_routing") is not None:
                 out.append("routing agreement could not be checked (see notes)")
-            else:
-                out += [f"routing layer {L} {pool}: {r['agreement']:.4f} < {t['min_routing']:g}"
-                        for L, pools in sorted(self.routing.items()) for pool, r in pools.items()
-                        if not r["agreement"] >= t["min_routing"]]  # fmt: skip
+        elif applied["min_routing"] is not None:
+            out += [f"routing layer {L} {pool}: {r['agreement']:.4f} < {applied['min_routing']:g}"
+                    for L, pools in sorted(self.routing.items()) for pool, r in pools.items()
+                    if not r["agreement"] >= applied["min_routing"]]  # fmt: skip
         return out
+
+    def judged(self) -> str:
+        """One line: what the tensors and logits were judged against."""
+        t = self.thresholds
+        if self.tensors is None:
+            tensors = ""
+        elif t.get("tensor_atol") is not None:
+            tensors = f"tensors max |Δ| <= {t['tensor_atol']:g} (given); "
+        else:
+            tensors = "tensors within their storage type's rounding; "
+        if self.logits is None:
+            return f"{tensors}logits not compared".strip()
+        parts = [f"{what} {op} {v:g}" + (" (given)" if t.get(k) is not None else "")
+                 for k, what, op in _JUDGED if (v := self.applied[k]) is not None]  # fmt: skip
+        source = f"{self.defaults_key} defaults" if self.defaults_key else "no defaults for this pair"
+        return f"{tensors}{source}: " + (", ".join(parts) if parts else "nothing judged") + "; NaN / inf fail"
 
     @property
     def ok(self) -> bool:
@@ -752,33 +862,25 @@ class VerifyReport:
             shown = self.tensors
             if not all_tensors:  # every structural problem, then the largest differences first
                 others = [d for d in self.tensors if d.status != "bit-exact" and not d.structural]
-                others.sort(key=lambda d: -(d.max_abs if d.max_abs == d.max_abs else math.inf))  # NaN first
+                others.sort(key=_largest_first)
                 shown = [d for d in self.tensors if d.structural] + others[:TABLE_MAX_TENSORS]
                 if len(others) > TABLE_MAX_TENSORS:
                     lines.append(f"    (the {TABLE_MAX_TENSORS} largest of {len(others)} differences; "
                                  "--all-tensors lists all)")  # fmt: skip
             for d in shown:
-                detail = {
-                    "bit-exact": f"bit-exact ({d.dtype_a})",
-                    "exact": f"equal values ({d.dtype_a} vs {d.dtype_b})",
-                    "differs": f"max |Δ| {d.max_abs:.3e} ({d.dtype_a} vs {d.dtype_b})",
-                    "shape": f"SHAPE {d.note}",
-                    "only-a": "ONLY IN A",
-                    "only-b": "ONLY IN B",
-                    "dropped-a": f"not in A by design: {d.note[:90]}",
-                    "dropped-b": f"not in B by design: {d.note[:90]}",
-                }[d.status]
-                lines.append(f"    {d.name:<64} {detail}")
+                lines.append(f"    {d.name:<64} {_detail(d)}")
         if self.logits is not None:
             g = self.logits
             lines.append(f"  logits   {g.tokens} tokens: max |Δ| {g.max_abs:.3e}   mean |Δ| {g.mean_abs:.3e}   "
-                         f"(max |logit| {g.scale:.3f})   top-1 {g.top1_agreement:.2%} identical")  # fmt: skip
+                         f"(max |logit| {g.scale:.3f})   cosine {g.cosine:.6f} (worst token)   "
+                         f"top-1 {g.top1_agreement:.2%} identical")  # fmt: skip
         if self.routing is not None:
             for L, pools in sorted(self.routing.items()):
                 for pool, r in pools.items():
                     lines.append(f"  routing  layer {L:>3} {pool:<6}: {r['agreement']:.2%} of {int(r['tokens'])} "
                                  "tokens chose the same experts")  # fmt: skip
         lines += [f"  note     {n}" for n in self.notes]
+        lines.append(f"  judged   {self.judged()}")
         fails = self.failures()
         lines.append("  result   OK" if not fails else "  result   FAILED\n" + "\n".join(f"    - {f}" for f in fails))
         return "\n".join(lines)
@@ -786,9 +888,29 @@ class VerifyReport:
     def to_json(self) -> dict:
         d = asdict(self)
         d["routing"] = None if self.routing is None else {str(k): v for k, v in self.routing.items()}
+        d["applied"] = self.applied
         d["failures"] = self.failures()
         d["ok"] = not d["failures"]
         return d
+
+
+def _largest_first(d: TensorDiff) -> float:
+    """Sort key: NaN first, then the largest |Δ|; tensors without a |Δ| (dropped by design) last."""
+    if d.max_abs is None:
+        return math.inf
+    return -math.inf if math.isnan(d.max_abs) else -d.max_abs
+
+
+def _detail(d: TensorDiff) -> str:
+    if d.status == "bit-exact":
+        return f"bit-exact ({d.dtype_a})"
+    if d.status == "exact":
+        return f"equal values ({d.dtype_a} vs {d.dtype_b})"
+    if d.status == "differs":
+        return f"max |Δ| {d.max_abs:.3e} ({d.dtype_a} vs {d.dtype_b})"
+    return {"shape": f"SHAPE {d.note}", "only-a": "ONLY IN A", "only-b": "ONLY IN B",
+            "dropped-a": f"not in A by design: {d.note[:90]}",
+            "dropped-b": f"not in B by design: {d.note[:90]}"}[d.status]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -850,24 +972,38 @@ def verify(
     image: str | Path | None = None,
     atol: float | None = None,
     tensor_atol: float | None = None,
+    min_cosine: float | None = None,
     min_top1: float | None = None,
     min_routing: float | None = None,
     tensors: bool = True,
     logits: bool = True,
     hf_runtime: str = "transformers",
     hf_config: str | Path | None = None,
+    dtype: str = "fp32",
 ) -> VerifyReport:
     """Compare checkpoints ``a`` and ``b`` (HF dir / torch_dist dir / GGUF file): tensors, logits, routing.
 
     ``prompt_ids``: rows of token ids (default: 2×16 seeded random ids); ``image``: an image file for VL checkpoints
-    (placed in the middle of the first row). The thresholds only decide :meth:`VerifyReport.failures`.
-    ``hf_runtime="megatron"`` runs HF directories in Megatron-Core instead of transformers. ``hf_config``: the
-    config.json for a torch_dist directory written without one.
+    (placed in the middle of the first row). The thresholds only decide :meth:`VerifyReport.failures`; one not given
+    takes its default (:data:`DEFAULT_THRESHOLDS`, by ``dtype`` or a GGUF side's weight type; tensors: the storage
+    type's rounding, :data:`STORAGE_REL`). ``dtype`` ("fp32" | "bf16"): both runtimes compute in it (routers and
+    expert bias in fp32, as transformers keeps them). ``hf_runtime="megatron"`` runs HF directories in Megatron-Core
+    instead of transformers. ``hf_config``: the config.json for a torch_dist directory written without one.
     """
+    if dtype not in DTYPES:
+        raise VerifyError(f"dtype must be one of {list(DTYPES)}, not {dtype!r}")
     fmt_a, view_a = open_view(a, hf_config=hf_config)
     fmt_b, view_b = open_view(b, hf_config=hf_config)
-    thresholds = dict(atol=atol, tensor_atol=tensor_atol, min_top1=min_top1, min_routing=min_routing)
-    report = VerifyReport(str(a), str(b), fmt_a, fmt_b, thresholds=thresholds)
+    thresholds = dict(atol=atol, tensor_atol=tensor_atol, min_cosine=min_cosine, min_top1=min_top1,
+                      min_routing=min_routing)  # fmt: skip
+    ggufs = [v for v in (view_a, view_b) if isinstance(v, GGUFView)]
+    if ggufs and dtype != "fp32":
+        raise VerifyError(f"--dtype {dtype}: llama.cpp runs a GGUF at its own tensor types; compare it at fp32")
+    key = f"gguf {max((v.weight_type() for v in ggufs), key=_gguf_rank)}" if ggufs else dtype
+    report = VerifyReport(str(a), str(b), fmt_a, fmt_b, thresholds=thresholds, dtype=dtype,
+                          defaults_key=key if key in DEFAULT_THRESHOLDS else None)  # fmt: skip
+    if report.defaults_key is None:
+        report.notes.append(f"no default logits thresholds for {key}: give --atol / --min-cosine / --min-top1")
     cfgs = [v.cfg for v in (view_a, view_b) if hasattr(v, "cfg")]
     shape_of = [(c.family, c.vocab_size, c.mlp_layer_types) for c in cfgs]
     different = len(cfgs) == 2 and shape_of[0] != shape_of[1]
@@ -892,17 +1028,14 @@ def verify(
     batch = _prompt_batch(prompt_ids, cfg, vocab, image, next((Path(p) for p in (a, b) if Path(p).is_dir()), None))
     results = []
     for path in (a, b):
-        with open_runtime(path, hf_runtime=hf_runtime, hf_config=hf_config) as rt:
+        with open_runtime(path, hf_runtime=hf_runtime, hf_config=hf_config, dtype=dtype) as rt:
             out, routing = rt.forward(batch)
             results.append((rt.name, rt.routing_observable, out, routing))
     (report.runtime_a, obs_a, la, ra), (report.runtime_b, obs_b, lb, rb) = results
-    if la.shape != lb.shape:
-        raise VerifyError(f"logits shapes differ: {list(la.shape)} vs {list(lb.shape)}")
-    diff = (la - lb).abs()
-    report.logits = LogitsDiff(
-        tokens=la.shape[0] * la.shape[1], max_abs=diff.max().item(), mean_abs=diff.mean().item(),
-        scale=la.abs().max().item(), top1_agreement=(la.argmax(-1) == lb.argmax(-1)).float().mean().item(),
-    )  # fmt: skip
+    if la.shape != lb.shape:  # e.g. a GGUF whose vocab differs from the HF side's: no config to compare first
+        report.mismatch = f"logits shapes differ: {list(la.shape)} vs {list(lb.shape)} (routing not compared)"
+        return report
+    report.logits = logits_diff(la, lb)
     if obs_a and obs_b:
         report.routing = _routing_agreement(ra, rb)
         if cfg is not None and not cfg.is_moe:
@@ -911,6 +1044,26 @@ def verify(
         side = report.a if not obs_a else report.b
         report.notes.append(f"routing not compared: llama.cpp does not expose its expert choice ({side})")
     return report
+
+
+def _gguf_rank(weight_type: str) -> int:
+    return {"F32": 0, "F16": 1, "BF16": 2, "Q8_0": 3}.get(weight_type, 4)
+
+
+def logits_diff(la_BSV: torch.Tensor, lb_BSV: torch.Tensor) -> LogitsDiff:
+    """Max / mean |Δ|, the worst token's cosine similarity (float64), top-1 agreement, NaN / inf counts."""
+    import torch
+
+    a, b = la_BSV.double(), lb_BSV.double()
+    diff = (a - b).abs()
+    a_TV, b_TV = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    cos_T = torch.nn.functional.cosine_similarity(a_TV, b_TV, dim=-1, eps=1e-30)
+    return LogitsDiff(
+        tokens=a.shape[0] * a.shape[1], max_abs=diff.max().item(), mean_abs=diff.mean().item(),
+        scale=a.abs().max().item(), top1_agreement=(a.argmax(-1) == b.argmax(-1)).double().mean().item(),
+        cosine=math.nan if cos_T.isnan().any() else cos_T.min().item(),
+        nonfinite_a=int((~a.isfinite()).sum()), nonfinite_b=int((~b.isfinite()).sum()), values=a.numel(),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
