@@ -45,7 +45,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     report = convert(
         args.src, args.dst, to=args.to, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp,
         first=args.first, last=args.last, dry_run=args.dry_run, overwrite=args.overwrite, hf_config=args.hf_config,
-        outtype=args.outtype, vit=args.vit, progress=not args.no_progress and sys.stderr.isatty(),
+        outtype=args.outtype, vit=args.vit, verify_checksums=args.verify_checksums,
+        progress=not args.no_progress and sys.stderr.isatty(),
     )  # fmt: skip
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
@@ -96,18 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", type=Path, help="HF directory or Megatron torch_dist directory")
     c.add_argument("dst", type=Path, help="output directory (megatron, hf) or .gguf file")
     c.add_argument("--to", required=True, choices=["megatron", "hf", "gguf"])
-    c.add_argument("--tp", type=int, default=1, help="tensor parallel size (megatron target)")
-    c.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
-    c.add_argument("--ep", type=int, default=1, help="expert parallel size")
+    # layout flags: --to megatron only (default 1); given with another target they are an error, not ignored
+    c.add_argument("--tp", type=int, default=None, help="tensor parallel size (megatron target; default 1)")
+    c.add_argument("--pp", type=int, default=None, help="pipeline parallel size (default 1)")
+    c.add_argument("--ep", type=int, default=None, help="expert parallel size (default 1)")
     c.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: = tp)")
-    c.add_argument("--vpp", type=int, default=1, help="virtual pipeline chunks per stage")
+    c.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage (default 1)")
     c.add_argument("--first", type=int, default=None, help="layers in the first pipeline stage (uneven PP)")
     c.add_argument("--last", type=int, default=None, help="layers in the last pipeline stage (uneven PP)")
     c.add_argument("--hf-config", type=Path, default=None, help="HF config for a torch_dist source without one")
-    c.add_argument("--outtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF tensor type")
+    c.add_argument("--outtype", default=None, choices=["f32", "f16", "bf16", "q8_0"],
+                   help="GGUF tensor type (gguf target; default f32)")
     c.add_argument("--vit", default=None, choices=["hf", "megatron"],
                    help="VL, --to megatron: transformers' ViT replicated over TP (hf, default) or the TP-sharded "
                         "Megatron-Core ViT (megatron)")  # fmt: skip
+    c.add_argument("--verify-checksums", action="store_true",
+                   help="check every source file against the checksums ernie45 recorded, before writing anything")
     c.add_argument("--dry-run", action="store_true", help="print the plan (names, ops, shards, bytes); write nothing")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -162,8 +167,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .bridge.io import CheckpointError
-    from .config import ConfigError
+    from .errors import bad_input_message
 
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", module="megatron")
@@ -173,10 +177,23 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+    except BaseException as e:  # DCP's CheckpointException is a BaseException; interrupts and bugs are re-raised
+        message = bad_input_message(e)
+        if message is None and isinstance(e, _legacy_bad_input()):
+            message = str(e)
+        if message is None:
+            raise  # a bug in ernie45 (or ^C): the traceback is the report
         # one clear line naming the file/tensor, exit code 2; nothing half-written (outputs are atomic)
-        print(f"ernie45 {args.command}: error: {e}", file=sys.stderr)
+        print(f"ernie45 {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _legacy_bad_input() -> tuple[type[BaseException], ...]:
+    """Bad-input errors of modules that do not derive them from ``ernie45.errors.InputError`` yet."""
+    from .bridge.plan import PlanError
+    from .verify import VerifyError  # GenerateError and RouteStatsError derive from it
+
+    return (PlanError, VerifyError)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .errors import InputError
+
 __all__ = ["ConfigError", "ErnieConfig", "VisionConfig", "load_config"]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config.json that cannot describe an ERNIE 4.5 model (missing or inconsistent field)."""
 
 

@@ -30,7 +30,19 @@ from pathlib import Path
 
 import torch
 
-from .bridge.io import SIDE_FILES, CheckpointError, HFCheckpoint, atomic_output, write_safetensors_streaming
+from .bridge.io import (
+    INDEX_NAME,
+    INFO_NAME,
+    Checksums,
+    CheckpointError,
+    HFCheckpoint,
+    atomic_output,
+    read_json,
+    record_checksums,
+    refuse_overlap,
+    side_files_of,
+    write_safetensors_streaming,
+)
 from .bridge.layout import shard_bounds
 from .bridge.live import _read_hf_slices
 from .bridge.ops import ConcatGLU
@@ -38,12 +50,12 @@ from .bridge.plan import Plan, PlanError, plan_from_hf
 from .bridge.tables import Item, Split, expand
 from .bridge.torch_dist import MEGATRON_METADATA, ChunkSpec, TorchDistReader, dist_key, extra_state_keys, write_dcp
 from .config import ErnieConfig, load_config
+from .errors import UsageError
 from .megatron.parallel import Layout
 
 __all__ = ["HFSource", "MegatronSource", "open_source", "write_megatron", "write_hf", "convert", "ConversionReport"]
 
 CARRY_PREFIX = "ernie45.carry."
-INFO_NAME = "ernie45.json"
 MEGATRON_VIT_PREFIX = "vision_model.decoder.layers."
 
 
@@ -84,6 +96,15 @@ class HFSource:
     def side_files(self) -> list[Path]:
         return self.ckpt.side_files()
 
+    def source_files(self) -> list[Path]:
+        return [self.path, *self.ckpt.source_files()]
+
+    @property
+    def checksums(self) -> Checksums | None:
+        return self.ckpt.checksums
+
+    notes: list[str] = []  # nothing to say about an HF source: checksums are ernie45's own addition
+
 
 class MegatronSource:
     """A torch_dist checkpoint seen as HF-named tensors (through the bridge table, inverse ops)."""
@@ -92,14 +113,17 @@ class MegatronSource:
 
     def __init__(self, path: str | Path, *, hf_config: str | Path | None = None) -> None:
         self.path = Path(path)
-        self.reader = TorchDistReader(path)
         cfg_path = Path(hf_config) if hf_config else self.path
         if not (cfg_path / "config.json").is_file() and not cfg_path.is_file():
             raise CheckpointError(f"{self.path}: no config.json; pass the HF config with --hf-config")
+        self.config_path = cfg_path if cfg_path.is_file() else cfg_path / "config.json"
         cfg = load_config(cfg_path)
-        info_path = self.path / INFO_NAME
-        # what ernie45 wrote beside the checkpoint (layout, tied, ...); empty for Megatron's own checkpoints
-        self.info = info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        # what ernie45 wrote beside the checkpoint (layout, tied, checksums, ...); empty for Megatron's own
+        self.info = info = _read_info(self.path / INFO_NAME)
+        self.checksums = Checksums(self.path, info.get("checksums") if info else None, info_file=self.path / INFO_NAME)
+        self.checksums.check(".metadata")  # before it is unpickled
+        self.reader = TorchDistReader(path, checksums=self.checksums)
+        self.notes = [self.checksums.note] if self.checksums.note else []
         keys = set(self.reader.keys())
         if cfg.family == "vl" and any(k.startswith(MEGATRON_VIT_PREFIX) for k in keys):
             cfg = replace(cfg, vit_impl="megatron")  # saved from (or for) the Megatron-Core ViT
@@ -111,14 +135,53 @@ class MegatronSource:
         self.carried = sorted(k[len(CARRY_PREFIX) :] for k in keys if k.startswith(CARRY_PREFIX))
         unexpected = sorted(k for k in keys - expected if not k.startswith(CARRY_PREFIX))
         missing = sorted(expected - keys)
-        if missing or unexpected:
+        wrong = self._wrong_shapes(items, keys)
+        if missing or unexpected or wrong:
             raise PlanError(
-                f"{self.path} does not match its config ({self.cfg.family}, {self.cfg.num_hidden_layers} layers):\n"
+                f"{self.path} does not match its config {self.config_path} ({self.cfg.family}, "
+                f"{self.cfg.num_hidden_layers} layers, vocab {self.cfg.vocab_size}):\n"
                 + "".join(f"  missing: {k}\n" for k in missing)
                 + "".join(f"  unexpected: {k}\n" for k in unexpected)
+                + "".join(f"  {line}\n" for line in wrong)
             )
         self._by_hf = {n: it for it in items for n in it.hf}
         self._cache: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def _wrong_shapes(self, items: list[Item], keys: set[str]) -> list[str]:
+        """Every stored shape against the one the config implies, at open (not halfway through a write).
+
+        The vocab rows may exceed ``vocab_size`` only by padding: for a checkpoint ernie45 wrote, exactly the
+        padding to a multiple of the TP it records; for Megatron's own, a padding Megatron makes (to a multiple of
+        ``tp`` or ``128·tp``). A config that says fewer rows than that is refused, never trimmed.
+        """
+        V, out = self.cfg.vocab_size, []
+        if self.info and self.info.get("vocab_size") != V:
+            out.append(f"vocab: {self.config_path.name} says vocab_size {V}, {INFO_NAME} records "
+                       f"{self.info.get('vocab_size')}")  # fmt: skip
+        for item in items:
+            for mg, shape in zip(item.mg, _mg_shapes(item)):
+                key, x = dist_key(mg)
+                if key not in keys:
+                    continue
+                stored = self.reader.shape(key)
+                want = (self.cfg.moe_num_experts, *shape) if x is not None else tuple(shape)
+                if item.split is Split.VOCAB and len(stored) == len(want) and stored[1:] == want[1:]:
+                    if stored[0] in self._vocab_rows(V):
+                        continue
+                    out.append(f"wrong shape: {key}: {stored[0]} rows, not vocab_size {V} padded as "
+                               f"{'its recorded layout pads it' if self.info else 'Megatron pads it'}")  # fmt: skip
+                elif tuple(stored) != want:
+                    out.append(f"wrong shape: {key}: stored {list(stored)}, config implies {list(want)}")
+        return sorted(set(out))
+
+    def _vocab_rows(self, V: int) -> set[int]:
+        if self.info:
+            tp = self.info["layout"]["tp"]
+            return {-(-V // tp) * tp}
+        return {-(-V // m) * m for tp in range(1, 1025) for m in (tp, 128 * tp)}
+
+    def source_files(self) -> list[Path]:
+        return [self.path, self.config_path, *self.side_files()]
 
     def keys(self) -> list[str]:
         return list(self._by_hf) + self.carried
@@ -162,7 +225,32 @@ class MegatronSource:
         return out.clone() if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else out
 
     def side_files(self) -> list[Path]:
-        return [self.path / n for n in SIDE_FILES if (self.path / n).is_file()]
+        return side_files_of(self.path)
+
+
+def _read_info(path: Path) -> dict:
+    """``ernie45.json`` of a torch_dist ernie45 wrote (``{}`` when absent: Megatron's own checkpoints), checked."""
+    if not path.exists():
+        return {}
+    info = read_json(path, f"ernie45 record ({INFO_NAME})")
+    problems = []
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: not an ernie45 record (a JSON object)")
+    if info.get("format") != "ernie45 torch_dist":
+        problems.append(f"format {info.get('format')!r} is not 'ernie45 torch_dist'")
+    if not isinstance(info.get("tied"), bool):
+        problems.append("tied must be true or false")
+    if not isinstance(info.get("vocab_size"), int) or isinstance(info.get("vocab_size"), bool):
+        problems.append("vocab_size must be an integer")
+    if not (isinstance(info.get("carried", []), list) and all(isinstance(n, str) for n in info.get("carried", []))):
+        problems.append("carried must be a list of tensor names")
+    try:
+        Layout(**info["layout"])
+    except (KeyError, TypeError, ValueError) as e:
+        problems.append(f"layout must be a layout ({type(e).__name__}: {e})")
+    if problems:
+        raise CheckpointError(f"{path}: malformed ernie45 record: {'; '.join(problems)}")
+    return info
 
 
 def open_source(
@@ -174,14 +262,17 @@ def open_source(
 
     fmt = detect_format(path)
     if fmt == "hf":
-        return HFSource(path, vit=vit or "hf")
-    if fmt == "megatron":
+        source = HFSource(path, vit=vit or "hf")
+    elif fmt == "megatron":
         source = MegatronSource(path, hf_config=hf_config)
         if vit is not None and source.cfg.family == "vl" and vit != source.cfg.vit_impl:
-            raise ValueError(f"{path} holds the {source.cfg.vit_impl!r} ViT; to change it to {vit!r}, convert to HF "
+            raise UsageError(f"{path} holds the {source.cfg.vit_impl!r} ViT; to change it to {vit!r}, convert to HF "
                              "first")  # fmt: skip
-        return source
-    raise CheckpointError(f"{path}: a {fmt} file cannot be a conversion source")
+    else:
+        raise CheckpointError(f"{path}: a {fmt} file cannot be a conversion source")
+    if vit is not None and source.cfg.family != "vl":
+        raise UsageError(f"--vit chooses the ViT of a VL model; {path} is a {source.cfg.family} model")
+    return source
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -248,6 +339,7 @@ class ConversionReport:
     carried: list[str] = field(default_factory=list)
     dry_run: bool = False
     plan_text: str = ""
+    notes: list[str] = field(default_factory=list)  # what the reader wants said (e.g. no checksums to check)
 
     def summary(self) -> str:
         mb = self.bytes / 2**20
@@ -256,6 +348,7 @@ class ConversionReport:
                  f"{self.tensors} tensors, {mb:.1f} MiB" + ("" if self.dry_run else f" in {self.seconds:.2f} s")]
         lines += [f"  carried (not used by the model, kept bit-exact): {n}" for n in self.carried]
         lines += [f"  ignored: {n}" for n in self.ignored]
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -302,16 +395,16 @@ def write_megatron(source, dst: Path, layout: Layout, *, overwrite=False, progre
         write_dcp(tmp, chunks, objects, on_chunk=bar.update)
         (tmp / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
         torch.save({}, tmp / "common.pt")  # Megatron's common (non-sharded) state: nothing for a bare conversion
+        data_files = [f.name for f in tmp.iterdir()]
         (tmp / "config.json").write_text(json.dumps(source.cfg.to_hf(), indent=2, sort_keys=True) + "\n")
         info = dict(
             format="ernie45 torch_dist", version=1, family=source.cfg.family, tied=source.plan.tied,
             layout=asdict(layout), vocab_size=source.cfg.vocab_size, carried=_carried(source), vit=source.cfg.vit_impl,
             local_spec="megatron-core local spec, SequentialMLP experts",
+            checksums=record_checksums(tmp, data_files),
         )  # fmt: skip
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-        for f in source.side_files():
-            if f.name != "config.json":
-                shutil.copy2(f, tmp / f.name)
+        _copy_side_files(source, tmp)
     return total
 
 
@@ -320,12 +413,21 @@ def write_hf(source, dst: Path, *, overwrite=False, progress=True, max_shard_byt
     entries = [(n, tuple(source.shape(n)), source.dtype(n)) for n in names]
     total = sum(d.itemsize * math.prod(s) for _, s, d in entries)
     with atomic_output(dst, overwrite=overwrite) as tmp, _progress(total, "-> HF safetensors", progress) as bar:
-        write_safetensors_streaming(tmp, entries, source.get, max_shard_bytes=max_shard_bytes, on_tensor=bar.update)
+        files = write_safetensors_streaming(tmp, entries, source.get, max_shard_bytes=max_shard_bytes,
+                                            on_tensor=bar.update)  # fmt: skip
+        files += [INDEX_NAME] if (tmp / INDEX_NAME).exists() else []
         (tmp / "config.json").write_text(json.dumps(source.cfg.to_hf(), indent=2, sort_keys=True) + "\n")
-        for f in source.side_files():
-            if f.name != "config.json":
-                shutil.copy2(f, tmp / f.name)
+        # transformers ignores this sidecar; ernie45 checks the weights against it when it reads them back
+        info = dict(format="ernie45 hf", version=1, checksums=record_checksums(tmp, files))
+        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        _copy_side_files(source, tmp)
     return total
+
+
+def _copy_side_files(source, tmp: Path) -> None:
+    for f in source.side_files():  # checked at listing: regular files inside the checkpoint (or its HF cache)
+        if f.name != "config.json":
+            shutil.copyfile(f, tmp / f.name)
 
 
 def _plan_text(source, layout: Layout | None, to: str) -> str:
@@ -351,42 +453,57 @@ def convert(
     dst: str | Path,
     *,
     to: str,
-    tp: int = 1,
-    pp: int = 1,
-    ep: int = 1,
+    tp: int | None = None,
+    pp: int | None = None,
+    ep: int | None = None,
     etp: int | None = None,
-    vpp: int = 1,
+    vpp: int | None = None,
     first: int | None = None,
     last: int | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
     hf_config: str | Path | None = None,
-    outtype: str = "f32",
+    outtype: str | None = None,
     vit: str | None = None,
+    verify_checksums: bool = False,
     progress: bool = True,
 ) -> ConversionReport:
     """Convert ``src`` (HF dir or torch_dist dir) to ``to`` in {"megatron", "hf", "gguf"} at ``dst``.
 
-    ``vit`` (VL, ``to="megatron"``): "hf" (default) writes transformers' ViT replicated, "megatron" the TP-sharded
-    Megatron-Core ViT (``ErnieConfig.vit_impl``)."""
+    The layout flags (``tp`` ... ``last``, ``vit``) belong to a Megatron target, ``outtype`` (default f32) to a
+    GGUF one; giving one to another target is an error rather than ignored. ``vit`` (VL, ``to="megatron"``): "hf"
+    (default) writes transformers' ViT replicated, "megatron" the TP-sharded Megatron-Core ViT
+    (``ErnieConfig.vit_impl``). ``verify_checksums``: check every file of the source against the checksums
+    ernie45 recorded when it wrote it, before writing anything (without it each file is checked when first read).
+    """
     t0 = time.time()
     if to not in ("megatron", "hf", "gguf"):
-        raise ValueError(f"--to must be megatron, hf or gguf, not {to!r}")
-    if vit is not None and to != "megatron":
-        raise ValueError("--vit chooses the ViT of a Megatron target; it needs --to megatron")
+        raise UsageError(f"--to must be megatron, hf or gguf, not {to!r}")
+    layout_flags = dict(tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp, first=first, last=last, vit=vit)
+    ignored_flags = [f"--{k}" for k, v in layout_flags.items() if v is not None and to != "megatron"]
+    ignored_flags += ["--outtype"] if outtype is not None and to != "gguf" else []
+    if ignored_flags:
+        raise UsageError(f"{', '.join(ignored_flags)} {'does' if len(ignored_flags) == 1 else 'do'} not apply to "
+                         f"--to {to} (layout flags and --vit are for --to megatron, --outtype for --to gguf)")  # fmt: skip
     source = open_source(src, hf_config=hf_config, vit=vit)
     dst = Path(dst)
-    if dst.exists() and not overwrite and (dst.is_file() or any(dst.iterdir())):
+    refuse_overlap(source.source_files(), dst)
+    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst}: destination exists and is not empty (pass --overwrite to replace it)")
-    layout = Layout(tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp, first=first, last=last) if to == "megatron" else None
-    if layout is not None:
+    layout = None
+    if to == "megatron":
+        layout = Layout(tp=tp or 1, pp=pp or 1, ep=ep or 1, etp=etp, vpp=vpp or 1, first=first, last=last)
         layout.validate(source.cfg)
     if to == "hf" and source.format == "hf":
-        raise ValueError(f"{src} is already an HF checkpoint")
+        raise UsageError(f"{src} is already an HF checkpoint")
+    if verify_checksums:
+        if source.checksums is None or source.checksums.note:
+            raise CheckpointError(f"{src}: --verify-checksums: no checksums recorded (not written by ernie45)")
+        source.checksums.check_all()
     report = ConversionReport(
         source=str(src), destination=str(dst), to=to, layout=str(layout) if layout else None,
         tensors=len(source.keys()), bytes=sum(source.dtype(n).itemsize * math.prod(source.shape(n)) for n in source.keys()),
-        seconds=0.0, ignored=[], carried=_carried(source), dry_run=dry_run,
+        seconds=0.0, ignored=[], carried=_carried(source), dry_run=dry_run, notes=list(source.notes),
     )  # fmt: skip
     if dry_run:
         report.plan_text = _plan_text(source, layout, to)
@@ -398,7 +515,7 @@ def convert(
     else:
         from .bridge.gguf import export_gguf
 
-        gg = export_gguf(source, source.cfg, dst, outtype=outtype, tokenizer_dir=_tokenizer_dir(source),
+        gg = export_gguf(source, source.cfg, dst, outtype=outtype or "f32", tokenizer_dir=_tokenizer_dir(source),
                          overwrite=overwrite, progress=progress)  # fmt: skip
         report.ignored = list(getattr(gg, "ignored", []))
         report.carried = []
@@ -407,7 +524,8 @@ def convert(
 
 
 def _tokenizer_dir(source) -> Path | None:
-    return source.path if (source.path / "tokenizer.model").is_file() else None
+    # side_files() checked it: a regular file inside the checkpoint (or its HF cache), never a link elsewhere
+    return source.path if any(f.name == "tokenizer.model" for f in source.side_files()) else None
 
 
 def inspect_torch_dist(path: str | Path) -> dict:
@@ -426,5 +544,6 @@ def inspect_torch_dist(path: str | Path) -> dict:
         "dtypes": dict(Counter(str(src.reader.dtype(k)).replace("torch.", "") for k in src.reader.keys())),
         "size on disk": f"{sum(f.stat().st_size for f in Path(path).glob('*.distcp')) / 2**20:.1f} MiB",
         "mtp tensors": sum(1 for n in src.carried if "mtp" in n),
+        "checksums": src.checksums.note or f"ok ({src.checksums.check_all()} files match what ernie45 recorded)",
     })  # fmt: skip
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .bridge.io import HFCheckpoint
+from .bridge.io import CheckpointError, HFCheckpoint
 from .bridge.plan import plan_from_hf
 from .config import load_config
 
@@ -19,12 +19,15 @@ def detect_format(path: str | Path) -> str:
         with open(path, "rb") as f:
             if f.read(4) == b"GGUF":
                 return "gguf"
-        raise ValueError(f"{path}: not a GGUF file and not a checkpoint directory")
-    if (path / "metadata.json").is_file() and (path / ".metadata").is_file():
+        raise CheckpointError(f"{path}: not a GGUF file (no GGUF magic) and not a checkpoint directory")
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: not a regular file or a directory (a FIFO or device?)")
+    # any trace of DCP / Megatron makes it a torch_dist (an incomplete one is then reported as such, not as HF)
+    if (path / ".metadata").exists() or (path / "metadata.json").exists() or any(path.glob("*.distcp")):
         return "megatron"
     if (path / "config.json").is_file():
         return "hf"
-    raise ValueError(f"{path}: not an HF directory (config.json), a Megatron torch_dist directory or a GGUF file")
+    raise CheckpointError(f"{path}: not an HF directory (config.json), a Megatron torch_dist directory or a GGUF file")
 
 
 def _human(n: float) -> str:
@@ -114,6 +117,8 @@ def inspect_path(path: str | Path) -> dict:
         "dtypes": dict(dtypes),
         "size on disk": f"{sum(f.stat().st_size for f in Path(path).glob('*.safetensors')) / 2**20:.1f} MiB",
         "mtp tensors": sum(1 for n, _ in plan.ignored if "mtp" in n),
+        "checksums": (f"ok ({ckpt.checksums.check_all()} files match what ernie45 recorded)" if ckpt.checksums
+                      else "none recorded (not written by ernie45)"),
         "unusual": unusual or "nothing",
     })  # fmt: skip
     return info

@@ -79,6 +79,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import MODEL_TENSOR as T
 
 from ..config import ErnieConfig
+from ..errors import InputError
 
 __all__ = [
     "GGUFExportError",
@@ -95,7 +96,7 @@ __all__ = [
 ]
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(InputError):
     """A checkpoint / config that cannot be written as a correct llama.cpp GGUF (names the offending tensors)."""
 
 

@@ -12,19 +12,26 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import math
 import os
 import shutil
+import stat
 import tempfile
-from pathlib import Path
-from typing import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-__all__ = ["CheckpointError", "HFCheckpoint", "HFWriter", "atomic_output", "write_safetensors_streaming", "SIDE_FILES"]
+from ..errors import InputError
+
+__all__ = [
+    "CheckpointError", "HFCheckpoint", "HFWriter", "atomic_output", "write_safetensors_streaming", "SIDE_FILES",
+    "Checksums", "record_checksums", "refuse_overlap", "side_files_of", "regular_file", "read_json", "INFO_NAME",
+]  # fmt: skip
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # non-weight files an HF directory carries that a converted checkpoint should keep (tokenizer, processor, ...)
@@ -44,8 +51,145 @@ SIDE_FILES = (
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """An unreadable or malformed checkpoint (names the file)."""
+
+
+def read_json(path: Path, what: str) -> Any:
+    """``path`` parsed as JSON, or a :class:`CheckpointError` naming the file and what it should have been."""
+    regular_file(path, what)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid {what} (not JSON: {e})") from None
+
+
+def regular_file(path: Path, what: str) -> Path:
+    """``path`` if it is (or links to) a regular file; a FIFO, device or directory is refused (reading one hangs
+    or means nothing)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such {what}") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: the {what} is not a regular file (a FIFO, device or directory)")
+    return path
+
+
+def hf_cache_blobs(directory: Path) -> Path | None:
+    """``<repo>/blobs`` if ``directory`` is a snapshot of the Hugging Face hub cache
+    (``<cache>/models--<org>--<name>/snapshots/<revision>/``, whose files are links into ``../../blobs/``)."""
+    d = directory.resolve()
+    repo = d.parent.parent
+    if d.parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--")) and (repo / "blobs").is_dir():
+        return repo / "blobs"
+    return None
+
+
+def side_files_of(directory: Path) -> list[Path]:
+    """The :data:`SIDE_FILES` present in ``directory``, each a regular file inside the checkpoint or, for a Hugging
+    Face cache snapshot, inside its ``blobs/``. A side file that links anywhere else is refused: it would be copied
+    into the output (a ``tokenizer.model`` linked to a system file must not travel)."""
+    root, blobs = directory.resolve(), hf_cache_blobs(directory)
+    out = []
+    for name in SIDE_FILES:
+        f = directory / name
+        if not (f.exists() or f.is_symlink()):
+            continue
+        target = f.resolve()
+        if not (target.is_relative_to(root) or (blobs is not None and target.is_relative_to(blobs))):
+            raise CheckpointError(f"{f}: links to {target}, outside the checkpoint (and outside any Hugging Face "
+                                  "cache); refusing to read or copy it")  # fmt: skip
+        out.append(regular_file(f, "side file"))
+    return out
+
+
+INFO_NAME = "ernie45.json"  # what ernie45 records beside what it writes: provenance, layout, checksums
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def record_checksums(directory: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{file name: {"bytes": size, "sha256": hex}}`` of ``names`` in ``directory`` (just written: read back from
+    the page cache)."""
+    return {n: {"bytes": (directory / n).stat().st_size, "sha256": file_sha256(directory / n)} for n in sorted(names)}
+
+
+class Checksums:
+    """The per-file checksums ernie45 recorded in ``ernie45.json`` when it wrote a checkpoint, checked on reading.
+
+    At open every recorded file must exist with its recorded size (cheap: catches a missing or truncated file).
+    Its content hash is checked once, the first time the file is read (:meth:`check`), or for all files up front
+    (:meth:`check_all`: ``convert --verify-checksums``, ``inspect``). Recorded are the data files (weights, DCP
+    metadata, Megatron's ``common.pt`` / ``metadata.json``); not ``config.json`` or tokenizer files, which people
+    edit by hand and which are checked against the weights anyway. A checkpoint ernie45 did not write has none:
+    :attr:`note` says so.
+    """
+
+    def __init__(self, directory: Path, recorded: Any, *, info_file: Path | None) -> None:
+        self.directory = directory
+        self.recorded: dict[str, dict[str, Any]] = {}
+        self.note: str | None = None
+        self._checked: set[str] = set()
+        if recorded is None:
+            self.note = (f"{directory}: no checksums recorded (written by Megatron or another tool, not ernie45); corrupted bytes in its files "
+                         "cannot be detected")  # fmt: skip
+            return
+        ok = isinstance(recorded, dict) and all(
+            isinstance(n, str) and n and "/" not in n and n not in (".", "..") and isinstance(v, dict)
+            and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str) and len(v["sha256"]) == 64
+            for n, v in recorded.items()
+        )  # fmt: skip
+        if not ok:
+            raise CheckpointError(f"{info_file}: malformed 'checksums' (file name -> {{bytes, sha256}})")
+        self.recorded = recorded
+        for name, want in sorted(recorded.items()):
+            f = directory / name
+            if not f.exists():
+                raise CheckpointError(f"{f}: missing (listed in {info_file})")
+            size = regular_file(f, "checkpoint file").stat().st_size
+            if size != want["bytes"]:
+                raise CheckpointError(f"{f}: {size} bytes, but {want['bytes']} were written (recorded in "
+                                      f"{info_file}): truncated or replaced")  # fmt: skip
+
+    def check(self, name: str) -> None:
+        """The content hash of ``name`` (relative to the directory), once; a file without a record passes."""
+        if name in self._checked or name not in self.recorded:
+            return
+        got = file_sha256(self.directory / name)
+        if got != self.recorded[name]["sha256"]:
+            raise CheckpointError(f"{self.directory / name}: checksum mismatch (sha256 {got[:16]}…, recorded "
+                                  f"{self.recorded[name]['sha256'][:16]}… in {INFO_NAME}): the file is corrupted "
+                                  "or was replaced")  # fmt: skip
+        self._checked.add(name)
+
+    def check_all(self) -> int:
+        """Check every recorded file; the number checked."""
+        for name in sorted(self.recorded):
+            self.check(name)
+        return len(self.recorded)
+
+    def describe(self) -> str:
+        return self.note or f"{len(self.recorded)} files recorded"
+
+
+def refuse_overlap(sources: Iterable[str | Path], dst: str | Path) -> None:
+    """Refuse a destination that is a source, lies inside one or contains one (also through links): writing it
+    (``--overwrite`` replaces the destination whole) would destroy the source. ``sources``: the source
+    directory and every file it is read from."""
+    d = Path(dst).resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        if d == s or s.is_relative_to(d) or (s.is_dir() and d.is_relative_to(s)):
+            how = "is" if d == s else "contains" if s.is_relative_to(d) else "lies inside"
+            raise CheckpointError(f"{dst}: the destination {how} the source {src}"
+                                  f"{f' ({s})' if str(s) != str(src) else ''}; choose another destination")  # fmt: skip
 
 
 _DTYPES = {
@@ -81,10 +225,19 @@ class HFCheckpoint:
                 if name in self._file_of:
                     raise CheckpointError(f"{f}: tensor {name} also stored in {self._file_of[name]}")
                 sl = handle.get_slice(name)
+                if sl.get_dtype() not in _DTYPES:
+                    raise CheckpointError(f"{f}: tensor {name} has dtype {sl.get_dtype()}, which ernie45 does not "
+                                          f"read (it reads {', '.join(_DTYPES)})")  # fmt: skip
                 self._file_of[name] = f
                 self._shape[name] = tuple(sl.get_shape())
                 self._dtype[name] = sl.get_dtype()
         self._check_index()
+        # the checksums ernie45 recorded when it wrote this directory (none for other writers: HF's usual case)
+        sidecar = self.path / INFO_NAME
+        info = read_json(sidecar, f"ernie45 record ({INFO_NAME})") if sidecar.exists() else None
+        if info is not None and not isinstance(info, dict):
+            raise CheckpointError(f"{sidecar}: not an ernie45 record (a JSON object)")
+        self.checksums = Checksums(self.path, info.get("checksums"), info_file=sidecar) if info else None
 
     # ---------------------------------------------------------------------------------------------------------
     def _weight_files(self) -> list[Path]:
@@ -97,25 +250,29 @@ class HFCheckpoint:
             )
         index = self.path / INDEX_NAME
         if index.exists():
-            try:
-                self._index = json.loads(index.read_text())
-                weight_map = self._index["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-            root = self.path.resolve()
+            self._index = read_json(index, "safetensors index")
+            weight_map = self._index.get("weight_map") if isinstance(self._index, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+            ):
+                raise CheckpointError(f"{index}: not a valid safetensors index (weight_map must map tensor names to "
+                                      "shard file names, all strings)")  # fmt: skip
             files = []
             for shard in sorted(set(weight_map.values())):
-                p = (self.path / shard).resolve()
-                if root not in p.parents:
+                # judged by its text: the Hugging Face cache's snapshot files are links into ../../blobs/, which is
+                # fine; a name that climbs out of (or replaces) the directory is not
+                rel = PurePosixPath(shard)
+                if rel.is_absolute() or ".." in rel.parts or not rel.parts or "\\" in shard:
                     raise CheckpointError(f"{index}: shard {shard!r} points outside the checkpoint directory")
-                if not p.is_file():
+                p = self.path / rel
+                if not p.exists():
                     raise CheckpointError(f"{index}: shard {shard!r} is missing")
-                files.append(p)
+                files.append(regular_file(p, "safetensors shard"))
             return files
         self._index = None
         if not st:
             raise CheckpointError(f"{self.path}: no *.safetensors files")
-        return st
+        return [regular_file(f, "safetensors file") for f in st]
 
     def _open(self, f: Path):
         try:
@@ -134,7 +291,7 @@ class HFCheckpoint:
             return
         weight_map = self._index["weight_map"]
         wrong = sorted(
-            n for n, shard in weight_map.items() if n not in self._file_of or self._file_of[n] != (self.path / shard).resolve()
+            n for n, shard in weight_map.items() if n not in self._file_of or self._file_of[n] != self.path / PurePosixPath(shard)
         )
         extra = sorted(set(self._file_of) - set(weight_map))
         if wrong or extra:
@@ -160,7 +317,7 @@ class HFCheckpoint:
         return self._shape[name]
 
     def dtype(self, name: str) -> torch.dtype:
-        return _DTYPES[self._dtype[name]]
+        return _DTYPES[self._dtype[name]]  # every stored dtype was checked at open
 
     def nbytes(self, name: str) -> int:
         n = self.dtype(name).itemsize
@@ -185,6 +342,8 @@ class HFCheckpoint:
         if name not in self._file_of:
             raise CheckpointError(f"{self.path}: no tensor {name}")
         f = self._file_of[name]
+        if self.checksums is not None:
+            self.checksums.check(f.relative_to(self.path).as_posix())
         shape, dtype = self._shape[name], self.dtype(name)
         row_bytes = dtype.itemsize * math.prod(shape[1:])
         a, b = self._offsets[name]
@@ -208,7 +367,12 @@ class HFCheckpoint:
         return t
 
     def side_files(self) -> list[Path]:
-        return [self.path / n for n in SIDE_FILES if (self.path / n).is_file()]
+        return side_files_of(self.path)
+
+    def source_files(self) -> list[Path]:
+        """Every file this checkpoint is read from (weights, index, config, side files)."""
+        extra = [self.path / n for n in (INDEX_NAME, "config.json") if (self.path / n).exists()]
+        return sorted(set(self._file_of.values())) + extra + self.side_files()
 
 
 def _header(f: Path) -> tuple[int, dict]:

@@ -33,13 +33,22 @@ from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from .io import CheckpointError
+from ..errors import dcp_failure
+from .io import Checksums, CheckpointError, read_json, regular_file
 
 __all__ = ["dist_key", "extra_state_keys", "ChunkSpec", "write_dcp", "TorchDistReader", "MEGATRON_METADATA"]
 
@@ -150,10 +159,21 @@ class _LazySavePlanner(DefaultSavePlanner):
         return self._last
 
 
+class _ReproducibleWriter(FileSystemWriter):
+    """DCP's file writer without the storage metadata it would pickle into ``.metadata`` (a random save id and the
+    temporary directory's path): two conversions of the same source give identical files. Loaders do not need it."""
+
+    def storage_meta(self):
+        return None
+
+
 def write_dcp(path: Path, chunks: list[ChunkSpec], objects: dict[str, bytes], on_chunk=lambda n: None) -> None:
     """Write a DCP checkpoint from lazily produced chunks (no process group needed)."""
-    writer = FileSystemWriter(str(path), single_file_per_rank=True, thread_count=1, sync_files=False)
-    dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects, on_chunk), no_dist=True)
+    writer = _ReproducibleWriter(str(path), single_file_per_rank=True, thread_count=1, sync_files=False)
+    try:
+        dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects, on_chunk), no_dist=True)
+    except CheckpointException as e:  # a BaseException: re-raise what went wrong (a bad tensor, a full disk) itself
+        raise (dcp_failure(e) or CheckpointError(f"{path}: DCP could not write the checkpoint ({e})")) from None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -190,14 +210,40 @@ class _SafeReader(FileSystemReader):
         path = Path(self.path) / ".metadata"
         if self._parsed is None:
             try:
-                with open(path, "rb") as f:
-                    self._parsed = _MetadataUnpickler(f).load()
-            except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+                with open(regular_file(path, "DCP metadata file"), "rb") as f:
+                    md = _MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError) as e:
                 raise CheckpointError(f"{path}: unreadable or untrusted DCP metadata ({e})") from None
+            _check_metadata(md, path)
+            self._parsed = md
         md = self._parsed
-        if getattr(md, "storage_meta", None) is not None:
+        if md.storage_meta is not None:
             md.storage_meta.load_id = self.load_id
         return md
+
+
+def _check_metadata(md, path: Path) -> None:
+    """A ``.metadata`` is a pickle: that it unpickled says nothing about its shape. Check what DCP relies on."""
+    if not isinstance(md, Metadata):
+        raise CheckpointError(f"{path}: not DCP metadata (a pickled {type(md).__name__})")
+    entries = md.state_dict_metadata
+    storage = md.storage_data
+    if not isinstance(entries, dict) or not isinstance(storage, dict):
+        raise CheckpointError(f"{path}: malformed DCP metadata (state_dict_metadata / storage_data are not maps)")
+    for key, v in entries.items():
+        if not isinstance(key, str) or not isinstance(v, (TensorStorageMetadata, BytesStorageMetadata)):
+            raise CheckpointError(f"{path}: malformed DCP metadata entry {key!r} ({type(v).__name__})")
+        if isinstance(v, TensorStorageMetadata) and not (
+            isinstance(v.properties, TensorProperties) and isinstance(v.properties.dtype, torch.dtype)
+            and all(isinstance(c, ChunkStorageMetadata) for c in v.chunks)
+        ):  # fmt: skip
+            raise CheckpointError(f"{path}: malformed DCP metadata for tensor {key!r}")
+    for index, info in storage.items():
+        rel = getattr(info, "relative_path", None)
+        if not (isinstance(index, MetadataIndex) and isinstance(rel, str) and isinstance(info.offset, int)
+                and isinstance(info.length, int) and rel and not Path(rel).is_absolute()
+                and ".." not in Path(rel).parts):  # fmt: skip
+            raise CheckpointError(f"{path}: malformed DCP storage entry for {getattr(index, 'fqn', index)!r}")
 
 
 class _RegionLoadPlanner(DefaultLoadPlanner):
@@ -227,18 +273,45 @@ class _RegionLoadPlanner(DefaultLoadPlanner):
 class TorchDistReader:
     """Lazy reader of a torch_dist (DCP) checkpoint directory."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, checksums: Checksums | None = None) -> None:
+        """``checksums``: what ernie45 recorded when it wrote the directory; each data file is checked against it
+        before its first read."""
         self.path = Path(path)
-        if not (self.path / ".metadata").is_file():
-            raise CheckpointError(f"{self.path}: not a torch_dist checkpoint (no .metadata)")
+        self.checksums = checksums
+        if not (self.path / ".metadata").exists():
+            raise CheckpointError(f"{self.path}: not a complete torch_dist checkpoint (no .metadata file)")
         meta = self.path / "metadata.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("sharded_backend") != "torch_dist":
-            raise CheckpointError(f"{meta}: sharded_backend is not torch_dist")
+        if meta.exists():
+            info = read_json(meta, "Megatron metadata.json")
+            if not isinstance(info, dict) or info.get("sharded_backend") != "torch_dist":
+                raise CheckpointError(f"{meta}: sharded_backend is not torch_dist")
         self._reader = _SafeReader(str(self.path))
         self.metadata = self._reader.read_metadata()
         self._tensors = {
-            k: v for k, v in self.metadata.state_dict_metadata.items() if hasattr(v, "chunks") and hasattr(v, "size")
+            k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }
+        self._check_storage()
+        self._files_of: dict[str, set[str]] = {}
+        for index, info in self.metadata.storage_data.items():
+            self._files_of.setdefault(index.fqn, set()).add(info.relative_path)
+
+    def _check_storage(self) -> None:
+        """Every byte range the metadata names lies in an existing regular file (a missing or truncated ``.distcp``
+        is found here, not by DCP halfway through a conversion)."""
+        need: dict[str, int] = {}
+        for info in self.metadata.storage_data.values():
+            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+        for name, end in sorted(need.items()):
+            f = self.path / name
+            if not f.exists():
+                raise CheckpointError(f"{f}: missing (the checkpoint's .metadata stores tensors in it)")
+            size = regular_file(f, "DCP data file").stat().st_size
+            if size < end:
+                raise CheckpointError(f"{f}: truncated (.metadata places data up to byte {end}, the file has {size})")
+
+    def data_files(self) -> list[str]:
+        """The data files the metadata names (relative to the directory)."""
+        return sorted({info.relative_path for info in self.metadata.storage_data.values()})
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -258,8 +331,14 @@ class TorchDistReader:
         if index is not None:
             offsets[0], sizes[0] = index, 1
         dest = torch.empty(sizes, dtype=self.dtype(key))
+        if self.checksums is not None:
+            for name in sorted(self._files_of.get(key, ())):
+                self.checksums.check(name)
         try:
             dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(key, offsets, sizes, dest), no_dist=True)
-        except Exception as e:  # DCP raises a CheckpointException wrapping per-rank failures
-            raise CheckpointError(f"{self.path}: cannot read {key} ({type(e).__name__}: {e})") from None
+        except (Exception, CheckpointException) as e:  # CheckpointException (per-rank failures) is a BaseException
+            if isinstance(e, CheckpointError):
+                raise
+            inner = dcp_failure(e) or e
+            raise CheckpointError(f"{self.path}: cannot read {key} ({type(inner).__name__}: {inner})") from None
         return dest[0] if index is not None else dest
