@@ -25,8 +25,12 @@ __all__ = ["run_demo"]
 
 
 def _bit_exact(a: HFCheckpoint, b) -> tuple[int, int, list[str]]:
+    """(tensors equal in dtype, shape and bytes, tensors of ``a``, the others): torch.equal alone ignores dtype."""
+    from .testing import bit_exact_difference
+
     names = sorted(a.keys())
-    bad = [n for n in names if n not in set(b.keys()) or not torch.equal(a.get(n), b.get(n))]
+    have = set(b.keys())
+    bad = [n for n in names if n not in have or bit_exact_difference(b.get(n), a.get(n)) is not None]
     return len(names) - len(bad), len(names), bad
 
 

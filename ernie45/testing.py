@@ -13,7 +13,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["TINY", "tiny_hf_config", "build_hf_model", "rerandomise", "write_tiny_checkpoint"]
+__all__ = [
+    "TINY",
+    "tiny_hf_config",
+    "build_hf_model",
+    "rerandomise",
+    "write_tiny_checkpoint",
+    "bit_exact_difference",
+    "assert_bit_exact",
+    "hf_loss_and_grads",
+    "grad_differences",
+]
 
 # Tiny configs that exercise what the parity tests must cover: GQA, head_dim != hidden/heads (dense), a dense first
 # layer, an MoE interval > 1, top-k > 1, 2 shared experts, E != H (catches a wrong router transpose), tied/untied.
@@ -163,3 +173,70 @@ def write_tiny_checkpoint(out_dir: str | Path, family: str, *, seed: int = 0, dt
     model = build_hf_model(tiny_hf_config(family, **overrides), seed=seed, dtype=dtype)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def bit_exact_difference(actual: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """Why ``actual`` is not a bit-exact copy of ``expected`` (dtype, shape, then bytes), or None if it is.
+
+    ``torch.equal`` alone is not enough: it compares values after type promotion, so a float64 (or float16 holding
+    representable values) copy of a float32 tensor passes it. Bytes also make NaN payloads and the sign of zero count.
+    """
+    if not isinstance(actual, torch.Tensor) or not isinstance(expected, torch.Tensor):
+        return f"not tensors: {type(actual).__name__} vs {type(expected).__name__}"
+    if actual.dtype != expected.dtype:
+        return f"dtype {actual.dtype} != {expected.dtype}"
+    if actual.shape != expected.shape:
+        return f"shape {list(actual.shape)} != {list(expected.shape)}"
+    a_N = actual.detach().cpu().contiguous().reshape(-1)
+    b_N = expected.detach().cpu().contiguous().reshape(-1)
+    if a_N.numel() == 0:
+        return None
+    # one row of bytes per element, so the message can count elements, not bytes
+    a_NB, b_NB = a_N.view(torch.uint8).view(a_N.numel(), -1), b_N.view(torch.uint8).view(b_N.numel(), -1)
+    differ_N = (a_NB != b_NB).any(-1)
+    if differ_N.any():
+        first = int(differ_N.nonzero()[0])
+        return f"{int(differ_N.sum())} of {a_N.numel()} elements differ (first at flat index {first})"
+    return None
+
+
+def assert_bit_exact(actual: torch.Tensor, expected: torch.Tensor, name: object = "") -> None:
+    """Assert ``actual`` is ``expected`` bit for bit: same dtype, same shape, same bytes. ``name`` labels the failure."""
+    why = bit_exact_difference(actual, expected)
+    if why is not None:
+        raise AssertionError(f"{name}: {why}" if name != "" else why)
+
+
+def hf_loss_and_grads(hf_model, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor, **inputs):
+    """transformers' loss and gradients for Megatron's training convention, under the **on-disk** HF names.
+
+    Megatron's GPT loss is the cross-entropy of ``logits[b, s]`` against ``labels[b, s]`` (labels already shifted),
+    averaged over every token; here it is computed with ``torch.nn.functional.cross_entropy`` on transformers'
+    logits. transformers holds the MoE experts fused in memory (``experts.gate_up_proj [E, 2I, H]``); its own
+    ``revert_weight_conversion`` (what ``save_pretrained`` uses) maps the gradients back to the per-expert names a
+    checkpoint -- and ``ernie45.bridge.live.gather_hf`` -- use. Returns ``(loss, {hf name: grad})``.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    hf_model.zero_grad(set_to_none=True)
+    logits_BSV = hf_model(input_ids=input_ids_BS, **inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten())
+    loss.backward()
+    grads = {n: p.grad for n, p in hf_model.named_parameters() if p.grad is not None}
+    return loss.detach(), revert_weight_conversion(hf_model, grads)
+
+
+def grad_differences(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], *, atol: float = 1e-7) -> dict[str, float]:
+    """Per tensor, max |got - want| relative to max |want| (0 where both are within ``atol``, e.g. an expert no token
+    reached). The caller asserts the worst against its tolerance; the names must agree."""
+    if sorted(got) != sorted(want):
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        raise AssertionError(f"gradient names differ: missing {missing[:5]}, unexpected {extra[:5]}")
+    out = {}
+    for name, w in want.items():
+        g = got[name]
+        if g.shape != w.shape:
+            raise AssertionError(f"{name}: gradient shape {list(g.shape)} != {list(w.shape)}")
+        diff = (g.float() - w.float()).abs().max().item()
+        out[name] = 0.0 if diff <= atol else diff / max(w.abs().max().item(), 1e-12)
+    return out

@@ -12,7 +12,7 @@ from ernie45.bridge.io import CheckpointError, HFCheckpoint
 from ernie45.bridge.torch_dist import TorchDistReader
 from ernie45.cli import main as cli
 from ernie45.convert import convert
-from ernie45.testing import tiny_hf_config, write_tiny_checkpoint
+from ernie45.testing import assert_bit_exact, tiny_hf_config, write_tiny_checkpoint
 
 MTP = {
     "model.mtp_block.0.self_attn.q_proj.weight": (64, 64),
@@ -80,8 +80,7 @@ def _assert_same_hf(a, b):
     a, b = HFCheckpoint(a), HFCheckpoint(b)
     assert sorted(a.keys()) == sorted(b.keys())
     for name in a.keys():
-        assert a.dtype(name) == b.dtype(name), name
-        assert torch.equal(a.get(name), b.get(name)), name
+        assert_bit_exact(a.get(name), b.get(name), name)
 
 
 @pytest.mark.parametrize("family", ["dense", "moe", "vl"])
@@ -105,7 +104,7 @@ def test_mtp_is_carried_bit_exact(grid_ckpts, tmp_path):
     back = HFCheckpoint(tmp_path / "hf")
     for name in MTP:
         assert back.dtype(name) == torch.bfloat16
-        assert torch.equal(back.get(name), HFCheckpoint(grid_ckpts["moe"]).get(name))
+        assert_bit_exact(back.get(name), HFCheckpoint(grid_ckpts["moe"]).get(name))
 
 
 def test_reshard_a_b_a_is_bit_exact(grid_ckpts, tmp_path):
@@ -116,7 +115,7 @@ def test_reshard_a_b_a_is_bit_exact(grid_ckpts, tmp_path):
     a, a2 = TorchDistReader(tmp_path / "a"), TorchDistReader(tmp_path / "a2")
     assert sorted(a.keys()) == sorted(a2.keys())
     for k in a.keys():
-        assert torch.equal(a.read(k), a2.read(k)), k
+        assert_bit_exact(a.read(k), a2.read(k), k)
     convert(tmp_path / "b", tmp_path / "hf", to="hf", progress=False)
     _assert_same_hf(src, tmp_path / "hf")
 

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from conftest import free_port
 from dist_worker import LAYOUTS, worker
 from ernie45.bridge.io import HFCheckpoint
+from ernie45.testing import assert_bit_exact
 
 CASES = [f"{fam}-{name}" for name, (_, fams) in LAYOUTS.items() for fam in fams]
 
@@ -43,7 +44,7 @@ def test_live_export_is_bit_exact(case, dist_run):
     assert sorted(dst.keys()) == sorted(src.keys())
     for name in src.keys():
         assert dst.dtype(name) == src.dtype(name)
-        assert torch.equal(dst.get(name), src.get(name)), name
+        assert_bit_exact(dst.get(name), src.get(name), name)
     assert (out / case / "config.json").is_file() and (out / case / "generation_config.json").is_file()
 
 
@@ -80,4 +81,4 @@ def test_offline_checkpoint_loads_into_live_models_at_two_layouts(tiny_ckpts, tm
             back = HFCheckpoint(out)
             assert sorted(back.keys()) == sorted(src.keys())
             for key in src.keys():
-                assert back.dtype(key) == src.dtype(key) and torch.equal(back.get(key), src.get(key)), (out, key)
+                assert_bit_exact(back.get(key), src.get(key), (out, key))

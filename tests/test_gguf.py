@@ -30,7 +30,7 @@ from ernie45.bridge.gguf import (
 )
 from ernie45.bridge.io import HFCheckpoint
 from ernie45.config import ErnieConfig
-from ernie45.testing import tiny_hf_config, write_tiny_checkpoint
+from ernie45.testing import assert_bit_exact, tiny_hf_config, write_tiny_checkpoint
 from ernie45.testing_tokenizer import TINY_CORPUS, write_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,14 +114,16 @@ def test_table_uses_gguf_constants_and_covers_the_architectures():
 def test_ops_invert_bit_exactly():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, generator=g)
-    assert torch.equal(Same().to_hf(Same().to_gguf((x,)))[0], x)
+    assert_bit_exact(Same().to_hf(Same().to_gguf((x,)))[0], x)
     b = torch.rand(1, 8, generator=g)
     (back,) = SqueezeRow().to_hf(SqueezeRow().to_gguf((b,)))
-    assert back.shape == (1, 8) and torch.equal(back, b)
+    assert_bit_exact(back, b)
     experts = tuple(torch.randn(4, 6, generator=g) for _ in range(5))
     stacked = StackExperts().to_gguf(experts)
-    assert stacked.shape == (5, 4, 6) and torch.equal(stacked[3], experts[3])
-    assert all(torch.equal(a, b) for a, b in zip(StackExperts().to_hf(stacked), experts))
+    assert stacked.shape == (5, 4, 6)
+    assert_bit_exact(stacked[3], experts[3])
+    for a, b in zip(StackExperts().to_hf(stacked), experts, strict=True):
+        assert_bit_exact(a, b)
     with pytest.raises(GGUFExportError, match=r"\[1, E\]"):
         SqueezeRow().to_gguf((torch.zeros(2, 8),))
 
@@ -202,7 +204,7 @@ def test_f32_round_trip_is_bit_exact(name, ckpts, tmp_path):
     back = read_gguf_as_hf(tmp_path / "m.gguf")
     assert sorted(back) == sorted(src.keys())
     for k in src.keys():
-        assert back[k].dtype == torch.float32 and torch.equal(back[k], src.get(k)), k
+        assert_bit_exact(back[k], src.get(k), k)
 
 
 def test_layout_spelled_out(ckpts, tmp_path):
@@ -212,17 +214,17 @@ def test_layout_spelled_out(ckpts, tmp_path):
     raw = {t.name: torch.from_numpy(np.array(t.data)) for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
     p = "model.layers.3.mlp."
     for x in range(8):  # expert x at index x of the stacked tensors, no transpose
-        assert torch.equal(raw["blk.3.ffn_gate_exps.weight"][x], src.get(p + f"experts.{x}.gate_proj.weight"))
-        assert torch.equal(raw["blk.3.ffn_up_exps.weight"][x], src.get(p + f"experts.{x}.up_proj.weight"))
-        assert torch.equal(raw["blk.3.ffn_down_exps.weight"][x], src.get(p + f"experts.{x}.down_proj.weight"))
-    assert torch.equal(raw["blk.3.ffn_gate_inp.weight"], src.get(p + "gate.weight"))  # [E, H], as on disk
-    assert torch.equal(raw["blk.3.exp_probs_b.bias"], src.get(p + "moe_statics.e_score_correction_bias")[0])
-    assert torch.equal(raw["blk.3.ffn_down_shexp.weight"], src.get(p + "shared_experts.down_proj.weight"))
+        assert_bit_exact(raw["blk.3.ffn_gate_exps.weight"][x], src.get(p + f"experts.{x}.gate_proj.weight"))
+        assert_bit_exact(raw["blk.3.ffn_up_exps.weight"][x], src.get(p + f"experts.{x}.up_proj.weight"))
+        assert_bit_exact(raw["blk.3.ffn_down_exps.weight"][x], src.get(p + f"experts.{x}.down_proj.weight"))
+    assert_bit_exact(raw["blk.3.ffn_gate_inp.weight"], src.get(p + "gate.weight"))  # [E, H], as on disk
+    assert_bit_exact(raw["blk.3.exp_probs_b.bias"], src.get(p + "moe_statics.e_score_correction_bias")[0])
+    assert_bit_exact(raw["blk.3.ffn_down_shexp.weight"], src.get(p + "shared_experts.down_proj.weight"))
     # Q and K are *not* permuted: llama.cpp's NORM RoPE already pairs adjacent channels like HF ERNIE
-    assert torch.equal(raw["blk.0.attn_q.weight"], src.get("model.layers.0.self_attn.q_proj.weight"))
-    assert torch.equal(raw["blk.0.attn_k.weight"], src.get("model.layers.0.self_attn.k_proj.weight"))
-    assert torch.equal(raw["blk.0.ffn_gate.weight"], src.get("model.layers.0.mlp.gate_proj.weight"))
-    assert torch.equal(raw["output.weight"], src.get("lm_head.weight"))
+    assert_bit_exact(raw["blk.0.attn_q.weight"], src.get("model.layers.0.self_attn.q_proj.weight"))
+    assert_bit_exact(raw["blk.0.attn_k.weight"], src.get("model.layers.0.self_attn.k_proj.weight"))
+    assert_bit_exact(raw["blk.0.ffn_gate.weight"], src.get("model.layers.0.mlp.gate_proj.weight"))
+    assert_bit_exact(raw["output.weight"], src.get("lm_head.weight"))
 
 
 def test_tied_config_with_lm_head_on_disk_writes_output(ckpts, tmp_path):
@@ -231,7 +233,7 @@ def test_tied_config_with_lm_head_on_disk_writes_output(ckpts, tmp_path):
     head = torch.randn(base.shape("model.embed_tokens.weight"), generator=torch.Generator().manual_seed(5))
     report = _export(ckpts["moe-tied"], tmp_path / "m.gguf", EditedSource(base, add={"lm_head.weight": head}))
     assert report.sources["output.weight"] == ("lm_head.weight",)
-    assert torch.equal(read_gguf_as_hf(tmp_path / "m.gguf")["lm_head.weight"], head)
+    assert_bit_exact(read_gguf_as_hf(tmp_path / "m.gguf")["lm_head.weight"], head)
 
 
 def _expected_type(name: str, shape: tuple[int, ...], outtype: str) -> str:
@@ -255,11 +257,11 @@ def test_outtypes(name, outtype, ckpts, tmp_path):
     for k in src.keys():
         x, y, t = src.get(k), back[k], types[gguf_of[k]]
         if t == "F32":
-            assert torch.equal(y, x), k
+            assert_bit_exact(y, x, k)
         elif t == "F16":
-            assert torch.equal(y, x.half().float()), k
+            assert_bit_exact(y, x.half().float(), k)
         elif t == "BF16":
-            assert torch.equal(y, x.bfloat16().float()), k
+            assert_bit_exact(y, x.bfloat16().float(), k)
         else:  # Q8_0: per block of 32, q = round(x / d) with d = absmax / 127, dequantised as q * f16(d)
             blocks = x.reshape(-1, 32)
             d = blocks.abs().amax(dim=1, keepdim=True) / 127

@@ -18,6 +18,7 @@ from ernie45.config import load_config
 from ernie45.megatron.inference import KVCacheSession, generate, teacher_forced_logits
 from ernie45.megatron.parallel import Layout
 from ernie45.reference import load_reference
+from ernie45.testing import assert_bit_exact
 
 from vl_helpers import make_batch
 
@@ -90,7 +91,7 @@ def test_text_greedy_equals_transformers_generate(family, world1, tiny_ckpts):
     mine = generate(
         chunks, cfg, ids, NEW, attention_mask=mask, eos_token_id=gc.eos_token_id, pad_token_id=gc.pad_token_id
     )
-    assert torch.equal(mine, ref), (mine[:, ids.shape[1] :], ref[:, ids.shape[1] :])
+    assert_bit_exact(mine, ref, (mine[:, ids.shape[1] :], ref[:, ids.shape[1] :]))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def test_vl_cached_decoding_equals_full_forward(prompt, vl):
         spatial_merge_size=v.spatial_merge_size,
         temporal_merge_size=v.temporal_merge_size,
     )
-    assert torch.equal(session.positions, expected)
+    assert_bit_exact(session.positions, expected)
     assert int(session.positions[0, 0, P]) < P  # vision tokens span fewer positions than cache slots
 
     wrong = KVCacheSession(chunks, cfg, batch_size=1, max_length=ids.shape[1])
@@ -179,7 +180,7 @@ def test_vl_greedy_equals_transformers_generate(prompts, vl):
     mine = generate(chunks, cfg, batch["input_ids"], NEW, **_prompt_inputs(batch))
     P = batch["input_ids"].shape[1]
     assert ref.shape[1] == P + NEW  # the tiny VL model has no eos: every step is compared
-    assert torch.equal(mine, ref), (mine[:, P:], ref[:, P:])
+    assert_bit_exact(mine, ref, (mine[:, P:], ref[:, P:]))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -222,4 +223,4 @@ def test_two_process_decoding_equals_unsharded(case, two_process_decoding):
     diff = (got["logits"] - ref["logits"]).abs().max().item()
     print(f"{case}: cached decoding, max |Δlogits| vs unsharded = {diff:.3g}")
     assert diff <= TOL
-    assert torch.equal(got["tokens"], ref["tokens"])
+    assert_bit_exact(got["tokens"], ref["tokens"])

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ernie45.bridge.ops import ConcatGLU, FuseQKV, Identity, SplitRows, Squeeze0, Transpose
+from ernie45.bridge.io import HFCheckpoint
+from ernie45.bridge.ops import OPS, ConcatGLU, FuseQKV, Identity, RegroupQKV, SplitRows, Squeeze0, Transpose
 from ernie45.bridge.plan import PlanError, plan_from_hf
-from ernie45.bridge.tables import IGNORED, Split, expand
+from ernie45.bridge.tables import Split, effective_tie, expand
 from ernie45.bridge.layout import from_grouped_name, placements, to_grouped_name
 from ernie45.config import ErnieConfig
 from ernie45.megatron.parallel import Layout, LayoutError
-from ernie45.testing import tiny_hf_config
+from ernie45.testing import assert_bit_exact, tiny_hf_config
 
 g = torch.Generator().manual_seed(0)
 
@@ -27,14 +28,22 @@ CASES = [
     (FuseQKV(head_dim=4, heads_per_group=3), (_r(2 * 3 * 4, 10), _r(2 * 4, 10), _r(2 * 4, 10))),
     (ConcatGLU(), (_r(6, 10), _r(6, 10))),
     (SplitRows(n_mg=2), (_r(2, 8),)),
+    (RegroupQKV(head_dim=4), (_r(3 * 2 * 4, 8),)),  # ViT qkv weight: 2 heads of 4
+    (RegroupQKV(head_dim=4), (_r(3 * 2 * 4),)),  # and its bias
 ]
+
+
+def test_every_op_has_a_round_trip_case():
+    assert {type(op) for op, _ in CASES} == set(OPS)
 
 
 @pytest.mark.parametrize("op, hf", CASES, ids=lambda x: type(x).__name__ if not isinstance(x, tuple) else "")
 def test_op_round_trip_is_bit_exact(op, hf):
     mg = op.to_mg(hf)
     back = op.to_hf(mg)
-    assert len(back) == len(hf) and all(torch.equal(a, b) for a, b in zip(back, hf))
+    assert len(back) == len(hf)
+    for a, b in zip(back, hf):
+        assert_bit_exact(a, b)
     assert op.mg_shapes(tuple(tuple(t.shape) for t in hf)) == tuple(tuple(t.shape) for t in mg)
 
 
@@ -51,74 +60,180 @@ def test_fused_qkv_matches_megatron_split():
     torch.testing.assert_close(mv.reshape(5, -1), x @ v.t(), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("op, hf", [CASES[3], CASES[4]], ids=["qkv", "glu"])
+def test_regroup_qkv_matches_megatron_split():
+    """Megatron's ViT attention (one query group per head) views linear_qkv output as [.., NH, 3·D] and splits
+    [D, D, D]: head h's q, k, v must be HF's rows h·D.. of the Q, K and V blocks, for the weight and the bias."""
+    NH, D, C = 3, 4, 10
+    w, b = _r(3 * NH * D, C), _r(3 * NH * D)
+    (w_mg,), (b_mg,) = RegroupQKV(head_dim=D).to_mg((w,)), RegroupQKV(head_dim=D).to_mg((b,))
+    x = _r(5, C)
+    hf_q, hf_k, hf_v = (x @ w.t() + b).chunk(3, dim=-1)
+    out = (x @ w_mg.t() + b_mg).view(5, NH, 3 * D)
+    mq, mk, mv = torch.split(out, [D, D, D], dim=-1)
+    for mine, ref in ((mq, hf_q), (mk, hf_k), (mv, hf_v)):
+        torch.testing.assert_close(mine.reshape(5, -1), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("op, hf", [CASES[3], CASES[4], CASES[6]], ids=["qkv", "glu", "vit-qkv"])
 def test_ops_commute_with_tp_chunking(op, hf):
     """op(chunk_i of every input) == Megatron's TP shard i: what lets a rank read only its slices."""
     (full,) = op.to_mg(hf)
     n = 2
     for i in range(n):
-        (shard,) = op.to_mg(tuple(t.chunk(n, dim=0)[i] for t in hf))
         if isinstance(op, ConcatGLU):  # Megatron's fc1 shard i = [gate_i; up_i]
             gate, up = full.chunk(2, dim=0)
             expect = torch.cat([gate.chunk(n)[i], up.chunk(n)[i]])
+            (shard,) = op.to_mg(tuple(t.chunk(n, dim=0)[i] for t in hf))
+        elif isinstance(op, RegroupQKV):  # a rank reads head block i of each of Q, K and V (hf_blocks = 3)
+            expect = full.chunk(n, dim=0)[i]
+            (qkv,) = hf
+            (shard,) = op.to_mg((torch.cat([blk.chunk(n, dim=0)[i] for blk in qkv.chunk(op.hf_blocks, dim=0)]),))
         else:  # whole KV groups per rank
             expect = full.chunk(n, dim=0)[i]
-        assert torch.equal(shard, expect)
+            (shard,) = op.to_mg(tuple(t.chunk(n, dim=0)[i] for t in hf))
+        assert_bit_exact(shard, expect)
 
 
 def _moe_cfg(**kw):
     return ErnieConfig.from_hf(tiny_hf_config("moe", **kw))
 
 
-def _shapes(cfg, tied=False):
-    return {n: s for it in expand(cfg, tied=tied) for n, s in zip(it.hf, it.hf_shapes)}
+# Plans are fed what transformers really wrote (``tiny_ckpts``: save_pretrained of re-randomised models), never the
+# table's own names and shapes, and what they produce is compared with a live Megatron model's state dict.
 
 
-def test_plan_consumes_every_tensor_once():
-    cfg = _moe_cfg()
-    shapes = _shapes(cfg)
-    plan = plan_from_hf(cfg, shapes)
-    assert sorted(plan.hf_names) == sorted(shapes)
+def _live_names(chunk) -> set[str]:
+    return {n for n in chunk.state_dict() if not n.endswith("_extra_state")}
+
+
+@pytest.mark.parametrize("family", ["dense", "moe", "moe-tied", "dense-untied"])
+def test_plan_of_a_real_checkpoint_consumes_every_tensor_once(family, tiny_ckpts, world1):
+    from ernie45.config import load_config
+    from ernie45.megatron.model import build_model
+
+    path = tiny_ckpts[family]
+    cfg, ckpt = load_config(path), HFCheckpoint(path)
+    plan = plan_from_hf(cfg, ckpt.shapes(), dtypes=ckpt.dtypes(), where=str(path))
+    assert sorted(plan.hf_names) == sorted(ckpt.keys()) and not plan.ignored
     assert len(set(plan.mg_names)) == len(plan.mg_names)
+    (chunk,) = build_model(cfg, Layout(), tie_word_embeddings=plan.tied)
+    assert sorted(plan.mg_names) == sorted(_live_names(chunk))
+    live = chunk.state_dict()
+    for item in plan.items:  # the table's Megatron shapes are the live model's
+        for name, shape in zip(item.mg, item.op.mg_shapes(item.hf_shapes)):
+            assert tuple(live[name].shape) == tuple(shape), name
 
 
-def test_plan_lists_every_offender():
-    cfg = _moe_cfg()
-    shapes = _shapes(cfg)
+def test_plan_lists_every_offender(tiny_ckpts):
+    path = tiny_ckpts["moe"]
+    cfg, shapes = ErnieConfig.from_hf(tiny_hf_config("moe")), dict(HFCheckpoint(tiny_ckpts["moe"]).shapes())
+    plan_from_hf(cfg, shapes)  # the untouched checkpoint plans
     del shapes["model.layers.1.mlp.experts.3.up_proj.weight"], shapes["model.norm.weight"]
     shapes["model.layers.1.mlp.experts.99.up_proj.weight"] = (32, 48)
     shapes["model.layers.0.self_attn.q_proj.weight"] = (48, 47)
     with pytest.raises(PlanError) as e:
-        plan_from_hf(cfg, shapes)
+        plan_from_hf(cfg, shapes, where=str(path))
     msg = str(e.value)
+    assert msg.startswith(f"{path} does not match its config")
     for needle in ("experts.3.up_proj", "model.norm.weight", "experts.99.up_proj", "q_proj.weight: has [48, 47]"):
         assert needle in msg
 
 
-def test_mtp_tensors_are_declared_ignored_with_reason():
-    cfg = _moe_cfg()
-    shapes = _shapes(cfg)
-    shapes["model.mtp_block.0.self_attn.q_proj.weight"] = (48, 48)
-    shapes["model.mtp_emb_norm.0.weight"] = (48,)
-    plan = plan_from_hf(cfg, shapes)
-    assert [n for n, _ in plan.ignored] == ["model.mtp_block.0.self_attn.q_proj.weight", "model.mtp_emb_norm.0.weight"]
-    assert all(why in IGNORED.values() for _, why in plan.ignored)
+def test_mtp_tensors_are_ignored_like_transformers_ignores_them(tiny_ckpts, tmp_path):
+    """A checkpoint with the PT releases' MTP tensors: transformers loads it without them; the plan declares exactly
+    those ignored (with the reason), and anything else unknown is still refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ernie45.reference import load_reference
+
+    src = shutil.copytree(tiny_ckpts["moe"], tmp_path / "mtp")
+    tensors = load_file(src / "model.safetensors")
+    mtp = {"model.mtp_block.0.self_attn.q_proj.weight": torch.zeros(48, 48), "model.mtp_emb_norm.0.weight": torch.ones(48)}
+    save_file(dict(tensors, **mtp), src / "model.safetensors", metadata={"format": "pt"})
+    hf = load_reference(src)
+    assert not any("mtp" in n for n in hf.state_dict())  # transformers drops them too
+    cfg, ckpt = ErnieConfig.from_hf(tiny_hf_config("moe")), HFCheckpoint(src)
+    plan = plan_from_hf(cfg, ckpt.shapes())
+    assert [n for n, _ in plan.ignored] == sorted(mtp)
+    assert all("MTP" in why for _, why in plan.ignored)
+    assert sorted(plan.hf_names) == sorted(tensors)
+    with pytest.raises(PlanError, match="model.mtp_blocks.0.weight"):  # not an MTP name: unexpected, not ignored
+        plan_from_hf(cfg, dict(ckpt.shapes(), **{"model.mtp_blocks.0.weight": (48,)}))
 
 
-def test_tied_config_with_lm_head_on_disk_loads_untied():
-    """transformers 5.23 loads an on-disk lm_head.weight untied even if the config says tied (spec §G)."""
+def test_tied_config_with_lm_head_on_disk_loads_untied(tiny_ckpts, tmp_path):
+    """A tied config with an lm_head.weight on disk: transformers 5.23 uses that head (untied), so must the plan."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ernie45.reference import load_reference
+
+    src = tiny_ckpts["dense"]
     cfg = ErnieConfig.from_hf(tiny_hf_config("dense"))
-    shapes = _shapes(cfg, tied=True)
-    assert not plan_from_hf(cfg, shapes).hf_names.count("lm_head.weight")
-    shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
-    plan = plan_from_hf(cfg, shapes)
-    assert not plan.tied and "lm_head.weight" in plan.hf_names
+    assert cfg.tie_word_embeddings and "lm_head.weight" not in HFCheckpoint(src).keys()
+    plan = plan_from_hf(cfg, HFCheckpoint(src).shapes())
+    assert plan.tied and "lm_head.weight" not in plan.hf_names and "output_layer.weight" not in plan.mg_names
+
+    with_head = shutil.copytree(src, tmp_path / "with-head")
+    tensors = load_file(with_head / "model.safetensors")
+    head = torch.randn(tensors["model.embed_tokens.weight"].shape, generator=torch.Generator().manual_seed(8))
+    save_file(dict(tensors, **{"lm_head.weight": head}), with_head / "model.safetensors", metadata={"format": "pt"})
+    hf = load_reference(with_head)
+    assert_bit_exact(hf.lm_head.weight.detach(), head)  # the oracle: transformers really uses the on-disk head
+    assert_bit_exact(hf.model.embed_tokens.weight.detach(), tensors["model.embed_tokens.weight"])
+    ckpt = HFCheckpoint(with_head)
+    assert not effective_tie(cfg, ckpt.keys())
+    plan = plan_from_hf(cfg, ckpt.shapes())
+    assert not plan.tied and "lm_head.weight" in plan.hf_names and "output_layer.weight" in plan.mg_names
 
 
-def test_every_megatron_tensor_is_classified():
-    for family in ("dense", "moe"):
-        cfg = ErnieConfig.from_hf(tiny_hf_config(family))
-        assert all(isinstance(it.split, Split) for it in expand(cfg, tied=False))
+def _megatron_split(module, pname: str, tensor, *, vocab_modules) -> Split:
+    """How Megatron itself says a tensor is sharded: the attributes its parallel layers set on their parameters
+    (``tensor_model_parallel``, ``partition_dim``) and the owning layer's ``is_expert``. Set at TP1 too."""
+    if not getattr(tensor, "tensor_model_parallel", False):
+        return Split.REPLICATED
+    if any(module is m for m in vocab_modules):
+        return Split.VOCAB
+    dim = tensor.partition_dim
+    if getattr(module, "is_expert", False):
+        return {0: Split.EXPERT_COLUMN, 1: Split.EXPERT_ROW}[dim]
+    return {0: Split.COLUMN, 1: Split.ROW}[dim]
+
+
+@pytest.mark.parametrize("family", ["dense", "moe", "vl", "vl-mgvit"])
+def test_every_split_matches_megatrons_own_partitioning(family, world1):
+    """The table's Split of every Megatron tensor == what the live Megatron layer that owns it declares."""
+    import dataclasses
+
+    from ernie45.megatron.model import build_model
+    from ernie45.megatron.vl_model import build_vl_model
+
+    cfg = ErnieConfig.from_hf(tiny_hf_config(family.split("-")[0]))
+    if family == "vl-mgvit":
+        cfg = dataclasses.replace(cfg, vit_impl="megatron")
+    if cfg.family == "vl":
+        (chunk,) = build_vl_model(cfg, Layout(), vision_attn_implementation="eager")
+        gpt = chunk.language_model
+    else:
+        (chunk,) = build_model(cfg, Layout(), tie_word_embeddings=cfg.tie_word_embeddings)
+        gpt = chunk
+    vocab_modules = [gpt.embedding.word_embeddings] + ([gpt.output_layer] if hasattr(gpt, "output_layer") else [])
+    items = {n: it for it in expand(cfg, tied=cfg.tie_word_embeddings) for n in it.mg}
+    live = _live_names(chunk)
+    assert sorted(items) == sorted(live)
+    seen = {}
+    for mod_name, module in chunk.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for pname, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if prefix + pname in live:
+                seen[prefix + pname] = _megatron_split(module, pname, t, vocab_modules=vocab_modules)
+    assert sorted(seen) == sorted(live)
+    wrong = {n: (items[n].split, s) for n, s in seen.items() if items[n].split != s}
+    assert not wrong, wrong
+    assert any(s != Split.REPLICATED for s in seen.values())
 
 
 def test_placements_pp_ep_and_names():

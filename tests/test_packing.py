@@ -18,7 +18,7 @@ from ernie45.megatron.model import causal_mask
 from ernie45.megatron.packing import block_causal_mask, forward_packed, pack, use_position_ids_rope
 from ernie45.megatron.parallel import Layout
 from ernie45.megatron.vl_model import lm_labels, masked_token_mean
-from ernie45.testing import tiny_hf_config
+from ernie45.testing import assert_bit_exact, tiny_hf_config
 
 from vl_helpers import make_batch
 
@@ -59,7 +59,7 @@ def test_pack_layout_labels_and_mask():
     assert visible[3].nonzero().flatten().tolist() == [3]
     assert visible[2].nonzero().flatten().tolist() == [0, 1, 2]
     assert visible[7].nonzero().flatten().tolist() == [7]
-    assert torch.equal(block_causal_mask(torch.zeros(1, 8, dtype=torch.long)), causal_mask(8))
+    assert_bit_exact(block_causal_mask(torch.zeros(1, 8, dtype=torch.long)), causal_mask(8))
 
     thd = p.packed_seq_params()  # the padding tail becomes a sequence of its own for THD kernels
     assert thd.qkv_format == "thd" and thd.cu_seqlens_q.tolist() == [0, 3, 7, 8] and thd.max_seqlen_q == 4
@@ -111,7 +111,7 @@ def test_position_ids_rope_is_bit_identical_to_rope(moe):
     with torch.no_grad():
         for s, (ref, _) in zip(samples, alone):
             out, _ = _alone_text(chunks[0], s)
-            assert torch.equal(out, ref)
+            assert_bit_exact(out, ref)
 
 
 def test_packed_text_moe_equals_samples_alone(moe):
@@ -198,7 +198,7 @@ def test_vl_pack_positions_are_hf_positions_of_each_sample_alone(vl):
             image_grid_thw=s.get("image_grid_thw"),
             video_grid_thw=s.get("video_grid_thw"),
         )
-        assert torch.equal(pos_3BS, ref)
+        assert_bit_exact(pos_3BS, ref)
 
 
 def test_packed_vl_equals_samples_alone(vl):

@@ -15,8 +15,9 @@ from ernie45.bridge.tables import effective_tie
 from ernie45.config import load_config
 from ernie45.megatron.model import build_model
 from ernie45.megatron.parallel import Layout
-from ernie45.megatron.run import capture_routing, forward_logits
+from ernie45.megatron.run import capture_routing, forward_backward, forward_logits
 from ernie45.reference import hf_routing, load_reference, megatron_map_to_hf_order
+from ernie45.testing import assert_bit_exact, grad_differences, hf_loss_and_grads
 
 B, S = 3, 11
 
@@ -63,6 +64,31 @@ def test_logits_and_routing_match_transformers(family, tiny_ckpts, megatron):
         assert not bad, f"layer {layer}: tokens {bad} routed to different experts"
 
 
+GRAD_RTOL = 1e-4
+
+
+@pytest.mark.parametrize("family", ["dense", "moe", "moe-tied", "dense-untied"])
+def test_loss_and_grads_match_transformers(family, tiny_ckpts, megatron):
+    """One forward+backward through Megatron's schedule: the loss and every parameter's gradient (under HF names,
+    full tensors) equal transformers' own backward on the same batch -- the router's gradient included."""
+    path = tiny_ckpts[family]
+    cfg, ckpt, layout, chunks = _megatron(path, megatron)
+    g = torch.Generator().manual_seed(12)
+    ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g)
+    labels = torch.randint(0, cfg.vocab_size, (B, S), generator=g)
+    ref_loss, ref_grads = hf_loss_and_grads(load_reference(path), ids, labels)
+    loss = forward_backward(chunks, ids, labels)
+    grads = gather_hf(chunks, cfg, layout, tied=effective_tie(cfg, ckpt.keys()), getter=lambda p: p.grad)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item()), (loss.item(), ref_loss.item())
+    rel = grad_differences(grads, ref_grads)
+    assert len(rel) == len([n for n in ckpt.keys() if "e_score_correction_bias" not in n])  # every weight trains
+    if cfg.moe_layers:
+        assert any(".mlp.gate.weight" in n for n in rel)  # the router's gradient is compared
+    worst = max(rel, key=rel.get)
+    print(f"{family}: {len(rel)} grads, worst relative diff {rel[worst]:.3g} ({worst})")
+    assert rel[worst] <= GRAD_RTOL, {n: r for n, r in rel.items() if r > GRAD_RTOL}
+
+
 def test_expert_bias_changes_choices(tiny_ckpts, megatron):
     """Guard against a vacuous routing test: without the bias, some tokens choose other experts."""
     path = tiny_ckpts["moe"]
@@ -87,7 +113,7 @@ def test_hf_to_megatron_to_hf_is_bit_exact(family, tiny_ckpts, megatron):
     state = gather_hf(chunks, cfg, layout, tied=effective_tie(cfg, ckpt.keys()))
     assert set(state) == set(ckpt.keys())
     for name in ckpt.keys():
-        assert torch.equal(state[name], ckpt.get(name)), name
+        assert_bit_exact(state[name], ckpt.get(name), name)
 
 
 def test_router_equals_hf_router():
@@ -108,7 +134,7 @@ def test_router_equals_hf_router():
     logits = x @ hf.weight.t()
     probs, rmap = ernie_topk(logits, hf.moe_statics.e_score_correction_bias[0], K, 1e-12)
     ref_map = torch.zeros(T, E, dtype=torch.bool).scatter(1, idx_ref, True)
-    assert torch.equal(rmap, ref_map)
+    assert_bit_exact(rmap, ref_map)
     torch.testing.assert_close(torch.gather(probs, 1, idx_ref), w_ref, rtol=0, atol=1e-7)
     # the variants a converter gets wrong: bias ignored, sigmoid scores
     _, no_bias = ernie_topk(logits, torch.zeros(E), K, 1e-12)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ernie45.config import ErnieConfig
-from ernie45.testing import build_hf_model, tiny_hf_config
+from ernie45.testing import assert_bit_exact, build_hf_model, tiny_hf_config
 
 from vl_helpers import RoutingCapture, expected_from_hf, load_hf_into_vl, load_through_bridge, make_batch, megatron_tensors
 
@@ -107,13 +107,13 @@ def test_rope_matches_hf_bit_for_bit(hf_model, cfg):
     ours = ErnieMultimodalRotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
     ang_SB1D = ours(pos_3BS, list(cfg.mrope_section))
     assert ang_SB1D.shape == (S, B, 1, cfg.head_dim)
-    assert torch.equal(ang_SB1D.cos()[:, :, 0].transpose(0, 1), cos_BSD)
-    assert torch.equal(ang_SB1D.sin()[:, :, 0].transpose(0, 1), sin_BSD)
+    assert_bit_exact(ang_SB1D.cos()[:, :, 0].transpose(0, 1), cos_BSD)
+    assert_bit_exact(ang_SB1D.sin()[:, :, 0].transpose(0, 1), sin_BSD)
 
     # the rotation Megatron applies (interleaved, fp32) equals HF's application exactly
     q_hf, _ = apply_rotary_pos_emb(q_BhSD, q_BhSD, cos_BSD, sin_BSD)
     q_mg_SBhD = _apply_rotary_pos_emb_bshd(q_BhSD.permute(2, 0, 1, 3), ang_SB1D, rotary_interleaved=True)
-    assert torch.equal(q_mg_SBhD.permute(1, 2, 0, 3), q_hf)
+    assert_bit_exact(q_mg_SBhD.permute(1, 2, 0, 3), q_hf)
 
 
 def test_rope_band_layout_and_1d_reduction(world1, cfg):
@@ -134,7 +134,7 @@ def test_rope_band_layout_and_1d_reduction(world1, cfg):
     text_pos = torch.arange(S).view(1, S)
     ours = rope(text_pos)  # [S, 1, 1, D]
     ref = RotaryEmbedding(kv_channels=cfg.head_dim, rotary_percent=1.0, rotary_interleaved=True, rotary_base=cfg.rope_theta, use_cpu_initialization=True)(S)
-    assert torch.equal(ours, ref)
+    assert_bit_exact(ours, ref)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def test_position_ids_match_hf_get_rope_index(hf_model, cfg):
         video_grid_thw=batch["video_grid_thw"],
         attention_mask=batch["attention_mask"],
     )
-    assert torch.equal(ours, ref)
+    assert_bit_exact(ours, ref)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -339,7 +339,7 @@ def test_flat_thinking_config_gives_the_same_model(world1, cfg, hf_model, mg_mod
     assert {n: p.shape for n, p in megatron_tensors(twin).items()} == {n: p.shape for n, p in megatron_tensors(mg_model).items()}
     batch = make_batch(cfg, CASES["padded_mix"], seed=2)
     with torch.no_grad():
-        assert torch.equal(twin(**batch), mg_model(**batch))
+        assert_bit_exact(twin(**batch), mg_model(**batch))
 
 
 def test_parameter_names_contract(mg_model, cfg):
@@ -411,7 +411,7 @@ def test_two_process_live_export_is_bit_exact(layout, dist_results):
     src, dst = HFCheckpoint(out / "hf"), HFCheckpoint(out / f"export-{layout}")
     assert sorted(src.keys()) == sorted(dst.keys())
     for name in src.keys():
-        assert torch.equal(src.get(name), dst.get(name)), name
+        assert_bit_exact(src.get(name), dst.get(name), name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -435,8 +435,9 @@ def test_vl_table_reproduces_the_model_weights_and_round_trips(tmp_path, mg_mode
         hf = tuple(ckpt.read(n) for n in item.hf)
         mg = item.op.to_mg(hf)
         for name, t in zip(item.mg, mg):
-            assert torch.equal(t, model[name]), name
-        assert all(torch.equal(a, b) for a, b in zip(item.op.to_hf(mg), hf)), item.hf
+            assert_bit_exact(t, model[name], name)
+        for name, a, b in zip(item.hf, item.op.to_hf(mg), hf, strict=True):
+            assert_bit_exact(a, b, name)
 
 
 def test_vl_table_flat_layout_uses_top_level_vision_keys(cfg):
@@ -458,7 +459,7 @@ def test_bridge_equals_independent_copy(world1, cfg, hf_model, mg_model):
     a, b = megatron_tensors(mg_model), megatron_tensors(twin)
     assert sorted(a) == sorted(b)
     for name in a:
-        assert torch.equal(a[name], b[name]), name
+        assert_bit_exact(a[name], b[name], name)
 
 
 def test_vl_bridge_round_trip_is_bit_exact(world1, cfg, hf_dir, mg_model):
@@ -470,7 +471,7 @@ def test_vl_bridge_round_trip_is_bit_exact(world1, cfg, hf_dir, mg_model):
     state = gather_hf([mg_model], cfg, Layout(), tied=False)
     assert sorted(state) == sorted(src.keys())
     for name in src.keys():
-        assert torch.equal(state[name], src.get(name)), name
+        assert_bit_exact(state[name], src.get(name), name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -522,4 +523,4 @@ def test_megatron_vit_bridge_round_trip_is_bit_exact(world1, cfg, hf_dir, mg_vit
     state = gather_hf([mg_vit_model], dataclasses.replace(cfg, vit_impl="megatron"), Layout(), tied=False)
     assert sorted(state) == sorted(src.keys())
     for name in src.keys():
-        assert torch.equal(state[name], src.get(name)), name
+        assert_bit_exact(state[name], src.get(name), name)
