@@ -7,6 +7,7 @@
     ernie45 verify A B                # tensors, logits, top-1 and routing agreement between any two formats
     ernie45 route-stats CKPT --prompts FILE --out DIR   # expert load heatmap and imbalance
     ernie45 generate CKPT --prompt TEXT                  # greedy sample
+    ernie45 prepare-data FILE.jsonl --tokenizer CKPT --out PREFIX   # text -> Megatron IndexedDataset
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ EXAMPLES = """examples:
   ernie45 verify ./ERNIE-4.5-0.3B-PT ./ernie.gguf
   ernie45 route-stats ./ERNIE-4.5-21B-A3B-PT --prompts prompts.txt --out stats/
   ernie45 generate ./mcore --prompt "Hello"
+  ernie45 prepare-data corpus.jsonl --tokenizer ./ERNIE-4.5-0.3B-PT --out data/corpus
 """
 
 
@@ -136,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_cmd_inspect)
 
     from . import generate, route_stats, verify
+    from .train import prepare
 
     for name, mod, help_, example in (
         ("verify", verify, "compare two checkpoints (HF / torch_dist / GGUF): tensors, logits, routing per pool",
@@ -144,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
          "ernie45 route-stats ./ERNIE-4.5-21B-A3B-PT --prompts prompts.txt --out stats/"),
         ("generate", generate, "greedy sample from any checkpoint format (KV cache)",
          "ernie45 generate ./mcore --prompt 'The capital of France is' --max-new-tokens 8"),
+        ("prepare-data", prepare, "tokenise JSONL text into a Megatron IndexedDataset (.bin/.idx) for pre-training",
+         "ernie45 prepare-data corpus.jsonl more.jsonl --tokenizer ./ERNIE-4.5-0.3B-PT --out data/corpus\n"
+         "  ernie45 train --model ./ERNIE-4.5-0.3B-PT --data data/corpus --out run/   # then train on it"),
     ):  # fmt: skip
         s = sub.add_parser(name, help=help_, epilog=f"example:\n  {example}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,6 +1,11 @@
 """Parity of a Megatron-Core ERNIE (loaded through the bridge) against transformers, on one process.
 
-Used by ``ernie45 parity`` and the demo: exact numbers, not a cosine similarity.
+Used by ``ernie45 parity`` and the demo: exact numbers (max |Δ|, cosine, top-1, routing), not a cosine alone.
+Both sides are :mod:`ernie45.verify` runtimes -- Megatron-Core at TP1 from the HF directory through the bridge, and
+transformers (flat Thinking VL configs translated, ``reference.transformers_config``) -- in ``dtype`` (fp32, or
+bf16 with the routers and expert bias in fp32 as transformers keeps them), on seeded random text ids (VL: text
+tokens only, so only the text pool routes; ``ernie45 verify --image`` covers the vision pool). A report is judged
+with the same defaults as ``verify`` (``verify.DEFAULT_THRESHOLDS``).
 """
 
 from __future__ import annotations
@@ -9,8 +14,6 @@ import os
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
 
 __all__ = ["ParityReport", "check_parity", "ensure_single_process_group"]
 
@@ -26,12 +29,37 @@ class ParityReport:
     top1_agreement: float
     routing: dict[int, float] = field(default_factory=dict)  # MoE layer -> fraction of tokens with identical experts
     ignored: list[str] = field(default_factory=list)
+    dtype: str = "fp32"
+    cosine: float = 1.0  # all logits as one vector per side
+    cosine_worst_token: float = 1.0
+    nonfinite: int = 0  # NaN / inf logits, both sides together
+
+    def failures(self, atol: float | None = None) -> list[str]:
+        """Why the two sides are not the same model at this dtype (``verify``'s defaults; ``atol`` replaces the
+        logits max |Δ| default)."""
+        from .verify import DEFAULT_THRESHOLDS
+
+        t = dict(DEFAULT_THRESHOLDS[self.dtype])
+        if atol is not None:
+            t["atol"] = atol
+        out = [f"{self.nonfinite} logits are NaN or inf"] if self.nonfinite else []
+        if t["atol"] is not None and not self.logits_max_abs_diff <= t["atol"]:
+            out.append(f"logits max |Δ| {self.logits_max_abs_diff:.3e} > {t['atol']:g}")
+        if t["min_cosine"] is not None and not self.cosine >= t["min_cosine"]:
+            out.append(f"cosine {self.cosine:.6f} < {t['min_cosine']:g}")
+        if not self.top1_agreement >= t["min_top1"]:
+            out.append(f"top-1 agreement {self.top1_agreement:.4f} < {t['min_top1']:g}")
+        out += [f"routing layer {L}: {v:.4f} < {t['min_routing']:g}"
+                for L, v in sorted(self.routing.items()) if not v >= t["min_routing"]]  # fmt: skip
+        return out
 
     def table(self) -> str:
         lines = [
-            f"parity: {self.checkpoint} ({self.family}), {self.tokens} tokens, fp32, Megatron-Core vs transformers",
+            f"parity: {self.checkpoint} ({self.family}), {self.tokens} tokens, {self.dtype}, Megatron-Core vs "
+            "transformers",
             f"  logits   max |Δ| {self.logits_max_abs_diff:.3e}   mean |Δ| {self.logits_mean_abs_diff:.3e}   "
-            f"(max |logit| {self.logits_scale:.3f})",
+            f"(max |logit| {self.logits_scale:.3f})   cosine {self.cosine:.7f} (worst token "
+            f"{self.cosine_worst_token:.5f})",
             f"  top-1    {self.top1_agreement:.2%} identical",
         ]
         for layer, same in sorted(self.routing.items()):
@@ -58,46 +86,34 @@ def ensure_single_process_group() -> None:
     dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def check_parity(hf_dir: str | Path, *, batch: int = 2, seq: int = 16, seed: int = 0) -> ParityReport:
-    """Load ``hf_dir`` into Megatron (TP1) and into transformers; compare logits and expert choices."""
-    from .bridge.io import HFCheckpoint
-    from .bridge.live import load_hf
-    from .bridge.tables import effective_tie
-    from .config import load_config
-    from .megatron import parallel
-    from .megatron.model import build_model
-    from .megatron.run import capture_routing, forward_logits
-    from .reference import hf_routing, load_reference, megatron_map_to_hf_order
+def check_parity(hf_dir: str | Path, *, batch: int = 2, seq: int = 16, seed: int = 0, dtype: str = "fp32") -> ParityReport:
+    """Load ``hf_dir`` into Megatron (TP1) and into transformers, both in ``dtype``; compare logits and expert
+    choices on ``batch`` x ``seq`` seeded random text ids."""
+    from .convert import HFSource
+    from .verify import Batch, MegatronRuntime, TransformersRuntime, _routing_agreement, logits_diff, random_text_ids
 
-    ensure_single_process_group()
-    cfg = load_config(hf_dir)
-    ckpt = HFCheckpoint(hf_dir)
-    layout = parallel.Layout()
-    parallel.initialize(layout)
-    try:
-        chunks = build_model(cfg, layout, tie_word_embeddings=effective_tie(cfg, ckpt.keys()))
-        plan = load_hf(chunks, cfg, layout, ckpt)
-        ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
-        with capture_routing(chunks, [0]) as mg_maps:
-            out = forward_logits(chunks, ids, vocab_size=cfg.vocab_size)
-    finally:
-        parallel.destroy()
-    hf = load_reference(hf_dir)
-    with torch.no_grad(), hf_routing(hf) as hf_maps:
-        ref = hf(input_ids=ids).logits
-    diff = (out - ref).abs()
-    routing = {
-        layer: (megatron_map_to_hf_order(mg_maps[layer], batch, seq) == hf_maps[layer]).all(-1).float().mean().item()
-        for layer in cfg.moe_layers
-    }
+    source = HFSource(hf_dir)
+    cfg = source.cfg
+    ids = Batch(random_text_ids(cfg, cfg.vocab_size, batch, seq, seed=seed))
+    with MegatronRuntime(source, dtype=dtype) as mg:  # one model in memory at a time
+        out, mg_routing = mg.forward(ids)
+        ignored = [n for n, _ in mg.plan.ignored]
+    with TransformersRuntime(hf_dir, cfg, dtype=dtype) as hf:
+        ref, hf_routing = hf.forward(ids)
+    g = logits_diff(out, ref)  # side A Megatron, B transformers: max |logit| of the reference below
+    routing = {L: pools["text"]["agreement"] for L, pools in _routing_agreement(mg_routing, hf_routing).items()}
     return ParityReport(
         checkpoint=str(hf_dir),
         family=cfg.family,
-        tokens=batch * seq,
-        logits_max_abs_diff=diff.max().item(),
-        logits_mean_abs_diff=diff.mean().item(),
+        tokens=g.tokens,
+        logits_max_abs_diff=g.max_abs,
+        logits_mean_abs_diff=g.mean_abs,
         logits_scale=ref.abs().max().item(),
-        top1_agreement=(out.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+        top1_agreement=g.top1_agreement,
         routing=routing,
-        ignored=[n for n, _ in plan.ignored],
+        ignored=ignored,
+        dtype=dtype,
+        cosine=g.cosine,
+        cosine_worst_token=g.cosine_worst_token,
+        nonfinite=g.nonfinite_a + g.nonfinite_b,
     )

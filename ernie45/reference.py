@@ -58,8 +58,7 @@ def transformers_config(cfg):
         hidden_act=cfg.hidden_act,
         rms_norm_eps=cfg.rms_norm_eps,
         rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta, mrope_section=list(cfg.mrope_section)),
-        use_bias=cfg.use_bias,
-        tie_word_embeddings=cfg.tie_word_embeddings,
+        use_bias=cfg.use_bias,  # (tie_word_embeddings: the top-level one is what the VL model honours)
         moe_num_experts=cfg.moe_num_experts,
         moe_k=cfg.moe_k,
         moe_intermediate_size=list(cfg.moe_intermediate_size),

@@ -8,18 +8,22 @@ Three levels, each reported with exact numbers (table or JSON):
    "bit-exact" (same dtype, same bytes), "exact" (same values, different dtype: e.g. a bf16 tensor read back from
    an F32 GGUF), or differs by a max |Δ|. Names present on one side only are errors, except tensors a format drops
    by design (GGUF has no MTP tensors), which are listed with the reason.
-2. **Logits** of the same token ids: max and mean |Δ|, top-1 agreement. Each side runs in its own runtime:
-   HF → transformers (fp32, eager; ``hf_runtime="megatron"`` runs it in Megatron-Core instead), torch_dist →
-   Megatron-Core at TP1 loaded through the bridge from the ``MegatronSource`` view, GGUF → llama.cpp
-   (``llama_cpp``, f32 KV cache, no flash attention) when importable, else tensors only, with a note.
+2. **Logits** of the same token ids: max and mean |Δ|, cosine similarity, top-1 agreement. Each side runs in its
+   own runtime: HF → transformers (eager; ``hf_runtime="megatron"`` runs it in Megatron-Core instead), torch_dist →
+   Megatron-Core at TP1 loaded through the bridge from the ``MegatronSource`` view, both in ``dtype`` (fp32, or
+   bf16 with the routers and expert bias in fp32 as transformers keeps them); GGUF → llama.cpp (``llama_cpp``, f32
+   KV cache, no flash attention) when importable, else tensors only, with a note.
 3. **Expert routing** per MoE layer and per pool (text / vision for VL): the fraction of a pool's tokens whose set
    of chosen experts is identical on both sides. llama.cpp does not expose its expert choice, so a GGUF side has
    no routing (said in the report).
 
-Exit status of :func:`run`: 0 when everything requested holds; 1 when the tensor sets or shapes differ (beyond a
-format's declared drops), or a tolerance given (``--atol`` logits, ``--tensor-atol``, ``--min-top1``,
-``--min-routing``) is exceeded or cannot be checked (e.g. ``--min-routing`` with a GGUF side). Numeric differences
-without a tolerance are reported, not judged.
+Exit status of :func:`run`: 0 when the two are the same model; 1 when the tensor sets or shapes differ (beyond a
+format's declared drops), any logit is NaN or inf, or a threshold is exceeded. Every threshold has a default that
+means "the same model" for what is compared (:data:`DEFAULT_THRESHOLDS`: fp32 logits max |Δ| <= 1e-4, top-1 and
+routing 100 %; looser for bf16 and per GGUF weight type; tensors within the rounding of their storage type,
+:data:`STORAGE_REL`); a threshold given (``--atol``, ``--tensor-atol``, ``--min-cosine``, ``--min-top1``,
+``--min-routing``) replaces its default, and fails when it cannot be checked (e.g. ``--min-routing`` with a GGUF
+side), where an unchecked default is only a note. docs/verify.md has the measurements behind the defaults.
 
 The runtimes (:func:`open_runtime`, :class:`Batch`, the routing captures) are shared by ``route_stats.py`` and
 ``generate.py``. torch and every heavy library are imported inside the functions that use them, so building the CLI
@@ -65,6 +69,10 @@ __all__ = [
     "image_block",
     "vision_special_ids",
     "check_text_ids",
+    "random_text_ids",
+    "logits_diff",
+    "DEFAULT_THRESHOLDS",
+    "STORAGE_REL",
     "add_arguments",
     "run",
 ]
@@ -719,19 +727,23 @@ def open_runtime(path: str | Path, *, hf_runtime: str = "transformers", hf_confi
 TABLE_MAX_TENSORS = 20  # non-structural differences listed in the table (JSON always has every tensor)
 
 # What "the same model" means when no threshold is given, by what is compared (``--dtype``, or the GGUF side's
-# weight type: :meth:`GGUFView.weight_type`). ``atol``: logits max |Δ|; ``min_cosine``: the worst token's cosine
-# similarity of the two logit vectors; ``min_top1``: share of tokens with the same argmax; ``min_routing``: share of
+# weight type: :meth:`GGUFView.weight_type`). ``atol``: logits max |Δ|; ``min_cosine``: cosine similarity of the
+# two sides' logits, each flattened to one vector (``[B·S·V]``); ``min_top1``: share of tokens with the same argmax; ``min_routing``: share of
 # a pool's tokens with the same set of experts, in every MoE layer and pool. None: not judged by default. A given
 # threshold replaces its default; NaN or inf logits always fail. docs/verify.md gives the measurements behind them.
 DEFAULT_THRESHOLDS: dict[str, dict[str, float | None]] = {
-    # two fp32 implementations differ only in summation order: measured ~3e-6 on O(1) logits
+    # two fp32 implementations differ only in summation order: measured <= 2.3e-6 on O(1) logits
     "fp32": dict(atol=1e-4, min_cosine=None, min_top1=1.0, min_routing=1.0),
-    # both sides bf16 (routers and expert bias fp32): rounding moves logits by O(1e-2), flips near-ties
-    "bf16": dict(atol=None, min_cosine=0.999, min_top1=0.9, min_routing=0.9),
-    # llama.cpp computes in f32 (f32 KV cache, no flash attention); the weights' type sets the distance
+    # both sides bf16 (routers and expert bias fp32): rounding flips near-tied experts and argmaxes; tiny random
+    # MoE models measured cosine >= 0.9955, top-1 >= 0.875, routing >= 0.906 -- as far as transformers bf16 is
+    # from transformers fp32 (docs/verify.md)
+    "bf16": dict(atol=None, min_cosine=0.99, min_top1=0.8, min_routing=0.8),
+    # llama.cpp computes in f32 (f32 KV cache, no flash attention); the weights' type sets the distance. Measured
+    # with the file's weights in transformers fp32 (tiny dense / MoE): F16 cosine 0.9999993, top-1 100 %;
+    # BF16 0.99930, 95 %; Q8_0 0.99829, 94.5 % (and 86.9 % top-1 in llama.cpp itself, tests/test_llama_cpp.py)
     "gguf F32": dict(atol=1e-4, min_cosine=None, min_top1=1.0, min_routing=None),
     "gguf F16": dict(atol=None, min_cosine=0.9999, min_top1=0.95, min_routing=None),
-    "gguf BF16": dict(atol=None, min_cosine=0.999, min_top1=0.9, min_routing=None),
+    "gguf BF16": dict(atol=None, min_cosine=0.995, min_top1=0.9, min_routing=None),
     "gguf Q8_0": dict(atol=None, min_cosine=0.99, min_top1=0.75, min_routing=None),
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -746,7 +758,8 @@ class LogitsDiff:
     mean_abs: float
     scale: float  # max |logit| of side A
     top1_agreement: float
-    cosine: float = 1.0  # the worst token's cosine similarity of the two logit vectors (float64)
+    cosine: float = 1.0  # cosine similarity of all logits as one vector each (float64; judged by min_cosine)
+    cosine_worst_token: float = 1.0  # the least similar token's logit vectors (reported)
     nonfinite_a: int = 0  # NaN / inf values among A's logits
     nonfinite_b: int = 0
     values: int = 0  # logits per side (B·S·V)
@@ -872,8 +885,8 @@ class VerifyReport:
         if self.logits is not None:
             g = self.logits
             lines.append(f"  logits   {g.tokens} tokens: max |Δ| {g.max_abs:.3e}   mean |Δ| {g.mean_abs:.3e}   "
-                         f"(max |logit| {g.scale:.3f})   cosine {g.cosine:.6f} (worst token)   "
-                         f"top-1 {g.top1_agreement:.2%} identical")  # fmt: skip
+                         f"(max |logit| {g.scale:.3f})   cosine {g.cosine:.7f} (worst token "
+                         f"{g.cosine_worst_token:.5f})   top-1 {g.top1_agreement:.2%} identical")  # fmt: skip
         if self.routing is not None:
             for L, pools in sorted(self.routing.items()):
                 for pool, r in pools.items():
@@ -921,11 +934,8 @@ def _prompt_batch(prompt_ids, cfg, vocab: int, image, processor_dir) -> Batch:
     """The ids both sides run: the given rows, or 2×16 seeded random ids (below the VL special ids for VL)."""
     import torch
 
-    if prompt_ids is None:  # seeded random text ids, never an image / video id of a VL config
-        reserved = set(vision_special_ids(cfg))
-        allowed = torch.tensor([i for i in range(1 if reserved else 0, vocab) if i not in reserved])
-        pick = torch.randint(0, len(allowed), (2, 16), generator=torch.Generator().manual_seed(0))
-        ids = allowed[pick]
+    if prompt_ids is None:
+        ids = random_text_ids(cfg, vocab, 2, 16, seed=0)
     else:
         ids = torch.as_tensor(prompt_ids, dtype=torch.long)
         if ids.dim() == 1:
@@ -944,6 +954,15 @@ def _prompt_batch(prompt_ids, cfg, vocab: int, image, processor_dir) -> Batch:
     row = ids[0].tolist()
     half = len(row) // 2
     return Batch(torch.tensor([row[:half] + image_block(cfg, grid) + row[half:]]), pixels, grid)
+
+
+def random_text_ids(cfg, vocab: int, B: int, S: int, *, seed: int) -> torch.Tensor:
+    """``[B, S]`` seeded random text ids, never an image / video id of a VL config (nor 0 there)."""
+    import torch
+
+    reserved = set(vision_special_ids(cfg))
+    allowed = torch.tensor([i for i in range(1 if reserved else 0, vocab) if i not in reserved])
+    return allowed[torch.randint(0, len(allowed), (B, S), generator=torch.Generator().manual_seed(seed))]
 
 
 def _routing_agreement(ra: Routing, rb: Routing) -> dict[int, dict[str, dict[str, float]]]:
@@ -1051,17 +1070,19 @@ def _gguf_rank(weight_type: str) -> int:
 
 
 def logits_diff(la_BSV: torch.Tensor, lb_BSV: torch.Tensor) -> LogitsDiff:
-    """Max / mean |Δ|, the worst token's cosine similarity (float64), top-1 agreement, NaN / inf counts."""
+    """Max / mean |Δ|, cosine similarity (all logits, and the worst token; float64), top-1 agreement, NaN / inf
+    counts."""
     import torch
 
     a, b = la_BSV.double(), lb_BSV.double()
     diff = (a - b).abs()
     a_TV, b_TV = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
     cos_T = torch.nn.functional.cosine_similarity(a_TV, b_TV, dim=-1, eps=1e-30)
+    cos = torch.nn.functional.cosine_similarity(a.reshape(-1), b.reshape(-1), dim=0, eps=1e-30)
     return LogitsDiff(
         tokens=a.shape[0] * a.shape[1], max_abs=diff.max().item(), mean_abs=diff.mean().item(),
         scale=a.abs().max().item(), top1_agreement=(a.argmax(-1) == b.argmax(-1)).double().mean().item(),
-        cosine=math.nan if cos_T.isnan().any() else cos_T.min().item(),
+        cosine=cos.item(), cosine_worst_token=math.nan if cos_T.isnan().any() else cos_T.min().item(),
         nonfinite_a=int((~a.isfinite()).sum()), nonfinite_b=int((~b.isfinite()).sum()), values=a.numel(),
     )  # fmt: skip
 
@@ -1079,12 +1100,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='a row of whitespace-separated token ids, e.g. "1 17 42"; repeat for more rows (equal '
                         "lengths). Default: 2 rows of 16 seeded random ids")  # fmt: skip
     p.add_argument("--image", type=Path, default=None, help="an image file for VL checkpoints (inserted mid-prompt)")
-    p.add_argument("--atol", type=float, default=None, help="fail (exit 1) above this logits max |Δ|")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                   help="what both sides compute in (routers and expert bias stay fp32, as in transformers); "
+                        "sets the default thresholds")  # fmt: skip
+    p.add_argument("--atol", type=float, default=None,
+                   help="fail (exit 1) above this logits max |Δ| (default: 1e-4 at fp32 and for an F32 GGUF, "
+                        "else not judged)")  # fmt: skip
     p.add_argument("--tensor-atol", type=float, default=None,
-                   help="fail above this max |Δ| of any tensor (0: equal values)")  # fmt: skip
-    p.add_argument("--min-top1", type=float, default=None, help="fail below this top-1 agreement (0..1)")
+                   help="fail above this max |Δ| of any tensor (0: equal values; default: the rounding of the "
+                        "coarser storage type, eps x max |x|, Q8_0 max |x| / 127)")  # fmt: skip
+    p.add_argument("--min-cosine", type=float, default=None,
+                   help="fail below this cosine similarity of the logits (default: bf16 0.99, GGUF F16 0.9999, "
+                        "BF16 0.995, Q8_0 0.99; fp32 not judged)")  # fmt: skip
+    p.add_argument("--min-top1", type=float, default=None,
+                   help="fail below this top-1 agreement, 0..1 (default: fp32 / F32 GGUF 1, bf16 0.8, GGUF F16 "
+                        "0.95, BF16 0.9, Q8_0 0.75)")  # fmt: skip
     p.add_argument("--min-routing", type=float, default=None,
-                   help="fail below this routing agreement in any MoE layer / pool (0..1)")  # fmt: skip
+                   help="fail below this routing agreement in any MoE layer / pool, 0..1 (default: fp32 1, "
+                        "bf16 0.8; not observable with a GGUF side)")  # fmt: skip
     p.add_argument("--no-tensors", action="store_true", help="skip the tensor comparison")
     p.add_argument("--no-logits", action="store_true", help="skip logits and routing (tensors only)")
     p.add_argument("--hf-runtime", choices=["transformers", "megatron"], default="transformers",
@@ -1120,9 +1153,10 @@ def run(args: argparse.Namespace) -> int:
         raise VerifyError("give --prompt or --prompt-ids, not both")
     ids = _tokenize(args.a, args.b, args.prompt) if args.prompt else _parse_ids(args.prompt_ids)
     report = verify(
-        args.a, args.b, prompt_ids=ids, image=args.image, atol=args.atol,
-        tensor_atol=args.tensor_atol, min_top1=args.min_top1, min_routing=args.min_routing,
+        args.a, args.b, prompt_ids=ids, image=args.image, atol=args.atol, tensor_atol=args.tensor_atol,
+        min_cosine=args.min_cosine, min_top1=args.min_top1, min_routing=args.min_routing,
         tensors=not args.no_tensors, logits=not args.no_logits, hf_runtime=args.hf_runtime, hf_config=args.hf_config,
+        dtype=args.dtype,
     )  # fmt: skip
     print(jsonlib.dumps(report.to_json(), indent=2) if args.json else report.table(all_tensors=args.all_tensors))
     return 0 if report.ok else 1

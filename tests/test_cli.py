@@ -24,6 +24,7 @@ SURFACE = {
     "route-stats": ["<checkpoint>", "--prompts", "--images", "--out", "--hf-config", "--title", "--json"],
     "generate": ["<checkpoint>", "--prompt", "--image", "--max-new-tokens", "--backend", "--hf-config", "--no-eos-stop",
                  "--no-kv-cache", "--json"],
+    "prepare-data": ["<inputs>", "--tokenizer", "--out", "--text-key", "--overwrite", "--no-progress"],
 }  # fmt: skip
 
 

@@ -23,3 +23,21 @@ def embedded_checkpoint(name: str = DEFAULT) -> Path:
     if name not in EMBEDDED:
         raise KeyError(f"no embedded checkpoint {name!r}; have {sorted(EMBEDDED)}")
     return ASSETS / name
+
+
+# the chat template each family's tokenizer_config.json carries (tools/make_tiny_checkpoints.py writes it there)
+CHAT_TEMPLATES = {"dense": "ernie45_text.jinja", "moe": "ernie45_text.jinja", "vl": "ernie45_vl.jinja"}
+SFT_SETS = {"text": ASSETS / "sft" / "tiny_chat.jsonl", "vl": ASSETS / "sft" / "tiny_vl_chat.jsonl"}
+
+
+def chat_template(family: str) -> str:
+    """The ERNIE-style chat template (Jinja) of ``family`` ("dense", "moe", "vl")."""
+    return (ASSETS / "chat_templates" / CHAT_TEMPLATES[family]).read_text()
+
+
+def sft_set(kind: str = "text") -> Path:
+    """The tiny shipped chat SFT set: ``"text"`` (short multi-turn conversations inside the tiny tokenizer's
+    alphabet) or ``"vl"`` (the same kind of turns around small PNGs shipped beside it)."""
+    if kind not in SFT_SETS:
+        raise KeyError(f"no shipped SFT set {kind!r}; have {sorted(SFT_SETS)}")
+    return SFT_SETS[kind]
