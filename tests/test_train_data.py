@@ -123,6 +123,26 @@ def test_vl_chat_sample_gives_image_tokens_and_pixels(tmp_path, vl_cfg):
     assert [p for _, p in _targets(row, tok)] == ["▁a", "▁d", "o", "g", "<|end_of_sentence|>"]
 
 
+def test_vl_truncation_never_cuts_an_image(tmp_path, vl_cfg):
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), (0, 90, 200)).save(tmp_path / "pic.png")  # 4 image tokens
+    record = {"messages": [
+        {"role": "user", "content": "the dog"}, {"role": "assistant", "content": "a fox"},
+        {"role": "user", "content": [{"type": "text", "text": "and"}, {"type": "image", "image": "pic.png"}]},
+        {"role": "assistant", "content": "a dog"},
+    ]}  # fmt: skip
+    path = _jsonl(tmp_path / "vl.jsonl", [record])
+    whole = open_train_data([DataSpec(path)], vl_cfg, tokenizer_dir=VL, seq_length=64).row(0)
+    start = whole.input_ids[0].tolist().index(vl_cfg.special_ids["image_start_token_id"])
+    cut = open_train_data([DataSpec(path)], vl_cfg, tokenizer_dir=VL, seq_length=start + 3)  # inside the image
+    row = cut.row(0)
+    assert cut.stats["truncated"] == 1 and row.pixel_values is None and row.image_grid_thw is None
+    assert row.input_ids[0, :start].tolist() == whole.input_ids[0, :start].tolist()
+    assert (row.input_ids[0, start:] == 0).all()  # cut before the image's start, the rest is padding
+    assert row.loss_mask.sum() == whole.loss_mask[0, :start].sum() > 0  # the first reply is still trained on
+
+
 def test_shipped_sft_sets_open(cfg, vl_cfg):
     text = open_train_data([DataSpec(sft_set())], cfg, tokenizer_dir=MOE, seq_length=128, eval_rows=2)
     assert text.stats["samples"] + text.stats["eval_samples"] >= 36 and text.stats["loss_tokens"] > 0
@@ -326,6 +346,21 @@ def test_bad_records_are_named(tmp_path, cfg, records, match):
     path = _jsonl(tmp_path / "t.jsonl", records)
     with pytest.raises(DataError, match=match):
         open_train_data([DataSpec(path)], cfg, tokenizer_dir=MOE, seq_length=16)
+
+
+def test_chat_needs_a_tokenizer_with_a_template(tmp_path, cfg):
+    path = _jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}])
+    with pytest.raises(DataError, match=r"c\.jsonl:1: chat records need the checkpoint's tokenizer"):
+        open_train_data([DataSpec(path)], cfg, tokenizer_dir=None, seq_length=64)
+    bare = tmp_path / "tok"
+    bare.mkdir()
+    for f in ("tokenizer.json", "special_tokens_map.json"):
+        (bare / f).write_bytes((MOE / f).read_bytes())
+    tok_cfg = json.loads((MOE / "tokenizer_config.json").read_text())
+    del tok_cfg["chat_template"]
+    (bare / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    with pytest.raises(DataError, match="the tokenizer has no chat_template"):
+        open_train_data([DataSpec(path)], cfg, tokenizer_dir=bare, seq_length=64)
 
 
 def test_missing_image_is_named(tmp_path, vl_cfg):
