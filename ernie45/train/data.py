@@ -13,7 +13,7 @@ Sources (one per ``--data [WEIGHT:]PATH``; the form is detected from the path an
   else. VL content may be a list of parts ``{"type": "text", "text": ...}`` / ``{"type": "image", "image":
   "local/path.png"}`` (relative to the JSONL file); each image's placeholder is widened to the image's tokens as
   the HF processor does (``grid.prod() / merge²``), and the pixel values come from the checkpoint's image
-  processor (:func:`ernie45.verify.image_inputs`).
+  processor (:func:`ernie45.verify.image_inputs`). Video parts are not read yet (refused, named).
 * **pre-tokenized JSONL** -- ``{"input_ids": [...], "loss_mask": [...]}`` (``loss_mask`` optional, aligned with
   ``input_ids``, 1 = this token is a prediction target; default: every token).
 * **Megatron IndexedDataset** -- ``PATH`` with ``PATH.bin`` / ``PATH.idx`` (``ernie45 prepare-data``, or
@@ -61,7 +61,8 @@ from ..config import ErnieConfig
 from ..errors import InputError
 from ..megatron.packing import IGNORE_INDEX, PackedBatch, pack
 
-__all__ = ["DataSpec", "DataError", "TrainData", "open_train_data", "collate", "read_jsonl", "FORMS", "OVERLONG"]
+__all__ = ["DataSpec", "DataError", "TrainData", "open_train_data", "collate", "read_jsonl", "load_tokenizer",
+           "FORMS", "OVERLONG"]  # fmt: skip
 
 FORMS = ("chat", "tokens", "indexed")  # chat SFT JSONL, pre-tokenized JSONL, Megatron IndexedDataset
 OVERLONG = ("truncate", "drop")
@@ -211,15 +212,31 @@ def _vision_ids(cfg: ErnieConfig) -> list[int]:
     return sorted({v for k, v in cfg.special_ids.items() if v is not None and ("image" in k or "video" in k)})
 
 
+def _has_tokenizer(path: Path) -> None:
+    files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    if not path.is_dir() or not any((path / f).is_file() for f in files):
+        raise DataError(f"{path}: no tokenizer there (tokenizer.json / tokenizer.model / tokenizer_config.json)")
+
+
+def load_tokenizer(path: Path):
+    """The checkpoint's transformers tokenizer; a directory without one is a DataError naming it."""
+    import transformers
+
+    path = Path(path)
+    _has_tokenizer(path)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:  # transformers' errors for unreadable / inconsistent tokenizer files
+        raise DataError(f"{path}: cannot load its tokenizer ({e})") from None
+
+
 class _ChatRenderer:
     """Chat records -> samples, through the checkpoint's tokenizer, chat template and (VL) image processor."""
 
     def __init__(self, tokenizer_dir: Path, cfg: ErnieConfig) -> None:
-        import transformers
-
         self.cfg = cfg
         self.tokenizer_dir = Path(tokenizer_dir)
-        self.tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.tok = load_tokenizer(tokenizer_dir)
         if not self.tok.chat_template:
             raise DataError(
                 f"{tokenizer_dir}: the tokenizer has no chat_template, so chat records cannot be rendered as the "
@@ -227,11 +244,12 @@ class _ChatRenderer:
             )
 
     def _render(self, messages: list[dict], where: str, *, generation_prompt: bool) -> str:
+        import jinja2
+
         try:
-            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        except Exception as e:  # jinja raises its own error types; the template is user data here
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except (jinja2.TemplateError, TypeError, ValueError) as e:  # the template is the checkpoint's, i.e. input
             raise DataError(f"{where}: the chat template of {self.tokenizer_dir} failed: {e}") from None
-        return text
 
     def _ids(self, text: str) -> list[int]:
         # the template writes the special pieces itself, so the tokenizer adds none (as apply_chat_template does)
@@ -293,7 +311,8 @@ class _ChatRenderer:
                     raise DataError(f"{where}: message {i} has no '{key}'")
             if m["role"] not in ROLES:
                 raise DataError(f"{where}: message {i}: unknown role {m['role']!r} (expected one of {list(ROLES)})")
-            clean.append({"role": m["role"], "content": self._content(m["content"], m["role"], f"{where}: message {i}", base, images)})
+            content = self._content(m["content"], m["role"], f"{where}: message {i}", base, images)
+            clean.append({"role": m["role"], "content": content})
         turns = [i for i, m in enumerate(clean) if m["role"] == "assistant"]
         if not turns:
             raise DataError(f"{where}: no assistant message, so nothing to learn")
@@ -513,6 +532,7 @@ class _IndexedSource:
             self.indexed = IndexedDataset(str(prefix), multimodal=False, mmap=True)
         except (AssertionError, ValueError, OSError) as e:  # Megatron asserts on a bad header / size
             raise DataError(f"{prefix}.idx/.bin: not a Megatron IndexedDataset ({e})") from None
+        _has_tokenizer(Path(tokenizer_dir))  # a clear error before Megatron's own asserts
         tokenizer = MegatronTokenizer.from_pretrained(str(tokenizer_dir), metadata_path={"library": "huggingface"})
         self.eod = tokenizer.eod
         meta = Path(str(prefix) + ".json")
@@ -521,7 +541,8 @@ class _IndexedSource:
             if info.get("eod") != self.eod:
                 raise DataError(f"{meta}: prepared with EOD id {info.get('eod')}, but {tokenizer_dir}'s is {self.eod}")
         self.base_config = dict(
-            sequence_length=seq_length, tokenizer=tokenizer, blend=([str(prefix)], None), split="1,0,0", path_to_cache="",
+            sequence_length=seq_length, tokenizer=tokenizer, blend=([str(prefix)], None), split="1,0,0",
+            path_to_cache="",
             reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
         )  # fmt: skip
         self._config_cls = GPTDatasetConfig
@@ -690,15 +711,17 @@ class TrainData:
     def describe(self) -> str:
         parts = []
         for s in self.stats["sources"]:
-            what = {"chat": "chat SFT", "tokens": "pre-tokenized", "indexed": "Megatron IndexedDataset"}[s["form"]]
+            what = {"chat": "chat SFT", "tokens": "pre-tokenized",
+                    "indexed": "Megatron IndexedDataset through GPTDataset, its own shuffle"}[s["form"]]  # fmt: skip
             unit = "documents" if s["form"] == "indexed" else "samples"
             loss = f", {s['loss_tokens']} target tokens" if s["loss_tokens"] is not None else ""
             extra = f", {s['truncated']} truncated" if s["truncated"] else ""
             extra += f", {s['dropped']} dropped (longer than {self.seq_length})" if s["dropped"] else ""
             held = f", {s['eval_samples']} held out" if s["eval_samples"] else ""
             weight = f"weight {s['weight']:g}: " if len(self.sources) > 1 else ""
-            parts.append(f"{weight}{s['path']} ({what}, {s['samples']} {unit}, {s['tokens']} tokens{loss}{extra}{held}, "
-                         f"{s['rows_per_epoch']} rows an epoch)")  # fmt: skip
+            rows = f"{s['rows_per_epoch']} {'windows' if s['form'] == 'indexed' else 'rows'} an epoch"
+            parts.append(f"{weight}{s['path']} ({what}, {s['samples']} {unit}, {s['tokens']} tokens{loss}{extra}"
+                         f"{held}, {rows})")  # fmt: skip
         how = "packed" if self.pack else "one sample a row"
         order = f"shuffled by seed {self.seed}, reshuffled every epoch" if self.shuffle else "in file order"
         blend = " blended by weight (Megatron's blending rule);" if len(self.sources) > 1 else ""

@@ -57,10 +57,9 @@ def prepare_data(
     trailing ``.bin`` / ``.idx`` is dropped)."""
     import numpy
     import torch
-    import transformers
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    from .data import DataError, read_jsonl  # here: the CLI imports this module to build its parser
+    from .data import DataError, load_tokenizer, read_jsonl  # here: the CLI imports this module to build its parser
 
     inputs = [Path(p) for p in inputs]
     if not inputs:
@@ -75,9 +74,7 @@ def prepare_data(
     if existing and not overwrite:
         raise DataError(f"{existing[0]} exists; pass --overwrite to replace it")
     tok_dir = Path(tokenizer)
-    if not tok_dir.is_dir():
-        raise DataError(f"{tok_dir}: not a checkpoint / tokenizer directory")
-    tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    tok = load_tokenizer(tok_dir)
     eod = tok.eos_token_id
     if eod is None:
         raise DataError(f"{tok_dir}: the tokenizer has no EOS token to end documents with")
@@ -143,10 +140,12 @@ def prepare_data(
 
 def add_arguments(p) -> None:
     p.add_argument("inputs", nargs="+", type=Path, help="JSONL file(s), one document per record")
-    p.add_argument("--tokenizer", required=True, type=Path,
+    p.add_argument("--tokenizer", required=True, type=Path, metavar="DIR",
                    help="the checkpoint (or tokenizer) directory whose tokenizer the model was trained with")  # fmt: skip
-    p.add_argument("--out", required=True, type=Path, help="output prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.json")
-    p.add_argument("--text-key", default="text", help="the record field holding the text (default: text)")
+    p.add_argument("--out", required=True, type=Path, metavar="PREFIX",
+                   help="output prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.json")
+    p.add_argument("--text-key", default="text", metavar="KEY",
+                   help="the record field holding the text (default: text)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx/.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
