@@ -210,6 +210,9 @@ def test_order_is_deterministic_by_seed_and_reshuffled_each_epoch(tmp_path, cfg)
     # row(i) is a pure function: a fresh reader asked for a late row first gives the same row
     late = opened(1).row(2 * per_epoch + 1)
     assert torch.equal(late.input_ids, a.row(2 * per_epoch + 1).input_ids)
+    first = a.row(0)
+    a.row(5 * per_epoch)  # epochs 0.. are let go (only the last two stay built) and rebuilt on demand
+    assert torch.equal(a.row(0).input_ids, first.input_ids) and torch.equal(a.row(0).loss_mask, first.loss_mask)
     # every sample exactly once per epoch, in a different order each epoch (an epoch may pack into a different
     # number of rows, but a row never spans two epochs)
     flat = sum(first_tokens(a, range(4 * per_epoch)), [])

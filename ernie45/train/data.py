@@ -425,6 +425,37 @@ class _SourceStats:
     rows_per_epoch: int = 0
 
 
+class _Epochs:
+    """An endless stream of epochs ``build(e)`` (each a sequence of rows), addressed by global row number.
+
+    Only each epoch's length is kept for good, and the last two epochs built: an epoch is a pure function of
+    ``e``, so one that was let go is rebuilt when a reader jumps back (eval, resume), while memory stays flat
+    over a long run.
+    """
+
+    def __init__(self, build) -> None:
+        self._build = build
+        self._starts = [0]  # first row of each epoch measured so far, then the end of the last
+        self._recent: dict[int, Sequence] = {}
+
+    def epoch(self, e: int) -> Sequence:
+        if e not in self._recent:
+            if len(self._recent) == 2:
+                self._recent.pop(min(self._recent))
+            self._recent[e] = self._build(e)
+        return self._recent[e]
+
+    def locate(self, j: int) -> tuple[Sequence, int]:
+        """(the epoch holding global row ``j``, ``j``'s place in it)."""
+        e = 0
+        while True:
+            if e + 1 == len(self._starts):
+                self._starts.append(self._starts[-1] + len(self.epoch(e)))
+            if j < self._starts[e + 1]:
+                return self.epoch(e), j - self._starts[e]
+            e += 1
+
+
 class _JsonlSource:
     """Chat or pre-tokenized samples, packed per epoch."""
 
@@ -440,28 +471,19 @@ class _JsonlSource:
             raise DataError(f"{spec.path}: the held-out split takes all {len(samples)} samples; none left to train on")
         self.stats = stats
         self._lengths = [len(s) for s in self.train]
-        self._epochs: list[list[list[int]]] = []
-        self._starts = [0]  # first row of each computed epoch, then the end of the last
-        stats.rows_per_epoch = len(self._epoch(0))
+        self._epochs = _Epochs(self._epoch)
+        stats.rows_per_epoch = len(self._epochs.epoch(0))
 
     def _epoch(self, e: int) -> list[list[int]]:
-        while len(self._epochs) <= e:
-            k = len(self._epochs)
-            n = len(self.train)
-            order = numpy.random.RandomState(self.seed + k).permutation(n) if self.shuffle else numpy.arange(n)
-            order = order.tolist()
-            rows = _greedy_rows(self._lengths, order, self.seq_length) if self.pack else [[i] for i in order]
-            self._epochs.append(rows)
-            self._starts.append(self._starts[-1] + len(rows))
-        return self._epochs[e]
+        """Epoch ``e``'s rows, as lists of sample indices."""
+        n = len(self.train)
+        order = numpy.random.RandomState(self.seed + e).permutation(n) if self.shuffle else numpy.arange(n)
+        order = order.tolist()
+        return _greedy_rows(self._lengths, order, self.seq_length) if self.pack else [[i] for i in order]
 
     def row(self, j: int) -> PackedBatch:
-        e = 0
-        while True:
-            rows = self._epoch(e)
-            if j < self._starts[e + 1]:
-                return self._materialise([self.train[i] for i in rows[j - self._starts[e]]])
-            e += 1
+        rows, k = self._epochs.locate(j)
+        return self._materialise([self.train[i] for i in rows[k]])
 
     def eval_rows(self, limit: int) -> list[PackedBatch]:
         order = list(range(len(self.held_out)))
@@ -562,9 +584,8 @@ class _IndexedSource:
             raise DataError(f"{prefix}: the held-out split takes all {n} documents; none left to train on")
         self.train_docs = numpy.arange(0, n - n_eval, dtype=numpy.int32)
         self.eval_docs = numpy.arange(n - n_eval, n, dtype=numpy.int32)
-        self._epochs: list[Any] = []
-        self._starts = [0]
-        first = self._epoch(0)
+        self._epochs = _Epochs(self._epoch)
+        first = self._epochs.epoch(0)
         self.stats = _SourceStats(
             path=str(prefix), form="indexed", weight=spec.weight, samples=len(self.train_docs),
             eval_samples=n_eval, tokens=int(lengths[: n - n_eval].sum()), loss_tokens=None,
@@ -578,25 +599,19 @@ class _IndexedSource:
         return GPTDataset(self.indexed, str(self.prefix), docs, None, split, config)
 
     def _epoch(self, e: int):
+        """Epoch ``e``: Megatron's GPTDataset over the training documents, seeded ``seed + e``."""
         from megatron.core.datasets.utils import Split
 
-        while len(self._epochs) <= e:
-            ds = self._dataset(self.train_docs, self.seed + len(self._epochs), Split.train)
-            if len(ds) == 0:
-                tokens = int(self.indexed.sequence_lengths[self.train_docs].sum())
-                raise DataError(f"{self.prefix}: {tokens} training tokens, fewer than one row of "
-                                f"seq_length + 1 = {self.seq_length + 1}")  # fmt: skip
-            self._epochs.append(ds)
-            self._starts.append(self._starts[-1] + len(ds))
-        return self._epochs[e]
+        ds = self._dataset(self.train_docs, self.seed + e, Split.train)
+        if len(ds) == 0:
+            tokens = int(self.indexed.sequence_lengths[self.train_docs].sum())
+            raise DataError(f"{self.prefix}: {tokens} training tokens, fewer than one row of "
+                            f"seq_length + 1 = {self.seq_length + 1}")  # fmt: skip
+        return ds
 
     def row(self, j: int) -> PackedBatch:
-        e = 0
-        while True:
-            ds = self._epoch(e)
-            if j < self._starts[e + 1]:
-                return self._window(ds[j - self._starts[e]])
-            e += 1
+        ds, k = self._epochs.locate(j)
+        return self._window(ds[k])
 
     def eval_rows(self, limit: int) -> list[PackedBatch]:
         from megatron.core.datasets.utils import Split
