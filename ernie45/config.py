@@ -19,10 +19,11 @@ defaults applied are the ones the HF code itself applies (listed in ``_HF_DEFAUL
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import InputError
 
@@ -200,30 +201,31 @@ class ErnieConfig:
         return self.num_key_value_heads
 
     def parameter_counts(self) -> tuple[int, int]:
-        """(total, active-per-token) parameter counts of the language model (+ vision tower if any)."""
-        H, hd = self.hidden_size, self.head_dim
-        attn = H * hd * (self.num_attention_heads * 2 + self.num_key_value_heads * 2) + 2 * H
-        emb = self.vocab_size * H * (1 if self.tie_word_embeddings else 2)
-        total = active = emb + H
-        for t in self.mlp_layer_types:
-            total += attn
-            active += attn
-            if t == "dense":
-                total += 3 * H * self.intermediate_size
-                active += 3 * H * self.intermediate_size
-                continue
-            shared = 3 * H * self.shared_expert_intermediate_size
-            total += shared
-            active += shared
-            for width in self.moe_intermediate_size:
-                total += self.moe_num_experts * (3 * H * width + H + 1)
-                active += self.moe_k * 3 * H * width + self.moe_num_experts * (H + 1)
-        return total, active
+        """(total, active-per-token) parameters. Total: every tensor the HF checkpoint of this config holds (the
+        bridge table's shapes: language model, ViT and resampler, expert bias; a tied head once). Active: what one
+        text token passes through -- all but the routed experts it does not use (E - K of the pool's E per MoE
+        layer) and, for VL, the ViT, the resampler and the vision pool (so 28B-A3B comes out at ~3.3B)."""
+        from .bridge.tables import expand  # the table imports this module
+
+        E, K = self.moe_num_experts or 1, self.moe_k or 1
+        total = idle = 0
+        for item in expand(self, tied=self.tie_word_embeddings):
+            n = sum(math.prod(shape) for shape in item.hf_shapes)
+            total += n
+            # an item's Megatron pieces are equal parts of it (e.g. the [2, E] VL expert bias: text, vision)
+            vision = sum(m.startswith(("vision_model.", "resampler_model.")) or ".vision_moe_layer." in m
+                         for m in item.mg)  # fmt: skip
+            idle += n * vision // len(item.mg)
+            if item.expert is not None and not vision:
+                idle += n * (E - K) // E
+        return total, total - idle
 
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, raw: Mapping[str, Any]) -> "ErnieConfig":
         """Build from an HF ``config.json`` dict (any of the four layouts)."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config.json must be a JSON object, got a JSON {type(raw).__name__}")
         model_type = raw.get("model_type")
         builders = {
             "ernie4_5": _from_dense,
@@ -255,8 +257,8 @@ def load_config(path: str | Path) -> ErnieConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: no config.json")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     try:
         return ErnieConfig.from_hf(raw)
@@ -268,24 +270,61 @@ def load_config(path: str | Path) -> ErnieConfig:
 # layout readers
 
 
+# What a field may hold: (check, description). JSON gives ints, floats, bools, strings, lists and objects; a size
+# written as "64", 64.5 or [64] (or a bool, which Python counts as an int) is refused, naming the field.
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "count": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "index": (lambda v: _is_int(v) and v >= -1, "an integer >= -1 (-1: the last layer)"),
+    "positive": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "nonneg": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "bool": (lambda v: isinstance(v, bool), "true or false (a JSON boolean, not a string)"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "object": (lambda v: isinstance(v, dict), "a JSON object"),
+    "any": (lambda v: True, "anything"),
+}
+
+
+def _typed(value: Any, kind: str, name: str) -> Any:
+    """``value`` if it is of ``kind`` (a list of them for ``kind + "s"``: "sizes", "indexs"), else a ConfigError
+    naming the field. Numbers come back as int / float."""
+    if kind.endswith("s") and kind[:-1] in KINDS:
+        items = value if isinstance(value, list) else None
+        if not items:
+            raise ConfigError(f"{name} must be a non-empty list of {KINDS[kind[:-1]][1]}s, got {value!r}")
+        return [_typed(v, kind[:-1], f"{name}[{i}]") for i, v in enumerate(items)]
+    check, what = KINDS[kind]
+    if not check(value):
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
+    return float(value) if kind in ("positive", "nonneg") else value
+
+
 class _Reader:
-    """Reads required fields from one dict, remembering which keys were consumed."""
+    """Reads fields from one dict, typed and ranged (``KINDS``), remembering which keys were consumed."""
 
     def __init__(self, raw: Mapping[str, Any], where: str = "") -> None:
         self.raw, self.where, self.used = raw, where, set()
 
-    def req(self, key: str) -> Any:
+    def req(self, key: str, kind: str = "any") -> Any:
         if key not in self.raw or self.raw[key] is None:
             raise ConfigError(f"missing required field {self.where}{key}")
         self.used.add(key)
-        return self.raw[key]
+        return _typed(self.raw[key], kind, self.where + key)
 
-    def opt(self, key: str, default: Any, why: str) -> Any:
+    def opt(self, key: str, default: Any, why: str, kind: str = "any") -> Any:
         """A field whose absence has a documented meaning in the HF code (``why``)."""
         del why  # documentation at the call site
         self.used.add(key)
         value = self.raw.get(key)
-        return default if value is None else value
+        return default if value is None else _typed(value, kind, self.where + key)
 
     def report_unused(self) -> None:
         unknown = sorted(k for k in self.raw if k not in self.used and k not in IGNORED_KEYS and not isinstance(self.raw[k], dict))
@@ -294,37 +333,37 @@ class _Reader:
 
 
 def _rope_theta(r: _Reader) -> float:
-    params = r.opt("rope_parameters", None, "legacy configs carry a top-level rope_theta instead")
+    params = r.opt("rope_parameters", None, "legacy configs carry a top-level rope_theta instead", "object")
     if params is not None:
         if params.get("rope_type", "default") != "default":
             raise ConfigError(f"unsupported rope_type {params.get('rope_type')!r} (ERNIE 4.5 uses 'default')")
         if "rope_theta" not in params:
             raise ConfigError(f"missing required field {r.where}rope_parameters.rope_theta")
-        return float(params["rope_theta"])
-    return float(r.req("rope_theta"))
+        return _typed(params["rope_theta"], "positive", f"{r.where}rope_parameters.rope_theta")
+    return r.req("rope_theta", "positive")
 
 
 def _lm_common(r: _Reader, *, head_dim: int | None) -> dict[str, Any]:
-    H, nh = int(r.req("hidden_size")), int(r.req("num_attention_heads"))
-    if H <= 0 or nh <= 0:
-        raise ConfigError("hidden_size and num_attention_heads must be positive")
-    nkv = r.opt("num_key_value_heads", nh, "HF: None means multi-head attention")
+    H, nh = r.req("hidden_size", "size"), r.req("num_attention_heads", "size")
+    nkv = r.opt("num_key_value_heads", nh, "HF: None means multi-head attention", "size")
+    if head_dim is not None:
+        head_dim = _typed(head_dim, "size", f"{r.where}head_dim")
     if head_dim is None:
         if H % nh:
             raise ConfigError(f"hidden_size {H} not divisible by num_attention_heads {nh} and no head_dim given")
         head_dim = H // nh
     return dict(
-        vocab_size=int(r.req("vocab_size")),
+        vocab_size=r.req("vocab_size", "size"),
         hidden_size=H,
-        intermediate_size=int(r.req("intermediate_size")),
-        num_hidden_layers=int(r.req("num_hidden_layers")),
+        intermediate_size=r.req("intermediate_size", "size"),
+        num_hidden_layers=r.req("num_hidden_layers", "size"),
         num_attention_heads=nh,
-        num_key_value_heads=int(nkv),
-        head_dim=int(head_dim),
-        hidden_act=r.opt("hidden_act", "silu", "absent from the original Thinking json; HF conversion uses silu"),
-        rms_norm_eps=float(r.req("rms_norm_eps")),
+        num_key_value_heads=nkv,
+        head_dim=head_dim,
+        hidden_act=r.opt("hidden_act", "silu", "absent from the original Thinking json; HF conversion uses silu", "str"),
+        rms_norm_eps=r.req("rms_norm_eps", "positive"),
         rope_theta=_rope_theta(r),
-        use_bias=bool(r.opt("use_bias", False, "HF default False")),
+        use_bias=r.opt("use_bias", False, "HF default False", "bool"),
     )
 
 
@@ -341,22 +380,22 @@ def _layer_rule(L: int, start: int, interval: int, end: int) -> tuple[str, ...]:
 
 
 def _moe_fields(r: _Reader, pools: int) -> dict[str, Any]:
-    E = r.req("moe_num_experts")
+    E = r.req("moe_num_experts", "sizes" if isinstance(r.raw.get("moe_num_experts"), list) else "size")
     if isinstance(E, list):
         if len(set(E)) != 1:
             raise ConfigError(f"moe_num_experts {E}: pools of different sizes are not an ERNIE 4.5 layout")
         E = E[0]
-    widths = r.req("moe_intermediate_size")
-    widths = tuple(int(w) for w in (widths if isinstance(widths, list) else [widths]))
+    widths = r.req("moe_intermediate_size", "sizes" if isinstance(r.raw.get("moe_intermediate_size"), list) else "size")
+    widths = tuple(widths if isinstance(widths, list) else [widths])
     if len(widths) != pools:
         raise ConfigError(f"moe_intermediate_size {list(widths)} must have {pools} entr{'y' if pools == 1 else 'ies'}")
     return dict(
-        moe_num_experts=int(E),
-        moe_k=int(r.req("moe_k")),
+        moe_num_experts=E,
+        moe_k=r.req("moe_k", "size"),
         moe_intermediate_size=widths,
-        moe_num_shared_experts=int(r.req("moe_num_shared_experts")),
-        moe_norm_min=float(r.opt("moe_norm_min", 1e-12, "Baidu-orig hard-codes 1e-12")),
-        router_aux_loss_coef=float(r.opt("router_aux_loss_coef", 0.0, "no aux loss unless configured")),
+        moe_num_shared_experts=r.req("moe_num_shared_experts", "count"),
+        moe_norm_min=r.opt("moe_norm_min", 1e-12, "Baidu-orig hard-codes 1e-12", "nonneg"),
+        router_aux_loss_coef=r.opt("router_aux_loss_coef", 0.0, "no aux loss unless configured", "nonneg"),
     )
 
 
@@ -365,7 +404,7 @@ def _from_dense(raw: Mapping[str, Any]) -> ErnieConfig:
     common = _lm_common(r, head_dim=r.opt("head_dim", None, "HF: None means hidden_size // num_attention_heads"))
     cfg = ErnieConfig(
         family="dense",
-        tie_word_embeddings=bool(r.req("tie_word_embeddings")),
+        tie_word_embeddings=r.req("tie_word_embeddings", "bool"),
         mlp_layer_types=("dense",) * common["num_hidden_layers"],
         special_ids=_special_ids(raw, ("pad_token_id", "bos_token_id", "eos_token_id")),
         hf_config=dict(raw),
@@ -377,20 +416,20 @@ def _from_dense(raw: Mapping[str, Any]) -> ErnieConfig:
 
 def _from_text_moe(raw: Mapping[str, Any]) -> ErnieConfig:
     r = _Reader(raw)
-    # Ernie4_5_MoeConfig has no head_dim field: hd = H // nh (spec §A.2).
-    if raw.get("head_dim") not in (None, raw.get("hidden_size", 0) // max(raw.get("num_attention_heads", 1), 1)):
-        raise ConfigError("ernie4_5_moe has no head_dim field; transformers ignores it, so must we")
-    common = _lm_common(r, head_dim=None)
+    # Ernie4_5_MoeConfig declares no head_dim, yet its attention and RoPE read ``getattr(config, "head_dim", H // nh)``
+    # (transformers 5.23), so a head_dim in config.json is honoured exactly as for the dense model
+    common = _lm_common(r, head_dim=r.opt("head_dim", None, "HF: absent means hidden_size // num_attention_heads"))
     L = common["num_hidden_layers"]
     if "mlp_layer_types" in raw:
-        types = tuple(r.req("mlp_layer_types"))
+        types = tuple(r.req("mlp_layer_types", "strs"))
     else:
         types = _layer_rule(
-            L, int(r.req("moe_layer_start_index")), int(r.req("moe_layer_interval")), int(r.req("moe_layer_end_index"))
+            L, r.req("moe_layer_start_index", "count"), r.req("moe_layer_interval", "size"),
+            r.req("moe_layer_end_index", "index"),
         )
     cfg = ErnieConfig(
         family="moe",
-        tie_word_embeddings=bool(r.req("tie_word_embeddings")),
+        tie_word_embeddings=r.req("tie_word_embeddings", "bool"),
         mlp_layer_types=types,
         special_ids=_special_ids(raw, ("pad_token_id", "bos_token_id", "eos_token_id")),
         hf_config=dict(raw),
@@ -421,11 +460,13 @@ _VL_DEFAULT_IDS = dict(
 
 
 def _mrope_section(params: Mapping[str, Any] | None, head_dim: int, t_bands: int | None) -> tuple[int, int, int]:
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"rope_parameters / rope_scaling must be a JSON object, got {params!r}")
     if params and params.get("mrope_section") is not None:
-        sec = tuple(int(x) for x in params["mrope_section"])
+        sec = tuple(_typed(params["mrope_section"], "counts", "rope_parameters.mrope_section"))
     elif t_bands is not None:
-        hw = head_dim // 2 - int(t_bands)
-        sec = (hw // 2, hw - hw // 2, int(t_bands))
+        hw = head_dim // 2 - t_bands
+        sec = (hw // 2, hw - hw // 2, t_bands)
     else:
         # HF Ernie4_5_VLMoeTextRotaryEmbedding: absent => [22, 22, 20] (for hd 128); scaled to this head_dim.
         t = round(head_dim // 2 * 20 / 64)
@@ -444,26 +485,26 @@ def _from_vl_nested(raw: Mapping[str, Any]) -> ErnieConfig:
         raise ConfigError("ernie4_5_vl_moe config needs text_config and vision_config objects")
     r = _Reader(text, "text_config.")
     common = _lm_common(r, head_dim=None)
-    types = tuple(r.req("mlp_layer_types"))
+    types = tuple(r.req("mlp_layer_types", "strs"))
     v = _Reader(vis, "vision_config.")
-    vparams = v.opt("rope_parameters", {"rope_theta": 10000.0}, "HF default axial theta 10000")
+    vparams = v.opt("rope_parameters", {"rope_theta": 10000.0}, "HF default axial theta 10000", "object")
     vision = VisionConfig(
-        depth=int(v.req("depth")),
-        hidden_size=int(v.req("hidden_size")),
-        num_heads=int(v.req("num_heads")),
-        intermediate_size=int(v.req("intermediate_size")),
-        hidden_act=v.req("hidden_act"),
-        in_channels=int(v.req("in_channels")),
-        patch_size=int(v.req("patch_size")),
-        spatial_merge_size=int(v.req("spatial_merge_size")),
-        temporal_merge_size=int(v.req("temporal_merge_size")),
-        layer_norm_eps=float(v.req("rms_norm_eps")),
-        rope_theta=float(vparams["rope_theta"]),
+        depth=v.req("depth", "size"),
+        hidden_size=v.req("hidden_size", "size"),
+        num_heads=v.req("num_heads", "size"),
+        intermediate_size=v.req("intermediate_size", "size"),
+        hidden_act=v.req("hidden_act", "str"),
+        in_channels=v.req("in_channels", "size"),
+        patch_size=v.req("patch_size", "size"),
+        spatial_merge_size=v.req("spatial_merge_size", "size"),
+        temporal_merge_size=v.req("temporal_merge_size", "size"),
+        layer_norm_eps=v.req("rms_norm_eps", "positive"),
+        rope_theta=_typed(vparams.get("rope_theta"), "positive", "vision_config.rope_parameters.rope_theta"),
     )
     cfg = ErnieConfig(
         family="vl",
         # spec §A.3: the *top-level* tie_word_embeddings is the one the VL model honours
-        tie_word_embeddings=bool(top.req("tie_word_embeddings")),
+        tie_word_embeddings=top.req("tie_word_embeddings", "bool"),
         mlp_layer_types=types,
         mrope_section=_mrope_section(text.get("rope_parameters"), common["head_dim"], None),
         vision=vision,
@@ -482,35 +523,37 @@ def _from_vl_flat(raw: Mapping[str, Any]) -> ErnieConfig:
     common = _lm_common(r, head_dim=None)
     L = common["num_hidden_layers"]
     if "mlp_layer_types" in raw:
-        types = tuple(r.req("mlp_layer_types"))
+        types = tuple(r.req("mlp_layer_types", "strs"))
     else:
-        start, end = r.req("moe_layer_start_index"), r.req("moe_layer_end_index")
+        start, end = (r.req(k, "indexs" if isinstance(r.raw.get(k), list) else "index")
+                      for k in ("moe_layer_start_index", "moe_layer_end_index"))
         start = min(start) if isinstance(start, list) else start
         end = max(end) if isinstance(end, list) else end
         # HF conversion script: sparse iff (l+1) % interval == 0 and min(start) <= l <= max(end)
-        types = _layer_rule(L, int(start), int(r.req("moe_layer_interval")), int(end))
+        types = _layer_rule(L, start, r.req("moe_layer_interval", "size"), end)
     v = raw.get("vision_config")
     if not isinstance(v, dict):
         raise ConfigError("ernie4_5_moe_vl config needs a vision_config object")
     vr = _Reader(v, "vision_config.")
-    width = int(vr.opt("embed_dim", None, "") or vr.req("hidden_size"))
-    mlp_ratio = float(vr.req("mlp_ratio"))
+    width = vr.opt("embed_dim", None, "the flat layout's name for the ViT width", "size") or vr.req("hidden_size", "size")
+    mlp_ratio = vr.req("mlp_ratio", "positive")
     vision = VisionConfig(
-        depth=int(vr.req("depth")),
+        depth=vr.req("depth", "size"),
         hidden_size=width,
-        num_heads=int(vr.req("num_heads")),
+        num_heads=vr.req("num_heads", "size"),
         intermediate_size=int(width * mlp_ratio),
-        hidden_act=vr.req("hidden_act"),
-        in_channels=int(vr.req("in_channels")),
-        patch_size=int(vr.req("patch_size")),
+        hidden_act=vr.req("hidden_act", "str"),
+        in_channels=vr.req("in_channels", "size"),
+        patch_size=vr.req("patch_size", "size"),
         # HF conversion maps the top-level conv sizes onto the vision merge sizes
-        spatial_merge_size=int(r.opt("spatial_conv_size", vr.opt("spatial_merge_size", 2, "HF default"), "HF conv")),
-        temporal_merge_size=int(r.opt("temporal_conv_size", 2, "HF conversion default")),
+        spatial_merge_size=r.opt("spatial_conv_size", vr.opt("spatial_merge_size", 2, "HF default", "size"), "HF conv",
+                                 "size"),
+        temporal_merge_size=r.opt("temporal_conv_size", 2, "HF conversion default", "size"),
         # spec §A.4 / I.3 #14: the vision LayerNorm eps is 1e-6, never the LM's rms_norm_eps
-        layer_norm_eps=float(vr.opt("rms_norm_eps", 1e-6, "HF conversion sets 1e-6 for the ViT")),
+        layer_norm_eps=vr.opt("rms_norm_eps", 1e-6, "HF conversion sets 1e-6 for the ViT", "positive"),
         rope_theta=10000.0,
     )
-    t_bands = r.opt("freq_allocation", None, "absent => mrope_section / default split")
+    t_bands = r.opt("freq_allocation", None, "absent => mrope_section / default split", "count")
     scaling = raw.get("rope_scaling") or {}
     ids = dict(_VL_DEFAULT_IDS)
     for k in _VL_IDS:
@@ -522,7 +565,7 @@ def _from_vl_flat(raw: Mapping[str, Any]) -> ErnieConfig:
         r.used.add("im_patch_id")
     cfg = ErnieConfig(
         family="vl",
-        tie_word_embeddings=bool(r.req("tie_word_embeddings")),
+        tie_word_embeddings=r.req("tie_word_embeddings", "bool"),
         mlp_layer_types=types,
         mrope_section=_mrope_section(raw.get("rope_parameters") or scaling, common["head_dim"], t_bands),
         vision=vision,

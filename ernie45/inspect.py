@@ -65,8 +65,9 @@ def model_facts(cfg, *, tied: bool) -> dict:
 
 def gguf_summary(path: str | Path) -> dict:
     """``ernie45 inspect`` of a GGUF: the model as llama.cpp will see it (the full dump: ``bridge.gguf.describe_gguf``)."""
-    from .bridge.gguf import describe_gguf
+    from .bridge.gguf import describe_gguf, open_gguf
 
+    open_gguf(path)  # header, checksum and shapes checked: a bad file is an error, not a summary
     d = describe_gguf(path)
     meta = d["metadata"]
     arch = meta.get("general.architecture", "?")
@@ -93,6 +94,7 @@ def gguf_summary(path: str | Path) -> dict:
     info["tensors"] = len(d["tensors"])
     info["tensor types"] = dict(Counter(t["type"] for t in d["tensors"]))
     info["size on disk"] = f"{Path(path).stat().st_size / 2**20:.1f} MiB"
+    info["checksum"] = d["checksum"]
     return info
 
 

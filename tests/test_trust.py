@@ -321,3 +321,308 @@ def test_flags_the_target_ignores_are_refused(to, flags, needle, made, tmp_path,
     dst = tmp_path / ("m.gguf" if to == "gguf" else "out")
     _fails(_convert(src, dst, to, *flags), capsys, needle)
     assert not dst.exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# config values of the wrong type or range: typed, ranged checks naming the field
+
+
+@pytest.mark.parametrize(
+    "family, change, needle",
+    [
+        ("dense", {"hidden_size": "64"}, "hidden_size must be an integer >= 1, got '64'"),
+        ("moe", {"intermediate_size": [128]}, "intermediate_size must be an integer >= 1"),
+        ("moe", {"num_key_value_heads": 0}, "num_key_value_heads must be an integer >= 1, got 0"),
+        ("moe", {"rms_norm_eps": -1e-5}, "rms_norm_eps must be a number > 0"),
+        ("dense", {"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+        ("moe", {"use_bias": "false"}, "use_bias must be true or false"),
+        ("moe", {"rope_parameters": "default"}, "rope_parameters must be a JSON object"),
+        ("moe", {"moe_k": True}, "moe_k must be an integer >= 1, got True"),
+        ("moe", {"moe_num_shared_experts": -1}, "moe_num_shared_experts must be an integer >= 0"),
+        ("vl", {"text_config.moe_intermediate_size": [64, "32"]}, "text_config.moe_intermediate_size[1]"),
+        ("vl", {"vision_config.depth": 1.5}, "vision_config.depth must be an integer >= 1"),
+    ],
+)  # fmt: skip
+def test_config_values_are_typed_and_ranged(family, change, needle, tmp_path, capsys):
+    ck = _copy(ASSETS / f"tiny-ernie45-{family}", tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    for key, value in change.items():
+        d = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            d = d[part]
+        d[leaf] = value
+    (ck / "config.json").write_text(json.dumps(cfg))
+    _fails(["inspect", ck], capsys, str(ck / "config.json"), needle)
+
+
+def test_config_json_that_is_an_array(tmp_path, capsys):
+    ck = _copy(ASSETS / "tiny-ernie45-dense", tmp_path / "ck")
+    (ck / "config.json").write_text("[1, 2]")
+    _fails(["inspect", ck], capsys, str(ck / "config.json"), "must be a JSON object")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# malformed files: one error naming the file and what is wrong with it
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.uint32, "U32"), (torch.float8_e4m3fn, "F8_E4M3")])
+def test_safetensors_dtype_ernie45_does_not_read(dtype, name, tmp_path, capsys):
+    ck = _copy(ASSETS / "tiny-ernie45-dense", tmp_path / "ck")
+    tensors = load_file(ck / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(dtype)
+    save_file(tensors, ck / "model.safetensors", metadata={"format": "pt"})
+    for args in (_convert(ck, tmp_path / "mg", "megatron"), ["inspect", ck]):
+        _fails(args, capsys, str(ck / "model.safetensors"), "model.norm.weight", name)
+
+
+@pytest.mark.parametrize("weight_map", [["model.safetensors"], {"model.norm.weight": 3}, "model.safetensors"])
+def test_index_whose_weight_map_is_not_a_name_map(weight_map, sharded, tmp_path, capsys):
+    ck = _copy(sharded, tmp_path / "ck")
+    (ck / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _fails(_convert(ck, tmp_path / "mg", "megatron"), capsys, "model.safetensors.index.json", "weight_map")
+
+
+def _with_alarm(seconds: int):
+    """Turn a hang into a failure (a FIFO read blocks forever)."""
+    import signal
+
+    def boom(*_):
+        raise TimeoutError("hung on a non-regular file")
+
+    signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+
+
+def test_fifo_as_a_weight_file_is_refused_without_hanging(made, tmp_path, capsys):
+    import signal
+
+    hf = _copy(made["hf"], tmp_path / "hf")
+    (hf / "model.safetensors").unlink()
+    os.mkfifo(hf / "model.safetensors")
+    mg = _copy(made["mg"], tmp_path / "mg")
+    _distcp(mg).unlink()
+    os.mkfifo(mg / "__0_0.distcp")
+    os.mkfifo(tmp_path / "m.gguf")
+    _with_alarm(60)
+    try:
+        for args, needle in (
+            (_convert(hf, tmp_path / "o1", "megatron"), hf / "model.safetensors"),
+            (["inspect", hf], hf / "model.safetensors"),
+            (_convert(mg, tmp_path / "o2", "hf"), mg / "__0_0.distcp"),
+            (["inspect", mg], mg / "__0_0.distcp"),
+            (["inspect", tmp_path / "m.gguf"], tmp_path / "m.gguf"),
+        ):
+            _fails(args, capsys, str(needle), "not a regular file")
+    finally:
+        signal.alarm(0)
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_torch_dist_without_its_metadata_is_named_so(recorded, made, tmp_path, capsys):
+    mg = _copy(made["mg"], tmp_path / "mg")
+    if not recorded:
+        _strip_checksums(mg)
+    (mg / ".metadata").unlink()
+    needle = f"{mg / '.metadata'}: missing" if recorded else f"{mg}: not a complete torch_dist checkpoint (no .metadata"
+    for args in (_convert(mg, tmp_path / "o", "hf"), ["inspect", mg]):
+        err = _fails(args, capsys, needle)
+        assert "pickle" not in err
+
+
+def _strip_checksums(mg: Path) -> None:
+    info = json.loads((mg / "ernie45.json").read_text())
+    del info["checksums"]
+    (mg / "ernie45.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_metadata_that_is_a_pickle_of_the_wrong_type(recorded, made, tmp_path, capsys):
+    import pickle
+
+    mg = _copy(made["mg"], tmp_path / "mg")
+    if not recorded:
+        _strip_checksums(mg)
+    (mg / ".metadata").write_bytes(pickle.dumps({"state_dict_metadata": {}}))
+    needle = "truncated or replaced" if recorded else "not DCP metadata (a pickled dict)"
+    for args in (_convert(mg, tmp_path / "o", "hf"), ["inspect", mg]):
+        _fails(args, capsys, str(mg / ".metadata"), needle)
+
+
+@pytest.mark.parametrize(
+    "name, text, needle",
+    [("ernie45.json", "{garbage", "not JSON"), ("ernie45.json", '{"tied": "yes"}', "malformed ernie45 record"),
+     ("ernie45.json", "[]", "not an ernie45 record"), ("metadata.json", "\\x00\\x01", "not JSON"),
+     ("metadata.json", '{"sharded_backend": "zarr"}', "sharded_backend is not torch_dist")],
+)  # fmt: skip
+def test_garbage_in_the_json_beside_a_torch_dist(name, text, needle, made, tmp_path, capsys):
+    mg = _copy(made["mg"], tmp_path / "mg")
+    if name == "metadata.json":
+        _strip_checksums(mg)  # else the recorded checksum names it first
+    (mg / name).write_text(text)
+    for args in (_convert(mg, tmp_path / "o", "hf"), ["inspect", mg]):
+        _fails(args, capsys, str(mg / name), needle)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GGUF: headers, checksums, tokenizer files, interrupted exports
+
+
+@pytest.fixture(scope="module")
+def gguf_file(made, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "m.gguf"
+    convert(made["hf"], out, to="gguf", progress=False)
+    return out
+
+
+def test_gguf_header_declaring_absurd_counts(gguf_file, tmp_path, capsys):
+    bad = tmp_path / "bad.gguf"
+    data = bytearray(gguf_file.read_bytes())
+    data[8:16] = struct.pack("<Q", 2**40)  # tensor count
+    bad.write_bytes(bytes(data))
+    _fails(["inspect", bad], capsys, str(bad), f"declares {2**40} tensors")
+
+
+def test_truncated_or_flipped_gguf(gguf_file, tmp_path, capsys):
+    from ernie45.bridge.gguf import read_gguf_as_hf
+
+    trunc = tmp_path / "trunc.gguf"
+    trunc.write_bytes(gguf_file.read_bytes()[: gguf_file.stat().st_size // 3])
+    _fails(["inspect", trunc], capsys, str(trunc))
+    flipped = tmp_path / "flipped.gguf"
+    shutil.copyfile(gguf_file, flipped)
+    _flip_byte(flipped, flipped.stat().st_size - 64)  # tensor data
+    _fails(["inspect", flipped], capsys, str(flipped), "checksum mismatch")
+    with pytest.raises(Exception, match="checksum mismatch"):
+        read_gguf_as_hf(flipped)
+    assert read_gguf_as_hf(gguf_file)  # the intact one reads
+
+
+@pytest.mark.parametrize(
+    "name, text, needle",
+    [("tokenizer.model", "not a protobuf", "not a SentencePiece model"),
+     ("tokenizer_config.json", "{broken", "not JSON"),
+     ("tokenizer_config.json", '{"added_tokens_decoder": {"x": 1}}', "added_tokens_decoder"),
+     ("added_tokens.json", '{"<x>": "7"}', "integer ids")],
+)  # fmt: skip
+def test_tokenizer_file_that_does_not_parse(name, text, needle, made, tmp_path, capsys):
+    hf = _copy(made["hf"], tmp_path / "hf")
+    (hf / name).write_text(text)
+    _fails(_convert(hf, tmp_path / "m.gguf", "gguf"), capsys, str(hf / name), needle)
+    assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".m.gguf*"))
+
+
+def test_interrupted_gguf_exports_are_cleaned_like_directories(made, tmp_path):
+    """A killed export leaves `.m.gguf.tmp-<pid>-*.partial`; the next export into the same name removes it."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    stale = tmp_path / f".m.gguf.tmp-{dead.pid}-abcd.partial"
+    stale.write_bytes(b"x" * 1000)
+    stale_dir = tmp_path / f".mg.tmp-{dead.pid}-abcd"
+    stale_dir.mkdir()
+    convert(made["hf"], tmp_path / "m.gguf", to="gguf", progress=False)
+    convert(made["hf"], tmp_path / "mg", to="megatron", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "mg"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# reproducible outputs that follow the umask
+
+
+def test_two_clean_torch_dist_conversions_are_bit_identical(made, tmp_path):
+    for name in ("a", "b"):
+        convert(made["hf"], tmp_path / name, to="megatron", tp=2, ep=2, progress=False)
+    a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
+    assert ".metadata" in a and a == b
+
+
+def test_outputs_follow_the_umask(made, tmp_path):
+    old = os.umask(0o027)
+    try:
+        convert(made["hf"], tmp_path / "mg", to="megatron", progress=False)
+        convert(tmp_path / "mg", tmp_path / "hf", to="hf", progress=False)
+        convert(made["hf"], tmp_path / "m.gguf", to="gguf", progress=False)
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "mg", tmp_path / "hf"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o750, d
+        for f in d.iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o640, f
+    assert stat.S_IMODE((tmp_path / "m.gguf").stat().st_mode) == 0o640
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# destination OS errors: exit 2 naming the path and the reason, nothing left behind
+
+
+def _leftovers(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def test_destination_whose_parent_is_a_file(made, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    for to, name in (("megatron", "out"), ("gguf", "m.gguf")):
+        _fails(_convert(made["hf"], tmp_path / "afile" / name, to), capsys, f"{tmp_path / 'afile'} is not a directory")
+
+
+def test_long_destination_names(made, tmp_path, capsys):
+    """A valid name (<= 255 bytes) is not made too long by the temporary's suffix; an invalid one is named."""
+    for to, name in (("megatron", "m" * 250), ("gguf", "g" * 245 + ".gguf")):
+        code, err = _run(_convert(made["hf"], tmp_path / name, to), capsys)
+        assert code == 0, err
+        assert (tmp_path / name).exists() and _leftovers(tmp_path) == []
+    _fails(_convert(made["hf"], tmp_path / ("x" * 300), "megatron"), capsys, "x" * 300, "File name too long")
+
+
+@pytest.fixture()
+def tiny_mount(tmp_path):
+    """mount(kind) -> a tmpfs of 256 KiB ("full": smaller than any output) or a read-only one ("ro")."""
+    mounted = []
+
+    def mount(kind: str) -> Path:
+        d = tmp_path / f"mnt-{kind}"
+        d.mkdir()
+        opts = "size=256k" if kind == "full" else "size=256k,ro"
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()})")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+@pytest.mark.parametrize("kind, reason", [("full", "No space left on device"), ("ro", "Read-only file system")])
+@pytest.mark.parametrize("to", ["megatron", "hf", "gguf"])
+def test_destination_on_a_full_or_read_only_file_system(kind, reason, to, made, tmp_path, tiny_mount, capsys):
+    d = tiny_mount(kind)
+    src = made["mg"] if to == "hf" else made["hf"]
+    dst = d / ("m.gguf" if to == "gguf" else "out")
+    _fails(_convert(src, dst, to), capsys, str(dst), reason)
+    assert list(d.iterdir()) == []
+
+
+def test_destination_permission_denied(made, tmp_path, capsys):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        src = _copy(made["hf"], base / "hf")
+        for p in [src, *src.iterdir()]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        locked = base / "locked"
+        locked.mkdir(mode=0o555)
+        os.seteuid(65534)  # nobody: the root-owned, read-only directory is not writable
+        try:
+            for to, name in (("megatron", "out"), ("gguf", "m.gguf")):
+                _fails(_convert(src, locked / name, to), capsys, str(locked / name), "Permission denied")
+        finally:
+            os.seteuid(0)
+        assert list(locked.iterdir()) == []
+    finally:
+        shutil.rmtree(base)

@@ -66,7 +66,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol
@@ -80,6 +80,7 @@ from gguf import MODEL_TENSOR as T
 
 from ..config import ErnieConfig
 from ..errors import InputError
+from .io import atomic_file, read_json, regular_file
 
 __all__ = [
     "GGUFExportError",
@@ -91,6 +92,8 @@ __all__ = [
     "plan_gguf",
     "read_gguf_as_hf",
     "describe_gguf",
+    "open_gguf",
+    "gguf_shape_problems",
     "gguf_name_patterns",
     "llama_cpp_layer_pattern",
 ]
@@ -487,6 +490,10 @@ def _looks_special(token: str) -> bool:
     return token in ("<pad>", "<mask>") or (token.startswith("<|") and token.endswith("|>"))
 
 
+def _is_id(i: Any) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool) and i >= 0
+
+
 def _write_sentencepiece_vocab(w: gguf.GGUFWriter, tokenizer_dir: Path, cfg: ErnieConfig) -> str:
     """tokenizer.ggml.* exactly as llama.cpp's ``_set_vocab_sentencepiece`` + ``Ernie4_5Model.set_vocab``."""
     from sentencepiece import SentencePieceProcessor
@@ -495,7 +502,10 @@ def _write_sentencepiece_vocab(w: gguf.GGUFWriter, tokenizer_dir: Path, cfg: Ern
     if not model_file.is_file():
         raise GGUFExportError(f"{model_file}: no SentencePiece tokenizer.model (ERNIE 4.5 ships one)")
     sp = SentencePieceProcessor()
-    sp.LoadFromFile(str(model_file))
+    try:
+        sp.LoadFromFile(str(regular_file(model_file, "SentencePiece model")))
+    except (OSError, RuntimeError) as e:  # sentencepiece: "Internal: could not parse ModelProto"
+        raise GGUFExportError(f"{model_file}: not a SentencePiece model that parses ({e})") from None
     n = cfg.vocab_size
     if sp.vocab_size() > n:
         raise GGUFExportError(
@@ -518,15 +528,24 @@ def _write_sentencepiece_vocab(w: gguf.GGUFWriter, tokenizer_dir: Path, cfg: Ern
         )  # fmt: skip
     added_file = tokenizer_dir / "added_tokens.json"
     if added_file.is_file():
-        for text, i in json.loads(added_file.read_text(encoding="utf-8")).items():
+        added = read_json(added_file, "added_tokens.json")
+        if not isinstance(added, dict) or not all(isinstance(t, str) and _is_id(i) for t, i in added.items()):
+            raise GGUFExportError(f"{added_file}: must map token texts to integer ids")
+        for text, i in added.items():
             if i >= n:
                 raise GGUFExportError(f"{added_file}: token {text!r} has id {i} >= vocab_size {n}")
             tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, TT.USER_DEFINED
     tok_cfg: dict[str, Any] = {}
     tok_cfg_file = tokenizer_dir / "tokenizer_config.json"
     if tok_cfg_file.is_file():
-        tok_cfg = json.loads(tok_cfg_file.read_text(encoding="utf-8"))
-    for key, data in tok_cfg.get("added_tokens_decoder", {}).items():
+        tok_cfg = read_json(tok_cfg_file, "tokenizer_config.json")
+    decoder = tok_cfg.get("added_tokens_decoder", {}) if isinstance(tok_cfg, dict) else None
+    if not isinstance(decoder, dict) or not all(
+        isinstance(k, str) and k.isdigit() and isinstance(d, dict) and isinstance(d.get("content"), str)
+        for k, d in decoder.items()
+    ):
+        raise GGUFExportError(f"{tok_cfg_file}: added_tokens_decoder must map token ids to {{content: text, ...}}")
+    for key, data in decoder.items():
         i, text = int(key), data["content"]
         if i >= n:
             raise GGUFExportError(f"{tok_cfg_file}: added token {text!r} has id {i} >= vocab_size {n}")
@@ -542,7 +561,11 @@ def _write_sentencepiece_vocab(w: gguf.GGUFWriter, tokenizer_dir: Path, cfg: Ern
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    special = gguf.SpecialVocab(tokenizer_dir, n_vocab=n)
+    try:  # reads tokenizer.json / tokenizer_config.json / config.json / generation_config.json for special ids
+        special = gguf.SpecialVocab(tokenizer_dir, n_vocab=n)
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise GGUFExportError(f"{tokenizer_dir}: its tokenizer files do not parse (gguf.SpecialVocab: "
+                              f"{type(e).__name__}: {e})") from None
     # config.json's ids are authoritative for the checkpoint; fill what SpecialVocab found nowhere
     for typ in ("bos", "eos", "pad"):
         tid = cfg.special_ids.get(f"{typ}_token_id")
@@ -649,41 +672,38 @@ def export_gguf(
         tok_desc = None
         w.add_tokenizer_model(gguf.NoVocab.tokenizer_model)
         w.add_vocab_size(cfg.vocab_size)  # llama.cpp's no_vocab path sizes its dummy vocabulary from this
+    # placeholder, filled in by _seal once the whole file is written (the sha256 of the file with these 64 bytes
+    # as zeros): the GGUF carries its own checksum, checked by open_gguf
+    w.add_string(CHECKSUM_KEY, _UNSEALED)
     for p in plan.tensors:
         w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     bar = None
-    try:
-        w.write_header_to_file(path=tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        if progress:
-            from tqdm import tqdm
+    # the one atomic-write protocol of the directory writers: a `.partial` beside out_path, removed on any error
+    # and by a later run if this one is killed, renamed into place when complete
+    with atomic_file(out_path, overwrite=overwrite) as tmp:
+        try:
+            w.write_header_to_file(path=tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            if progress:
+                from tqdm import tqdm
 
-            bar = tqdm(total=sum(p.nbytes for p in plan.tensors), unit="B", unit_scale=True, desc=out_path.name)
-        for p in plan.tensors:
-            # one GGUF tensor at a time; for experts that is one projection of one layer (E source tensors, whose
-            # references die with the tuple once stacked). Peak ~3-4x that stack in bf16: stack, f32 copy, output.
-            t = p.op.to_gguf(tuple(_read(source, s, p) for s in p.sources))
-            w.write_tensor_data(_to_numpy(t, p))
-            del t
+                bar = tqdm(total=sum(p.nbytes for p in plan.tensors), unit="B", unit_scale=True, desc=out_path.name)
+            for p in plan.tensors:
+                # one GGUF tensor at a time; for experts that is one projection of one layer (E source tensors,
+                # whose references die with the tuple once stacked). Peak ~3-4x that stack in bf16: stack, f32
+                # copy, output.
+                t = p.op.to_gguf(tuple(_read(source, s, p) for s in p.sources))
+                w.write_tensor_data(_to_numpy(t, p))
+                del t
+                if bar is not None:
+                    bar.update(p.nbytes)
+        finally:
+            w.close()
             if bar is not None:
-                bar.update(p.nbytes)
-        w.close()
-        if out_path.exists() and not overwrite:
-            raise GGUFExportError(f"{out_path}: appeared while exporting (pass overwrite=True to replace it)")
-        os.replace(tmp, out_path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.close()
+        _seal(tmp)
 
     return GGUFReport(
         path=out_path,
@@ -702,6 +722,114 @@ def export_gguf(
 # reading back (GGUF -> HF names), through the same table
 
 
+CHECKSUM_KEY = "ernie45.sha256"
+_UNSEALED = "0" * 64
+# smallest possible encodings (gguf spec): a KV is a key (u64 length + >= 1 byte), a u32 type and a value of >= 1
+# byte; a tensor info is a name (u64 + >= 1 byte), u32 n_dims, >= 1 u64 dim, u32 type and a u64 offset
+_MIN_KV_BYTES, _MIN_TENSOR_INFO_BYTES, _HEADER_BYTES = 8 + 1 + 4 + 1, 8 + 1 + 4 + 8 + 4 + 8, 4 + 4 + 8 + 8
+
+
+def _checksum_span(reader: gguf.GGUFReader) -> tuple[int, int] | None:
+    """Byte range of the ``ernie45.sha256`` value in the file, or None if the GGUF has none."""
+    field = reader.fields.get(CHECKSUM_KEY)
+    if field is None:
+        return None
+    start = field.offset + sum(int(part.nbytes) for part in field.parts[:-1])
+    return start, start + int(field.parts[-1].nbytes)
+
+
+def _file_digest(data, span: tuple[int, int]) -> str:
+    """sha256 of ``data`` (the file's bytes) with the checksum value read as the placeholder it was written as."""
+    a, b = span
+    h = hashlib.sha256()
+    h.update(memoryview(data[:a]))
+    h.update(_UNSEALED.encode())
+    h.update(memoryview(data[b:]))
+    return h.hexdigest()
+
+
+def _seal(path: Path) -> None:
+    """Write the checksum of the finished file into its ``ernie45.sha256`` placeholder."""
+    reader = gguf.GGUFReader(str(path))
+    span = _checksum_span(reader)
+    digest = _file_digest(reader.data, span)
+    del reader  # the memory map
+    with open(path, "r+b") as f:
+        f.seek(span[0])
+        f.write(digest.encode())
+
+
+def open_gguf(path: str | Path, *, check_checksum: bool = True) -> gguf.GGUFReader:
+    """A GGUF file, opened safely: a regular file whose header counts fit its size (``GGUFReader`` would try to
+    parse 2**40 declared tensors), parsed without an uncaught exception, its ``ernie45.sha256`` (if ernie45 wrote
+    it) matching its bytes, and its tensor shapes matching its own hyper-parameters. Every failure is a
+    :class:`CheckpointError` naming the file."""
+    from .io import CheckpointError, regular_file
+
+    path = Path(path)
+    size = regular_file(path, "GGUF file").stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(_HEADER_BYTES)
+    if len(head) < _HEADER_BYTES or head[:4] != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (truncated header or no GGUF magic)")
+    n_tensors, n_kv = struct.unpack("<QQ", head[8:24])
+    if _HEADER_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES > size:
+        raise CheckpointError(f"{path}: header declares {n_tensors} tensors and {n_kv} metadata entries, more than "
+                              f"a file of {size} bytes can hold (truncated or corrupted)")  # fmt: skip
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    span = _checksum_span(reader)
+    if check_checksum and span is not None:
+        recorded = bytes(reader.data[span[0] : span[1]]).decode(errors="replace")
+        if _file_digest(reader.data, span) != recorded:
+            raise CheckpointError(f"{path}: checksum mismatch (the {CHECKSUM_KEY} ernie45 recorded does not match "
+                                  "the file's bytes): the file is corrupted or was modified")  # fmt: skip
+    problems = gguf_shape_problems(reader)
+    if problems:
+        raise CheckpointError(f"{path}: tensor shapes disagree with the file's own hyper-parameters:\n  "
+                              + "\n  ".join(problems))  # fmt: skip
+    return reader
+
+
+def gguf_shape_problems(reader: gguf.GGUFReader) -> list[str]:
+    """Every ERNIE tensor of the GGUF against the shape its metadata implies (through the same table)."""
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    arch = meta.get("general.architecture")
+
+    def m(key: str, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    tokens = meta.get("tokenizer.ggml.tokens")
+    try:
+        H, nh, hd = int(m("embedding_length")), int(m("attention.head_count")), int(m("attention.key_length"))
+        dims = {
+            "1": 1, "H": H, "Q": nh * hd, "K": int(m("attention.head_count_kv", nh)) * hd,
+            "V": len(tokens) if tokens is not None else int(meta.get(f"{arch}.vocab_size", -1)),
+            "I": int(m("feed_forward_length", -1)), "E": int(m("expert_count", 0)),
+            "F": int(m("expert_feed_forward_length", -1)), "S": int(m("expert_shared_feed_forward_length", -1)),
+        }  # fmt: skip
+        layers = int(m("block_count"))
+    except (TypeError, ValueError):
+        return [f"missing or malformed hyper-parameters for architecture {arch!r}"]
+    out = []
+    for t in reader.tensors:
+        hit = [(mt, row) for pat, row in gguf_name_patterns() if (mt := pat.fullmatch(t.name))]
+        if len(hit) != 1:
+            continue  # named by read_gguf_as_hf / verify as "matches no row"
+        mt, row = hit[0]
+        if "L" in mt.groupdict() and int(mt["L"]) >= layers:
+            out.append(f"{t.name}: layer {mt['L']} >= block_count {layers}")
+            continue
+        src = tuple(dims[d] for d in row.hf_shape)
+        want = (dims["E"], *src) if isinstance(row.op, StackExperts) else src[1:] if isinstance(row.op, SqueezeRow) else src
+        got = tuple(int(d) for d in reversed(t.shape))
+        if any(w < 0 for w in want) or got != want:
+            out.append(f"{t.name}: {list(got)}, the metadata implies {list(want)}")
+    return out
+
+
 def gguf_name_patterns() -> list[tuple[re.Pattern[str], GGUFRow]]:
     """(full-name regex with the layer as group ``L``, table row) for every GGUF tensor name the table produces."""
     out = []
@@ -717,7 +845,7 @@ def read_gguf_as_hf(path: str | Path) -> dict[str, torch.Tensor]:
     The inverse of :func:`export_gguf` through the same table: F32 tensors come back bit-exact, F16 / BF16 exactly
     as rounded, Q8_0 dequantised. A GGUF tensor that matches no row is an error.
     """
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     patterns = gguf_name_patterns()
     out: dict[str, torch.Tensor] = {}
     unknown = []
@@ -758,14 +886,20 @@ def _json_value(v: Any) -> Any:
 
 def describe_gguf(path: str | Path) -> dict[str, Any]:
     """A JSON-able description of a GGUF: metadata key -> value (long arrays as length/head/sha256), tensors."""
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path, check_checksum=False)
     meta = {}
     for key, f in reader.fields.items():
-        if key.startswith("GGUF."):  # header fields (version, counts), not metadata
+        if key.startswith("GGUF.") or key == CHECKSUM_KEY:  # header fields (version, counts), not metadata
             continue
         meta[key] = _json_value(f.contents())
     tensors = [
         {"name": t.name, "shape": [int(d) for d in reversed(t.shape)], "type": t.tensor_type.name}
         for t in reader.tensors
     ]
-    return {"metadata": meta, "tensors": tensors}
+    span = _checksum_span(reader)
+    checksum = "none recorded (not written by ernie45)" if span is None else (
+        "ok (matches the sha256 ernie45 recorded)"
+        if _file_digest(reader.data, span) == bytes(reader.data[span[0] : span[1]]).decode(errors="replace")
+        else "MISMATCH: the file is corrupted or was modified"
+    )  # fmt: skip
+    return {"metadata": meta, "tensors": tensors, "checksum": checksum}

@@ -30,7 +30,7 @@ from ..errors import InputError
 
 __all__ = [
     "CheckpointError", "HFCheckpoint", "HFWriter", "atomic_output", "write_safetensors_streaming", "SIDE_FILES",
-    "Checksums", "record_checksums", "refuse_overlap", "side_files_of", "regular_file", "read_json", "INFO_NAME",
+    "atomic_file", "Checksums", "record_checksums", "refuse_overlap", "side_files_of", "regular_file", "read_json", "INFO_NAME",
 ]  # fmt: skip
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -445,10 +445,21 @@ class HFWriter:
         return names
 
 
+def _temp_stem(dst: Path) -> str:
+    """The part of ``dst``'s name its temporaries carry: short enough that ``.{stem}.tmp-<pid>-<random>.partial``
+    fits in a file name (255 bytes) whatever the length of a valid ``dst`` name."""
+    name = dst.name
+    if len(name.encode()) <= 120:
+        return name
+    return name.encode()[:100].decode(errors="ignore") + "~" + hashlib.sha256(name.encode()).hexdigest()[:12]
+
+
 def _remove_stale_temporaries(dst: Path) -> None:
-    """Delete temporaries of earlier conversions into ``dst`` whose process is gone (killed, crashed)."""
-    for stale in dst.parent.glob(f".{dst.name}.tmp-*-*"):
-        pid = stale.name[len(f".{dst.name}.tmp-") :].split("-")[0]
+    """Delete temporaries of earlier conversions into ``dst`` whose process is gone (killed, crashed): directories
+    of the directory writers and ``.partial`` files of the GGUF writer alike."""
+    stem = _temp_stem(dst)
+    for stale in dst.parent.glob(f".{glob_escape(stem)}.tmp-*-*"):
+        pid = stale.name[len(f".{stem}.tmp-") :].split("-")[0]
         if not pid.isdigit():
             continue
         try:
@@ -457,6 +468,90 @@ def _remove_stale_temporaries(dst: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         except PermissionError:  # alive, someone else's
             pass
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _destination_error(dst: Path, tmp: Path | None, e: OSError | None) -> OSError | CheckpointError | None:
+    """An error met while writing ``dst`` as one naming the destination and the reason, or None if it is not
+    about the destination. It is when the file system is full (whatever the writer raised: numpy and
+    ``torch.save`` report a short write without an errno), or for an OSError that names no path, the temporary or
+    a file in it, ``dst`` or a directory above it (read-only file system, permission denied). An OSError about
+    another path (a source file) is not."""
+    if tmp is not None and _nearly_full(dst.parent):
+        return CheckpointError(f"{dst}: cannot write the destination (No space left on device: "
+                               f"{_free(dst.parent)} bytes free)")  # fmt: skip
+    if e is None:
+        return None
+    where = None if e.filename is None else Path(e.filename)
+    about_dst = where is None or dst.is_relative_to(where) or (tmp is not None and where.is_relative_to(tmp))
+    if not about_dst:
+        return None
+    reason = e.strerror or str(e)
+    detail = f", at {where}" if where is not None and where != dst else ""
+    return CheckpointError(f"{dst}: cannot write the destination ({reason}{detail})")
+
+
+def _free(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _nearly_full(directory: Path) -> bool:
+    try:
+        return _free(directory) < 64 * 2**10
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _temporary(dst: Path, *, overwrite: bool, make: Callable[[str], Path]) -> Iterator[Path]:
+    """The one atomic-write protocol: a temporary beside ``dst`` (named after it and this process, so a later run
+    removes it if this one is killed), permissions from the umask, renamed over ``dst`` only when complete and
+    removed on any error. OS errors about the destination come out naming it."""
+    for parent in dst.parents:  # mkdir(parents=True) would say "File exists" about a parent that is a file
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"{dst}: cannot write the destination ({parent} is not a directory)")
+            break
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(dst)
+        tmp = make(f".{_temp_stem(dst)}.tmp-{os.getpid()}-")
+        os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~_umask())  # mkdtemp / mkstemp make 0700 / 0600
+    except OSError as e:  # everything here is about the destination: its parent, its temporary
+        reason = e.strerror or str(e)
+        raise CheckpointError(f"{dst}: cannot write the destination ({reason}"
+                              f"{f', at {e.filename}' if e.filename and Path(e.filename) != dst else ''})") from None
+    try:
+        yield tmp
+        if dst.exists() and not overwrite:
+            raise CheckpointError(f"{dst}: appeared while writing (pass --overwrite to replace it)")
+        if dst.is_dir() and not tmp.is_dir():
+            raise CheckpointError(f"{dst}: is a directory; give a file name")
+        if dst.exists() and tmp.is_dir():
+            old = dst.with_name(f".{_temp_stem(dst)}.old-{os.getpid()}")
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, dst)
+    except BaseException as e:
+        # an interrupt stays an interrupt; bad input already names what is wrong
+        bad_write = isinstance(e, Exception) and not isinstance(e, InputError)
+        translated = _destination_error(dst, tmp, e if isinstance(e, OSError) else None) if bad_write else None
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if translated is not None:
+            raise translated from None
+        raise
 
 
 @contextlib.contextmanager
@@ -469,21 +564,26 @@ def atomic_output(dst: str | Path, *, overwrite: bool = False) -> Iterator[Path]
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise CheckpointError(f"{dst}: destination exists and is not empty (pass --overwrite to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(dst)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-{os.getpid()}-", dir=dst.parent))
-    try:
+    with _temporary(dst, overwrite=True, make=lambda prefix: Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        os.replace(tmp, dst)
+
+
+@contextlib.contextmanager
+def atomic_file(dst: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """:func:`atomic_output` for one file (the GGUF writer): ``.<name>.tmp-<pid>-<random>.partial`` beside it."""
+    dst = Path(dst)
+    if dst.is_dir():
+        raise CheckpointError(f"{dst}: is a directory; give the file name")
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst}: exists (pass --overwrite to replace it)")
+
+    def make(prefix: str) -> Path:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".partial", dir=dst.parent)
+        os.close(fd)
+        return Path(name)
+
+    with _temporary(dst, overwrite=overwrite, make=make) as tmp:
+        yield tmp
 
 
 _ST_DTYPE = {v: k for k, v in _DTYPES.items()}
