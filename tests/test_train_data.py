@@ -314,6 +314,16 @@ def test_indexed_rows_are_megatron_gpt_dataset_windows(corpus, cfg):
     assert data.row(len(megatron_ds)).input_ids.shape == (1, S)  # epoch 2: another GPTDataset, seed + 1
 
 
+def test_forms_blend_together(corpus, cfg):
+    prefix, _ = corpus
+    data = open_train_data([DataSpec.parse(f"1:{prefix}"), DataSpec.parse(f"1:{sft_set()}")], cfg,
+                           tokenizer_dir=MOE, seq_length=32)  # fmt: skip
+    # chat rows start with the template's <|begin_of_sentence|> (id 3); windows of the corpus never hold it
+    starts = [int(data.row(i).input_ids[0, 0]) == 3 for i in range(40)]
+    assert sum(starts) == 20 and [s["form"] for s in data.stats["sources"]] == ["indexed", "chat"]
+    assert collate([data.row(i) for i in range(4)]).input_ids.shape == (4, 32)
+
+
 def test_prepare_data_cli_and_bad_input(tmp_path, corpus, capsys):
     from ernie45.cli import main
 

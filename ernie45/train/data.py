@@ -347,6 +347,9 @@ class _ChatRenderer:
 
     def _widen_images(self, ids: list[int], target: list[bool], images: list[_Image], where: str) -> _Sample:
         """Each image placeholder -> ``t·h·w / merge²`` copies (what the HF processor does to the text)."""
+        if max(ids) >= self.cfg.vocab_size:
+            raise DataError(f"{where}: the tokenizer of {self.tokenizer_dir} gives id {max(ids)}, outside this "
+                            f"model's vocabulary [0, {self.cfg.vocab_size})")  # fmt: skip
         if self.cfg.family == "vl":
             placeholder = self.cfg.special_ids["image_token_id"]
             found = ids.count(placeholder)
