@@ -290,3 +290,48 @@ def test_bf16_agreement_dense_moe_vl(moe, vl, tmp_path, capsys):
     nobias = _edited_copy(moe["hf"], tmp_path / "nobias",
                           lambda n, t: torch.zeros_like(t) if n.endswith("e_score_correction_bias") else t)  # fmt: skip
     assert not verify(moe["hf"], nobias, dtype="bf16", tensors=False, prompt_ids=ids).ok
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# text MoE with head_dim != hidden / heads
+
+
+def test_text_moe_with_its_own_head_dim_matches_transformers(tmp_path):
+    from ernie45.config import load_config
+    from ernie45.parity import check_parity
+
+    hf = write_tiny_checkpoint(tmp_path / "moe-hd", "moe", seed=8, head_dim=16)  # 4 heads x 16 = 64 != 48
+    q = load_file(hf / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    assert q.shape == (64, 48)  # transformers built head_dim 16 (its attention reads config.head_dim)
+    assert load_config(hf).head_dim == 16
+    p = check_parity(hf, batch=2, seq=16)
+    assert p.failures() == [] and p.logits_max_abs_diff <= 1e-4 and set(p.routing.values()) == {1.0}, p.table()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# parameter counts
+
+
+@pytest.mark.parametrize("family, overrides", [("dense", {}), ("dense", dict(tie_word_embeddings=False)),
+                                               ("moe", {}), ("moe", dict(tie_word_embeddings=True)), ("vl", {})])  # fmt: skip
+def test_parameter_counts_equal_transformers_numel(family, overrides):
+    """Total: every parameter of the transformers model (ViT and resampler included). Active: a text token's path,
+    i.e. minus the routed experts it does not use (E - K of the pool's E, from transformers' fused expert tensors)
+    and, for VL, minus the vision tower, the resampler and the whole vision pool."""
+    from ernie45.config import ErnieConfig
+    from ernie45.testing import build_hf_model, tiny_hf_config
+
+    raw = tiny_hf_config(family, **overrides)
+    model = build_hf_model(raw)
+    cfg = ErnieConfig.from_hf(json.loads(model.config.to_json_string()))
+    total = sum(p.numel() for p in model.parameters())  # a tied head is one parameter
+    inactive = 0
+    idle = ("vision_tower", "resampler_model", "vision_moe")
+    for name, mod in model.named_modules():
+        parts = name.split(".")
+        if parts[-1] in idle:
+            inactive += sum(p.numel() for p in mod.parameters())
+        elif parts[-1] == "experts" and not set(parts) & set(idle):
+            E = mod.gate_up_proj.shape[0]
+            inactive += sum(p.numel() for p in mod.parameters()) * (E - cfg.moe_k) // E
+    assert cfg.parameter_counts() == (total, total - inactive)
