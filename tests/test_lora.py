@@ -1,0 +1,216 @@
+"""LoRA on the Megatron models (``ernie45.train.lora``) and its PEFT export (``ernie45.train.peft_export``).
+
+Oracles: the merged model (``W + (α/r)·B·A``) and transformers + peft (``PeftModel.from_pretrained`` of the exported
+adapter onto the transformers model). Adapters are random and non-zero in both A and B (``lora_worker.fill_adapters``),
+base checkpoints are re-randomised tiny models (expert bias and norms included, ``ernie45.testing``); each check
+also asserts that the adapters move the logits, so an adapter that did nothing could not pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import free_port
+from lora_worker import ALPHA, DTYPE, LAYOUTS, RANK, TARGETS, build, fill_adapters, logits, text_batch, vl_batch, worker
+
+TOL = 1e-5
+ALL = ("attn", "mlp", "shared", "experts", "vision_experts", "vit", "resampler")
+
+
+@pytest.fixture(scope="module")
+def vl_dir(tmp_path_factory):
+    from ernie45.testing import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("lora-vl") / "vl", "vl", seed=1)
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_ckpts, vl_dir):
+    return {"dense": tiny_ckpts["dense"], "moe": tiny_ckpts["moe"], "vl": vl_dir}
+
+
+def _lora_model(family, src, targets, *, vit_impl="hf", dtype=DTYPE):
+    from ernie45.config import load_config
+    from ernie45.megatron.parallel import Layout
+    from ernie45.train.lora import apply_lora
+
+    cfg = load_config(src)
+    if family == "vl":
+        cfg = dataclasses.replace(cfg, vit_impl=vit_impl)
+    chunks = build(family, cfg, Layout(), src, tied=cfg.tie_word_embeddings, dtype=dtype)
+    apply_lora(chunks, cfg, Layout(), rank=RANK, alpha=ALPHA, targets=targets, seed=1)
+    return cfg, chunks
+
+
+def _hf_logits(model, family, batch):
+    with torch.no_grad():
+        return (model(**batch) if family == "vl" else model(input_ids=batch)).logits
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# one process: LoRA == merged == transformers + peft
+
+
+CASES = {
+    "dense": ("dense", ("attn", "mlp"), "hf"),
+    "moe": ("moe", ("attn", "mlp", "shared", "experts"), "hf"),
+    "vl": ("vl", ALL, "hf"),
+    "vl-mgvit": ("vl", ALL, "megatron"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lora_equals_merged_and_peft(case, world1, sources, tmp_path):
+    """TP1: the LoRA model's logits equal the merged model's, and transformers + peft with the exported adapter."""
+    from peft import PeftModel
+
+    from ernie45.megatron.parallel import Layout
+    from ernie45.reference import load_reference
+    from ernie45.train.lora import merge_lora
+    from ernie45.train.peft_export import export_peft_adapter
+
+    family, targets, vit = CASES[case]
+    src = sources[family]
+    cfg, chunks = _lora_model(family, src, targets, vit_impl=vit)
+    batch = vl_batch(cfg, 3) if family == "vl" else text_batch(cfg, 3)
+    base = logits(family, chunks, cfg, batch)  # B = 0: the base model
+    fill_adapters(chunks, seed=5)
+    lora = logits(family, chunks, cfg, batch)
+
+    warnings = export_peft_adapter(chunks, cfg, Layout(), tmp_path / "peft", base_model=str(src))
+    assert warnings == []
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["target_parameters" if family != "dense" else "target_modules"]
+    assert config["r"] == RANK and config["lora_alpha"] == ALPHA and config["peft_type"] == "LORA"
+    peft_model = PeftModel.from_pretrained(load_reference(src, dtype=DTYPE), str(tmp_path / "peft")).eval()
+    via_peft = _hf_logits(peft_model, family, batch)
+
+    merge_lora(chunks)
+    assert not any(".lora." in n for n, _ in chunks[0].named_parameters())
+    merged = logits(family, chunks, cfg, batch)
+
+    effect = (lora - base).abs().max().item()
+    d_merged = (lora - merged).abs().max().item()
+    d_peft = (lora - via_peft).abs().max().item()
+    print(f"{case}: adapters move logits by {effect:.3g}; |LoRA - merged| {d_merged:.3g}, |LoRA - peft| {d_peft:.3g}")
+    assert effect > 0.1
+    assert d_merged <= TOL and d_peft <= TOL
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# two processes: TP2, EP2, TP2·EP2; adapter checkpoint resumed at another layout
+
+
+@pytest.fixture(scope="module")
+def dist_results(sources, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora-dist")
+    srcs = {"dense": str(sources["dense"]), "moe": str(sources["moe"]), "vl": str(sources["vl"]),
+            "vl-mgvit": str(sources["vl"])}  # fmt: skip
+    mp.spawn(worker, args=(free_port(), srcs, str(out)), nprocs=2, join=True)
+    results = json.loads((out / "results.json").read_text())
+    assert "error" not in results, results.get("error")
+    return results
+
+
+DIST_CASES = [f"{fam}-{name}" for name, (_, fams) in LAYOUTS.items() for fam in fams]
+
+
+@pytest.mark.parametrize("case", DIST_CASES)
+def test_layout_lora_equals_merged_and_tp1(case, dist_results):
+    r = dist_results[case]
+    print(case, r)
+    assert r["effect"] > 0.1, r
+    assert r["vs_merged"] <= TOL and r["vs_tp1"] <= TOL, r
+
+
+@pytest.mark.parametrize("family", ["moe", "vl", "vl-mgvit"])
+def test_adapter_checkpoint_resumes_at_another_layout(family, dist_results):
+    """Saved at TP2·EP2 by Megatron's dist_checkpointing, loaded at TP1 into fresh adapters: same logits."""
+    r = dist_results[f"{family}-resume-TP2xEP2-at-TP1"]
+    assert r["vs_tp1"] <= TOL, r
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# freezing, merged export to GGUF, describe
+
+
+def test_base_frozen_and_bit_identical_after_a_step(world1, sources):
+    cfg, chunks = _lora_model("moe", sources["moe"], TARGETS["moe"], dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in chunks[0].named_parameters() if ".lora." not in n}
+    adapters = {n: p for n, p in chunks[0].named_parameters() if ".lora." in n}
+    assert adapters and all(p.requires_grad for p in adapters.values())
+    assert not any(p.requires_grad for n, p in chunks[0].named_parameters() if n in before)
+    fill_adapters(chunks, seed=3)
+    start = {n: p.detach().clone() for n, p in adapters.items()}
+    opt = torch.optim.AdamW([p for p in chunks[0].parameters() if p.requires_grad], lr=1e-2)
+    from ernie45.megatron.run import forward_backward
+
+    ids = text_batch(cfg, 4)
+    forward_backward(chunks, ids, torch.roll(ids, -1, dims=1))
+    opt.step()
+    for n, p in chunks[0].named_parameters():
+        if n in before:
+            assert p.grad is None, n
+            assert p.dtype == before[n].dtype and p.shape == before[n].shape, n
+            assert p.detach().numpy().tobytes() == before[n].numpy().tobytes(), n
+    assert all(p.grad is not None for p in adapters.values())
+    assert all(not torch.equal(p, start[n]) for n, p in adapters.items())
+    assert len(opt.state) == len(adapters)  # optimizer state for the adapters only
+
+
+def test_merged_export_converts_to_gguf(world1, sources, tmp_path):
+    """merge_lora + the existing exporter give an HF checkpoint with the merged weights, which converts to GGUF and
+    reads back with those weights."""
+    from ernie45.bridge.gguf import read_gguf_as_hf
+    from ernie45.bridge.io import HFCheckpoint
+    from ernie45.bridge.live import export_hf
+    from ernie45.convert import convert
+    from ernie45.megatron.parallel import Layout
+    from ernie45.train.lora import merge_lora
+
+    from ernie45.testing import write_tiny_checkpoint
+
+    # llama.cpp's ernie4_5-moe runs "N dense layers, then MoE": the tiny MoE with every layer after the first sparse
+    src = write_tiny_checkpoint(tmp_path / "hf", "moe", seed=4, moe_layer_interval=1)
+    cfg, chunks = _lora_model("moe", src, TARGETS["moe"], dtype=torch.float32)
+    fill_adapters(chunks, seed=6)
+    qkv = chunks[0].decoder.layers[1].self_attention.linear_qkv
+    expected_q = qkv.lora.merged_weight(qkv.weight)[: cfg.num_attention_heads // cfg.num_key_value_heads * cfg.head_dim]
+    merge_lora(chunks)
+    export_hf(chunks, cfg, Layout(), tmp_path / "merged", tied=cfg.tie_word_embeddings, side_files_from=src)
+    merged, src = HFCheckpoint(tmp_path / "merged"), HFCheckpoint(src)
+    assert sorted(merged.keys()) == sorted(src.keys())
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert merged.dtype(name) == src.dtype(name)
+    assert torch.equal(merged.get(name)[: expected_q.shape[0]], expected_q)  # first KV group's query rows
+    assert not torch.equal(merged.get(name), src.get(name))
+    convert(tmp_path / "merged", tmp_path / "m.gguf", to="gguf", progress=False)
+    back = read_gguf_as_hf(tmp_path / "m.gguf")
+    for key in ("model.layers.2.mlp.experts.3.up_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                "model.layers.1.mlp.shared_experts.gate_proj.weight"):
+        assert torch.equal(back[key], merged.get(key).float()), key
+
+
+def test_describe_and_bad_targets(sources):
+    from ernie45.config import ErnieConfig, load_config
+    from ernie45.testing import tiny_hf_config
+    from ernie45.train.lora import LoraError, describe_lora
+
+    vl = ErnieConfig.from_hf(tiny_hf_config("vl"))
+    text = describe_lora(vl, rank=4, targets=ALL)
+    for group in ALL:
+        assert group in text
+    assert "every target group is expressible" in text
+    # the counts come from the bridge table: 4 layers x (qkv + proj) attention linears
+    assert "attn            adapted           8 linears" in text
+    moe = load_config(sources["moe"])
+    assert "lora_dropout=0" in describe_lora(moe, rank=4, targets=TARGETS["moe"], dropout=0.1)
+    with pytest.raises(LoraError, match="unknown LoRA target group.*'mpl'"):
+        describe_lora(moe, rank=4, targets=("attn", "mpl"))
+    with pytest.raises(LoraError, match="do not exist in this moe model"):
+        describe_lora(moe, rank=4, targets=("attn", "vision_experts"))
