@@ -99,6 +99,26 @@ def test_chat_loss_mask_is_exactly_the_assistant_tokens(tmp_path, cfg, tok):
     assert data.stats["loss_tokens"] == len(want)
 
 
+def test_chat_mask_with_a_generation_prompt_the_replies_do_not_carry(tmp_path, cfg, tok):
+    """Thinking-style templates end the generation prompt with an empty think block that a rendered past reply
+    does not have; the reply is then found by its text."""
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    for f in ("tokenizer.json", "special_tokens_map.json"):
+        (tok_dir / f).write_bytes((MOE / f).read_bytes())
+    tok_cfg = json.loads((MOE / "tokenizer_config.json").read_text())
+    tok_cfg["chat_template"] = tok_cfg["chat_template"].replace(
+        '{{- "Assistant: " -}}\n{%- endif -%}', '{{- "Assistant: <think> </think>" -}}\n{%- endif -%}')
+    assert "<think>" in tok_cfg["chat_template"]
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
+    row = open_train_data([DataSpec(path)], cfg, tokenizer_dir=tok_dir, seq_length=64, shuffle=False).row(0)
+    # the same conversation text as with the shipped template, so the same hand-written targets
+    want = [(23, "▁a"), (24, "▁f"), (25, "o"), (26, "x"), (27, "<|end_of_sentence|>"),
+            (41, "▁it"), (42, "▁"), (43, "j"), (44, "um"), (45, "ps"), (46, "<|end_of_sentence|>")]  # fmt: skip
+    assert _targets(row, tok) == want
+
+
 def test_vl_chat_sample_gives_image_tokens_and_pixels(tmp_path, vl_cfg):
     from PIL import Image
     from transformers import AutoTokenizer
