@@ -19,7 +19,8 @@ Sources (one per ``--data [WEIGHT:]PATH``; the form is detected from the path an
 * **Megatron IndexedDataset** -- ``PATH`` with ``PATH.bin`` / ``PATH.idx`` (``ernie45 prepare-data``, or
   Megatron's own ``preprocess_data.py``), read through Megatron-Core's ``GPTDataset``: windows of ``seq_length + 1``
   tokens across documents. The documents inside a window are isolated like packed samples (split after each EOD),
-  which is what Megatron's ``reset_position_ids`` + ``reset_attention_mask`` do.
+  which is what Megatron's ``reset_position_ids`` + ``reset_attention_mask`` do; an EOD predicts nothing (the
+  next document is not its continuation), every other position its next token.
 
 Which token is a target (how the chat mask is found)
 ----------------------------------------------------
@@ -34,11 +35,11 @@ Order and determinism
 ``row(i)`` is a pure function of (data, seed, i). Each source is an endless sequence of epochs; epoch ``e``
 orders the source's training samples by ``numpy.random.RandomState(seed + e)`` (file order with
 ``shuffle=False``) and packs them greedily in that order (first fit over a few open rows, so a short sample may
-fill an earlier row's gap). An IndexedDataset source builds
-Megatron's ``GPTDataset`` with ``random_seed = seed + e`` for epoch ``e`` (it always shuffles, as in Megatron).
-Sources are interleaved by Megatron's own blending rule (``helpers.build_blending_indices``: each next row comes
+fill an earlier row's gap). An IndexedDataset source builds Megatron's ``GPTDataset`` with
+``random_seed = seed + e`` for epoch ``e`` (it always shuffles, as in Megatron). Sources are interleaved by Megatron's own blending rule (``helpers.build_blending_indices``: each next row comes
 from the source furthest below its weighted share), so with weights 0.7 / 0.3 seven rows in ten come from the
-first. Resuming therefore needs only the number of rows consumed.
+first; without weights (all 1) every source gives an equal share of rows. Resuming therefore needs only the
+number of rows consumed.
 
 Held-out rows (``eval_fraction`` / ``eval_rows``) are the *last* samples (documents) of each source, as Megatron's
 train/valid split takes the last documents; they never appear in training rows.
