@@ -17,6 +17,8 @@ S6     ``torch.cuda.synchronize`` -> no-op                                  dist
 S9     CUDA RNG state save/restore -> no-op                                 activation recompute
 S11    ``Tensor.cuda()`` -> the tensor itself                               tied embeddings with PP > 1: Megatron
                                                                             all-reduces ``weight.data.cuda()``
+S12    the optimizer's ``clip_grad_by_total_norm_fp32`` -> a device-free    it asserts ``torch.cuda.FloatTensor``
+       copy (same coefficient ``max_norm / (norm + 1e-6)``, in place)       grads; the optimizer imports it by name
 =====  ===================================================================  ==========================================
 
 S3 (explicit causal mask) is a call convention, handled by :func:`ernie45.megatron.model.causal_mask`.
@@ -60,6 +62,10 @@ def install() -> None:
 
         tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
         tp_random._set_cuda_rng_state = lambda *a, **k: None
+        # S12
+        from megatron.core.optimizer import optimizer as mg_optimizer
+
+        mg_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     _installed = True
 
 
@@ -74,6 +80,17 @@ def init_rng_tracker() -> None:
         tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     else:  # the real thing on GPU
         tp_random.model_parallel_cuda_manual_seed(1234)
+
+
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """S12: Megatron's ``clip_grad_by_total_norm_fp32`` without its CUDA-tensor assertion and fused kernel."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
 
 
 class CudaToCpuMode(TorchFunctionMode):
