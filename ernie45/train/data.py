@@ -425,7 +425,7 @@ class _SourceStats:
     tokens: int = 0  # training tokens
     loss_tokens: Optional[int] = 0  # None where not counted (IndexedDataset)
     truncated: int = 0
-    dropped: int = 0
+    dropped: int = 0  # longer than seq_length with overlong="drop", or truncated down to no target token
     rows_per_epoch: int = 0
 
 
