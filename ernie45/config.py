@@ -535,7 +535,8 @@ def _from_vl_flat(raw: Mapping[str, Any]) -> ErnieConfig:
     if not isinstance(v, dict):
         raise ConfigError("ernie4_5_moe_vl config needs a vision_config object")
     vr = _Reader(v, "vision_config.")
-    width = vr.opt("embed_dim", None, "the flat layout's name for the ViT width", "size") or vr.req("hidden_size", "size")
+    width = vr.opt("embed_dim", None, "the flat layout's name for the ViT width", "size")
+    width = width or vr.req("hidden_size", "size")
     mlp_ratio = vr.req("mlp_ratio", "positive")
     vision = VisionConfig(
         depth=vr.req("depth", "size"),

@@ -15,6 +15,13 @@ torch_dist checkpoints are layout-independent by design (global shapes; Megatron
 given for HF → Megatron decides the vocab padding (a multiple of TP), the chunking (one chunk per TP shard /
 expert, what each rank of that layout reads) and what is validated (heads, KV groups, experts and layers must
 divide). Tensors the model does not use (MTP) are carried under ``ernie45.carry.<hf name>`` and come back bit-exact.
+
+Trust: a destination that is, contains or lies inside the source (links resolved) is refused for every target; a
+source's stored shapes are checked against its config when it is opened; ernie45 records per-file sha256 checksums
+of what it writes (torch_dist: ``ernie45.json`` ``checksums``; HF: an ``ernie45.json`` sidecar, which transformers
+ignores; GGUF: the ``ernie45.sha256`` metadata entry, see ``bridge.gguf.open_gguf``) and checks each file before
+its first read (``--verify-checksums``: all of them, up front). A torch_dist Megatron wrote has none: it is read
+with a note saying so. Flags the chosen target would ignore are refused.
 """
 
 from __future__ import annotations
@@ -103,7 +110,9 @@ class HFSource:
     def checksums(self) -> Checksums | None:
         return self.ckpt.checksums
 
-    notes: list[str] = []  # nothing to say about an HF source: checksums are ernie45's own addition
+    @property
+    def notes(self) -> list[str]:
+        return []  # an HF checkpoint without ernie45's checksums is the normal case (every hub release): no note
 
 
 class MegatronSource:

@@ -172,6 +172,28 @@ def test_torch_dist_shape_disagreement_is_found_at_open(made, tmp_path, capsys):
     _fails(["inspect", mg], capsys, "wrong shape")
 
 
+def test_hf_shape_disagreement_is_reported_by_inspect(made, tmp_path, capsys):
+    hf = _copy(made["hf"], tmp_path / "hf")
+    _edit_config(hf, intermediate_size=json.loads((hf / "config.json").read_text())["intermediate_size"] + 8)
+    _fails(["inspect", hf], capsys, "wrong shapes", "model.layers.0.mlp.gate_proj.weight")
+
+
+def test_gguf_shapes_are_checked_against_its_own_metadata(gguf_file, tmp_path, capsys):
+    import gguf
+
+    from ernie45.bridge.gguf import _seal
+
+    bad = tmp_path / "bad.gguf"
+    shutil.copyfile(gguf_file, bad)
+    field = gguf.GGUFReader(str(bad)).fields["ernie4_5-moe.expert_feed_forward_length"]
+    at = field.offset + sum(int(p.nbytes) for p in field.parts[:-1])
+    with open(bad, "r+b") as f:  # the metadata now says experts are 16 wide; the tensors are 32 wide
+        f.seek(at)
+        f.write(struct.pack("<I", 16))
+    _seal(bad)  # a consistent checksum: the disagreement itself must be found
+    _fails(["inspect", bad], capsys, str(bad), "blk.1.ffn_gate_exps.weight", "[8, 16, 48]")
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # 3. checksums: what ernie45 wrote is checked when read
 
@@ -196,6 +218,7 @@ def test_flipped_bytes_in_a_distcp_are_caught(made, tmp_path, capsys):
         assert not dst.exists()
     _fails(_convert(mg, tmp_path / "dry", "hf", "--verify-checksums", "--dry-run"), capsys, "checksum mismatch")
     _fails(["inspect", mg], capsys, "checksum mismatch")
+    _fails(["verify", made["hf"], mg, "--prompt-ids", "1 2 3"], capsys, str(f), "checksum mismatch")
 
 
 def test_flipped_bytes_in_an_hf_export_are_caught(made, tmp_path, capsys):

@@ -34,6 +34,12 @@ ships with llama.cpp): ``gguf.MODEL_ARCH``, ``gguf.MODEL_TENSORS``, ``gguf.TENSO
 * **Biases.** llama.cpp's ERNIE graph uses no linear biases (it loads ``attn_output.bias`` but never applies it),
   so ``use_bias=True`` configs are refused. **VL** checkpoints are refused (no llama.cpp architecture for them).
 
+**Checksum.** Every GGUF ernie45 writes carries ``ernie45.sha256``: the sha256 of the whole file with these 64
+characters read as zeros (written as a placeholder, filled in once the file is complete, before the rename).
+llama.cpp ignores the key; :func:`open_gguf` (used by ``read_gguf_as_hf`` and ``inspect``) checks it, and checks the
+header counts against the file size and every tensor's shape against the file's own hyper-parameters.
+``describe_gguf`` reports it apart from the metadata (its value depends on every byte).
+
 Tensor types follow llama.cpp's converter: 1-D tensors, norms, the router and the expert bias are always f32;
 everything else takes ``outtype``; a tensor whose rows cannot be cut into q8_0 blocks of 32 falls back to f16
 (reported, as the converter does).
@@ -823,7 +829,10 @@ def gguf_shape_problems(reader: gguf.GGUFReader) -> list[str]:
             out.append(f"{t.name}: layer {mt['L']} >= block_count {layers}")
             continue
         src = tuple(dims[d] for d in row.hf_shape)
-        want = (dims["E"], *src) if isinstance(row.op, StackExperts) else src[1:] if isinstance(row.op, SqueezeRow) else src
+        if isinstance(row.op, StackExperts):
+            want = (dims["E"], *src)
+        else:
+            want = src[1:] if isinstance(row.op, SqueezeRow) else src
         got = tuple(int(d) for d in reversed(t.shape))
         if any(w < 0 for w in want) or got != want:
             out.append(f"{t.name}: {list(got)}, the metadata implies {list(want)}")

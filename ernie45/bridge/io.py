@@ -3,9 +3,16 @@
 * :class:`HFCheckpoint` opens a HF directory (single ``model.safetensors``, or shards with
   ``model.safetensors.index.json``) and reads whole tensors or dim-0 / dim-1 slices lazily through
   ``safe_open(...).get_slice`` -- a rank only ever reads its own shard from disk. Pickle formats (``.bin``, ``.pt``,
-  ``.pth``, ``.ckpt``) are refused, never unpickled. Index entries must point inside the directory.
+  ``.pth``, ``.ckpt``) are refused, never unpickled. Index entries are judged by their text (relative, no ``..``),
+  so a Hugging Face cache snapshot (every file a link into ``../../blobs/``) opens; side files that link outside
+  both the checkpoint and such a cache are refused (:func:`side_files_of`); weight files must be regular files.
+* :class:`Checksums`: the per-file sha256 ernie45 records in ``ernie45.json`` when it writes a checkpoint, checked
+  before each file's first read.
+* :func:`refuse_overlap`: a destination that is, contains or lies inside a source is refused.
 * :class:`HFWriter` streams tensors into size-bounded shards with an index, inside a temporary directory that
-  :func:`atomic_output` renames into place only when everything was written.
+  :func:`atomic_output` renames into place only when everything was written (:func:`atomic_file` for one file, the
+  GGUF): one protocol for both (stale temporaries of killed runs removed, the umask followed, OS errors and a full
+  disk reported naming the destination).
 """
 
 from __future__ import annotations
@@ -138,8 +145,8 @@ class Checksums:
         self.note: str | None = None
         self._checked: set[str] = set()
         if recorded is None:
-            self.note = (f"{directory}: no checksums recorded (written by Megatron or another tool, not ernie45); corrupted bytes in its files "
-                         "cannot be detected")  # fmt: skip
+            self.note = (f"{directory}: no checksums recorded (written by Megatron or another tool, not ernie45); "
+                         "corrupted bytes in its files cannot be detected")  # fmt: skip
             return
         ok = isinstance(recorded, dict) and all(
             isinstance(n, str) and n and "/" not in n and n not in (".", "..") and isinstance(v, dict)
@@ -291,7 +298,8 @@ class HFCheckpoint:
             return
         weight_map = self._index["weight_map"]
         wrong = sorted(
-            n for n, shard in weight_map.items() if n not in self._file_of or self._file_of[n] != self.path / PurePosixPath(shard)
+            n for n, shard in weight_map.items()
+            if n not in self._file_of or self._file_of[n] != self.path / PurePosixPath(shard)
         )
         extra = sorted(set(self._file_of) - set(weight_map))
         if wrong or extra:
@@ -564,7 +572,10 @@ def atomic_output(dst: str | Path, *, overwrite: bool = False) -> Iterator[Path]
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
         raise CheckpointError(f"{dst}: destination exists and is not empty (pass --overwrite to replace it)")
-    with _temporary(dst, overwrite=True, make=lambda prefix: Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))) as tmp:
+    def make(prefix: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))
+
+    with _temporary(dst, overwrite=True, make=make) as tmp:
         yield tmp
 
 
