@@ -1,8 +1,13 @@
 """Body of the 2-process gloo tests (run by ``torch.multiprocessing.spawn`` from ``test_distributed.py``).
 
-For each family and layout every rank: builds the TP1 reference (data parallel 2), records logits, loss and
-gradients; rebuilds at the layout, loads the same HF checkpoint through the bridge, records the same, and exports
-the model back to HF safetensors. Rank 0 writes the numbers as JSON (no pickles cross the process boundary).
+Every rank draws the same *union* batch of ``B`` samples. References over the union, on every rank: transformers'
+logits, loss and gradients (``ernie45.testing.hf_loss_and_grads``, under on-disk HF names), and the TP1 Megatron
+model's. Then for each family and layout every rank feeds **its data-parallel share** of the union (ranks of one
+TP / PP group share a batch; the data-parallel ranks -- the two EP ranks under EP2 -- get different samples, so a
+token sent back to the wrong EP rank changes the numbers), reduces the gradients as Megatron's DDP does
+(:func:`reduce_data_parallel_grads`), gathers them under HF names and compares logits, loss and gradients with the
+union references; finally it exports the model back to HF safetensors. Rank 0 writes the numbers as JSON (no
+pickles cross the process boundary).
 """
 
 from __future__ import annotations
@@ -25,10 +30,48 @@ LAYOUTS = {
     "PP2xVPP2": (dict(pp=2, vpp=2), ("dense",)),
     "PP2-uneven": (dict(pp=2, first=2, last=4), ("moe",)),
 }
-B, S = 2, 12
+B, S = 4, 12  # the union batch; under data parallel 2 each rank holds 2 of its samples
 
 
-def _run(cfg, layout, path, tied, *, sp: bool):
+def reduce_data_parallel_grads(chunks, *, scale: float) -> None:
+    """The gradient reduction of Megatron's DDP for models not wrapped in it: every gradient times ``scale`` (DDP:
+    1 / data-parallel size for a per-rank mean loss), then summed over the parameter's data-parallel group -- the
+    expert-data-parallel group for expert parameters under EP (``allreduce=False``, whose gradients already hold
+    every EP rank's tokens through the dispatcher), the data-parallel group for the others."""
+    from megatron.core import parallel_state as ps
+
+    for chunk in chunks:
+        for p in chunk.parameters():
+            if p.grad is None:
+                continue
+            p.grad.mul_(scale)
+            expert = not getattr(p, "allreduce", True)
+            group = ps.get_expert_data_parallel_group() if expert else ps.get_data_parallel_group()
+            if dist.get_world_size(group) > 1:
+                dist.all_reduce(p.grad, group=group)
+
+
+def data_parallel_rows(n: int) -> slice:
+    """This rank's share of a union batch of ``n`` samples (contiguous, by data-parallel rank)."""
+    from megatron.core import parallel_state as ps
+
+    dp, r = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if n % dp:
+        raise ValueError(f"{n} samples do not split over {dp} data-parallel ranks")
+    return slice(r * n // dp, (r + 1) * n // dp)
+
+
+def union_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return torch.randint(0, vocab, (B, S), generator=g), torch.randint(0, vocab, (B, S), generator=g)
+
+
+def _run(cfg, layout, path, tied, *, sp: bool, whole_batch: bool = False):
+    """Logits of this rank's rows, the union loss and the union gradients under HF names (on rank 0).
+
+    ``whole_batch``: every rank runs the whole union on its own (the 1-process reference), nothing is reduced."""
+    from megatron.core import parallel_state as ps
+
     from ernie45.bridge.live import gather_hf, load_hf
     from ernie45.megatron import parallel
     from ernie45.megatron.model import build_model
@@ -37,13 +80,24 @@ def _run(cfg, layout, path, tied, *, sp: bool):
     parallel.initialize(layout)
     chunks = build_model(cfg, layout, tie_word_embeddings=tied, sequence_parallel=sp)
     load_hf(chunks, cfg, layout, path)
-    g = torch.Generator().manual_seed(11)
-    ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g)
-    labels = torch.randint(0, cfg.vocab_size, (B, S), generator=g)
-    logits = forward_logits(chunks, ids, vocab_size=cfg.vocab_size)
-    loss = forward_backward(chunks, ids, labels)
+    ids, labels = union_batch(cfg.vocab_size)
+    rows = slice(None) if whole_batch else data_parallel_rows(B)
+    logits = forward_logits(chunks, ids[rows], vocab_size=cfg.vocab_size)
+    loss = forward_backward(chunks, ids[rows], labels[rows])
+    dp = 1 if whole_batch else ps.get_data_parallel_world_size()
+    if dp > 1:
+        reduce_data_parallel_grads(chunks, scale=1.0 / dp)
+    loss_sum = loss.detach().reshape(1).clone()
+    if dp > 1:
+        dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
     grads = gather_hf(chunks, cfg, layout, tied=tied, getter=lambda p: p.grad)
-    return chunks, logits, loss, grads
+    return chunks, rows, logits, loss_sum[0] / dp, grads
+
+
+def _max_over_ranks(x: float) -> float:
+    t = torch.tensor([x])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def worker(rank: int, port: int, ckpts: dict, out_root: str) -> None:
@@ -53,38 +107,47 @@ def worker(rank: int, port: int, ckpts: dict, out_root: str) -> None:
 
     from ernie45.bridge.io import HFCheckpoint
     from ernie45.bridge.live import export_hf
-    from ernie45.bridge.tables import Split, effective_tie, expand
+    from ernie45.bridge.tables import effective_tie
     from ernie45.config import load_config
     from ernie45.megatron import parallel
     from ernie45.megatron.parallel import Layout
 
     results = {}
     try:
+        from ernie45.reference import load_reference
+        from ernie45.testing import grad_differences, hf_loss_and_grads
+
         for family, path in ckpts.items():
             cfg = load_config(path)
             tied = effective_tie(cfg, HFCheckpoint(path).keys())
-            expert_names = {n for it in expand(cfg, tied=tied) if it.split.is_expert for n in it.hf}
-            _, ref_logits, ref_loss, ref_grads = _run(cfg, Layout(), path, tied, sp=False)
+            ids, labels = union_batch(cfg.vocab_size)
+            hf = load_reference(path)
+            with torch.no_grad():
+                hf_logits = hf(input_ids=ids).logits
+            hf_loss, hf_grads = hf_loss_and_grads(hf, ids, labels)
+            _, _, ref_logits, ref_loss, ref_grads = _run(cfg, Layout(), path, tied, sp=False, whole_batch=True)
             parallel.destroy()
             for name, (kw, families) in LAYOUTS.items():
                 if family not in families:
                     continue
                 layout = Layout(**kw)
-                chunks, logits, loss, grads = _run(cfg, layout, path, tied, sp=layout.tp > 1)
-                # both ranks feed the same batch; under EP the dispatcher hands an expert the tokens of every
-                # data-parallel replica inside its expert group, so its gradient is that many times the reference
-                factor = min(ps.get_data_parallel_world_size(), layout.ep)
+                chunks, rows, logits, loss, grads = _run(cfg, layout, path, tied, sp=layout.tp > 1)
+                dp = ps.get_data_parallel_world_size()
                 export_hf(chunks, cfg, layout, Path(out_root) / f"{family}-{name}", tied=tied, side_files_from=path)
+                logit_diff = _max_over_ranks((logits - ref_logits[rows]).abs().max().item())
+                hf_logit_diff = _max_over_ranks((logits - hf_logits[rows]).abs().max().item())
                 if rank == 0:
-                    gdiff = max(
-                        (grads[n] - ref_grads[n] * (factor if n in expert_names else 1)).abs().max().item()
-                        for n in ref_grads
-                    )
+                    hf_rel = grad_differences(grads, hf_grads)
                     results[f"{family}-{name}"] = dict(
-                        logits=(logits - ref_logits).abs().max().item(),
+                        data_parallel=dp,
+                        logits=logit_diff,
+                        logits_vs_hf=hf_logit_diff,
                         loss=abs(loss.item() - ref_loss.item()),
-                        grads=gdiff,
-                        grad_names=sorted(grads) == sorted(ref_grads),
+                        loss_vs_hf=abs(loss.item() - hf_loss.item()),
+                        grads=max((grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads),
+                        grads_rel_vs_hf=max(hf_rel.values()),
+                        worst_vs_hf=max(hf_rel, key=hf_rel.get),
+                        grad_names=sorted(grads) == sorted(ref_grads) == sorted(hf_grads),
                         n_grads=len(grads),
                         grad_scale=max(g.abs().max().item() for g in ref_grads.values()),
                     )

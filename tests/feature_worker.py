@@ -1,8 +1,11 @@
 """Body of the 2-process sequence-parallel / activation-recompute test (spawned once by ``test_sp_recompute.py``).
 
 For every model -- dense, text MoE, VL (padded batch with images and a video), and VL with a *packed* row -- each
-rank builds the TP1 reference (data parallel 2, no recompute), runs one forward+backward through Megatron's
-schedule and gathers the gradients under HF names (``gather_hf``). It then rebuilds the model at TP2 with sequence
+rank builds the TP1 reference (each rank alone, no recompute), runs one forward+backward through Megatron's
+schedule and gathers the gradients under HF names (``gather_hf``); for the text models also transformers' gradients
+on the same batch (``ernie45.testing.hf_loss_and_grads``). The two TP2 ranks share their batch: at TP2 on 2
+processes there is no data-parallel dimension (the EP / DP split is tested by ``dist_worker.py`` and
+``vl_dist_worker.py``). It then rebuilds the model at TP2 with sequence
 parallelism, without recompute and with selective / full recompute, loads the same checkpoint, and records the
 worst loss and gradient differences against the reference.
 
@@ -154,6 +157,8 @@ def worker(rank: int, port: int, hf_dirs: dict, out_root: str) -> None:
         from ernie45.config import load_config
         from ernie45.megatron import parallel
         from ernie45.megatron.parallel import Layout
+        from ernie45.reference import load_reference
+        from ernie45.testing import grad_differences, hf_loss_and_grads
 
         for family, cases in FAMILIES.items():
             hf_dir = hf_dirs[family.split("-")[0]]
@@ -161,6 +166,8 @@ def worker(rank: int, port: int, hf_dirs: dict, out_root: str) -> None:
             data, vl_fns = _inputs(family, cfg)
             ref_loss, ref_grads, ref_calls = _run(cfg, hf_dir, Layout(), data, vl_fns, sp=False, recompute=None)
             parallel.destroy()
+            # text models: also transformers' own backward on the same batch (VL: test_vl_model's 2-process test)
+            hf_grads = hf_loss_and_grads(load_reference(hf_dir), data["ids"], data["labels"])[1] if vl_fns is None else None
             for name in cases:
                 sp, recompute = CASES[name]
                 loss, grads, calls = _run(cfg, hf_dir, Layout(tp=2), data, vl_fns, sp=sp, recompute=recompute)
@@ -172,6 +179,7 @@ def worker(rank: int, port: int, hf_dirs: dict, out_root: str) -> None:
                     ref_loss=ref_loss.item(),
                     grads=max((grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads),
                     grad_scale=max(g.abs().max().item() for g in ref_grads.values()),
+                    grads_rel_vs_hf=None if hf_grads is None else max(grad_differences(grads, hf_grads).values()),
                     same_grad_names=sorted(grads) == sorted(ref_grads),
                     n_grads=len(grads),
                     attention_calls_per_layer=calls,

@@ -184,7 +184,8 @@ def test_vl_greedy_equals_transformers_generate(prompts, vl):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 2 processes (gloo): decoding at TP2 / TP2·EP2 equals the unsharded model, text and VL (Megatron ViT, image)
+# 2 processes (gloo): decoding at TP2 / EP2 (a prompt per rank) / TP2·EP2 equals the unsharded model, text and VL
+# (Megatron ViT, image)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +215,7 @@ def two_process_decoding(tiny_ckpts, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("case", ["dense-TP2", "moe-TP2", "moe-TP2xEP2", "vl-TP2xEP2-mgvit"])
+@pytest.mark.parametrize("case", ["dense-TP2", "moe-TP2", "moe-EP2", "moe-TP2xEP2", "vl-TP2xEP2-mgvit"])
 def test_two_process_decoding_equals_unsharded(case, two_process_decoding):
     from safetensors.torch import load_file
 

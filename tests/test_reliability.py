@@ -6,12 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -178,36 +176,151 @@ def _convert_cmd(src, dst, to):
 
 @pytest.fixture(scope="module")
 def medium_ckpt(tmp_path_factory):
-    """Big enough (~60 MB) that a conversion spends a while writing, so kills land mid-write too."""
+    """Big enough (~60 MB) that two conversions started together really overlap while writing."""
     root = tmp_path_factory.mktemp("medium")
     return write_tiny_checkpoint(root / "src", "moe", seed=3, hidden_size=512, intermediate_size=1024,
                                  moe_intermediate_size=256, vocab_size=8192)  # fmt: skip
 
 
-@pytest.mark.parametrize("to", ["megatron", "hf"])
-def test_sigkill_never_leaves_a_complete_looking_destination(medium_ckpt, tmp_path, to):
-    src = medium_ckpt
-    if to == "hf":  # Megatron -> HF: make the Megatron source first
-        subprocess.run(_convert_cmd(medium_ckpt, tmp_path / "mg-src", "megatron"), check=True)
-        src = tmp_path / "mg-src"
-    ref = tmp_path / "ref"
-    t0 = time.perf_counter()
-    subprocess.run(_convert_cmd(src, ref, to), check=True)
-    duration = time.perf_counter() - t0
-    rng = random.Random(1234)
-    dst = tmp_path / "dst"
-    for k in range(10):
-        proc = subprocess.Popen(_convert_cmd(src, dst, to) + ["--overwrite"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)  # fmt: skip
-        time.sleep(rng.uniform(0.3, duration))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if dst.exists():  # the rename is the last step: whatever exists is complete and identical
-            assert _digest(dst) == _digest(ref), f"kill {k}: destination exists but differs"
-            shutil.rmtree(dst)
-    subprocess.run(_convert_cmd(src, dst, to), check=True)
-    assert _digest(dst) == _digest(ref)
-    assert not list(tmp_path.glob(".dst.tmp-*")), "stale temporaries of killed runs were not cleaned up"
+# A conversion run by this driver is killed (SIGKILL, no clean-up possible) at a chosen point: just before the
+# writer takes tensor K (so tensors 1..K-1 are written and the file is open; K = 2: after the first tensor, K = half
+# the tensors: mid-file), or just before the final rename of the complete temporary onto DST. It prints where it
+# dies first, so the test knows the kill landed there and not at some other moment. Without a kill point it runs
+# to the end and prints how many tensors the writer took. Nothing in ernie45 is changed: the hooks wrap the writers'
+# per-tensor calls (DCP's planner, the safetensors streamer's producer, gguf's GGUFWriter) and os.replace.
+KILL_DRIVER = r"""
+import os, signal, sys
+from pathlib import Path
+
+point, at, dst, argv = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:]
+calls = 0
+
+
+def die(where):
+    print(f"KILLED AT {where}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def next_tensor():
+    global calls
+    calls += 1
+    if point == "tensor" and calls == at:
+        die(f"tensor {at}")
+
+
+import gguf
+from torch.distributed.checkpoint.planner import WriteItemType
+
+import ernie45.bridge.torch_dist as torch_dist
+import ernie45.convert as convert
+
+resolve_data = torch_dist._LazySavePlanner.resolve_data
+
+
+def counted_resolve_data(self, item):
+    if item.type == WriteItemType.SHARD:
+        next_tensor()
+    return resolve_data(self, item)
+
+
+torch_dist._LazySavePlanner.resolve_data = counted_resolve_data
+streaming = convert.write_safetensors_streaming
+
+
+def counted_streaming(out_dir, entries, produce, **kw):
+    def produce_counted(name):
+        next_tensor()
+        return produce(name)
+
+    return streaming(out_dir, entries, produce_counted, **kw)
+
+
+convert.write_safetensors_streaming = counted_streaming
+write_tensor_data = gguf.GGUFWriter.write_tensor_data
+
+
+def counted_write_tensor_data(self, *args, **kw):
+    next_tensor()
+    return write_tensor_data(self, *args, **kw)
+
+
+gguf.GGUFWriter.write_tensor_data = counted_write_tensor_data
+replace = os.replace
+
+
+def replace_or_die(src, target, *args, **kw):
+    if point == "rename" and Path(target) == dst and ".tmp-" in Path(src).name:
+        die("rename")
+    return replace(src, target, *args, **kw)
+
+
+os.replace = replace_or_die
+from ernie45.cli import main
+
+code = main(argv)
+print(f"TENSORS {calls}", flush=True)
+sys.exit(code)
+"""
+
+
+def _driven(point: str, at: int, src: Path, dst: Path, to: str) -> subprocess.CompletedProcess:
+    args = ["convert", str(src), str(dst), "--to", to, "--no-progress"] + (["--tp", "2"] if to == "megatron" else [])
+    cmd = [sys.executable, "-c", KILL_DRIVER, point, str(at), str(dst), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _temporaries(dst: Path) -> list[Path]:
+    return sorted(dst.parent.glob(f".{dst.name}.tmp-*"))
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())} if path.is_dir() else {"": path.read_bytes()}
+
+
+@pytest.fixture(scope="module")
+def kill_sources(tmp_path_factory):
+    """Source per target: the kills are placed, not timed, so a tiny checkpoint is enough (every layer after the
+    first MoE, a pattern llama.cpp can run, so the GGUF target takes it too)."""
+    from ernie45.convert import convert
+
+    root = tmp_path_factory.mktemp("kill")
+    hf = write_tiny_checkpoint(root / "hf", "moe", seed=3, moe_layer_interval=1)
+    convert(hf, root / "mg", to="megatron", tp=2, progress=False)
+    return {"megatron": hf, "hf": root / "mg", "gguf": hf}
+
+
+# what a complete output has that a half-written one must not: DCP writes .metadata after the data, the HF writer
+# config.json after the shards; a GGUF is complete at its full length (checked by size below)
+COMPLETE_MARK = {"megatron": ".metadata", "hf": "config.json", "gguf": None}
+
+
+@pytest.mark.parametrize("to", ["megatron", "hf", "gguf"])
+def test_sigkill_at_chosen_points_never_leaves_a_complete_looking_destination(to, kill_sources, tmp_path):
+    src, name = kill_sources[to], "m.gguf" if to == "gguf" else "dst"
+    ref = tmp_path / "ref" / name
+    ref.parent.mkdir()
+    run = _driven("none", 0, src, ref, to)
+    assert run.returncode == 0, run.stderr
+    n = int(run.stdout.split("TENSORS ")[1])
+    assert n >= 8, run.stdout  # enough tensors for "after the first" and "half-way" to be different points
+    dst = tmp_path / name
+    ref_files = _files(ref)
+    ref_bytes = sum(map(len, ref_files.values()))
+    for point, at, where in (("tensor", 2, "tensor 2"), ("tensor", n // 2 + 1, f"tensor {n // 2 + 1}"), ("rename", 0, "rename")):
+        run = _driven(point, at, src, dst, to)
+        assert run.returncode == -signal.SIGKILL and f"KILLED AT {where}\n" in run.stdout, (where, run.stdout, run.stderr)
+        assert not dst.exists(), f"killed at {where}: the destination exists"
+        (tmp,) = _temporaries(dst)  # the kill landed while the output was being written: its temporary is there
+        files = _files(tmp)
+        if point == "rename":  # complete, just never renamed into place
+            assert files == ref_files, f"killed at {where}: the temporary differs from a complete conversion"
+        else:
+            assert sum(map(len, files.values())) < ref_bytes, f"killed at {where}: the temporary looks complete"
+            assert COMPLETE_MARK[to] not in files, f"killed at {where}: {COMPLETE_MARK[to]} written already"
+    run = _driven("none", 0, src, dst, to)  # a later run: removes the killed run's temporary, writes the output
+    assert run.returncode == 0, run.stderr
+    assert _files(dst) == ref_files
+    assert not _temporaries(dst), "stale temporaries of killed runs were not cleaned up"
 
 
 def test_two_conversions_at_once_do_not_interfere(medium_ckpt, tmp_path):

@@ -39,6 +39,8 @@ def test_tp2_sequence_parallel_and_recompute_equal_tp1(case, sp_results):
     assert r["same_grad_names"] and r["n_grads"] > 0, r
     assert r["loss"] <= TOL, r
     assert r["grads"] <= TOL, r
+    if not case.startswith("vl"):  # text: the gradients also equal transformers' own backward
+        assert r["grads_rel_vs_hf"] <= 1e-4, r
 
 
 @pytest.mark.parametrize("case", RESULTS)

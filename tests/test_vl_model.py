@@ -387,7 +387,14 @@ def dist_results(tmp_path_factory):
     from conftest import free_port
     from vl_dist_worker import worker
 
+    from ernie45.convert import convert
+    from ernie45.testing import write_tiny_checkpoint
+
     out = tmp_path_factory.mktemp("vl_dist")
+    write_tiny_checkpoint(out / "hf", "vl", seed=0)  # the worker's HF model (same seed)
+    # offline torch_dist at a third layout, for Megatron's own loader in the worker (vl_dist_worker.OFFLINE)
+    for name, vit in (("hf-vit", "hf"), ("megatron-vit", "megatron")):
+        convert(out / "hf", out / f"offline-{name}", to="megatron", tp=2, pp=2, ep=2, vit=vit, progress=False)
     mp.spawn(worker, args=(free_port(), str(out)), nprocs=2, join=True)
     results = json.loads((out / "results.json").read_text())
     assert "error" not in results, results.get("error")
@@ -396,10 +403,23 @@ def dist_results(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", ["TP2", "EP2", "PP2", "TP2xEP2", "TP2-mgvit", "PP2-mgvit", "TP2xEP2-mgvit"])
 def test_two_process_layouts_equal_one_process(layout, dist_results):
+    """Each data-parallel rank ran its own sample (EP2: one each): logits and loss equal the 1-process model over
+    the union, logits and every gradient equal transformers' over the union."""
     r = dist_results[0][layout]
     print(layout, r)
     assert r["logits"] <= 1e-5 and r["loss"] <= 1e-5, r
+    assert r["logits_vs_hf"] <= LOGIT_TOL, r
     assert r["n_grads"] > 0 and r["grads_rel"] <= GRAD_RTOL, r
+    assert r["data_parallel"] == (2 if layout == "EP2" else 1), r  # EP2 really split the samples
+
+
+@pytest.mark.parametrize("name", ["hf-vit-TP2", "hf-vit-EP2", "megatron-vit-TP2", "megatron-vit-TP2xEP2"])
+def test_offline_checkpoint_loads_into_live_models(name, dist_results):
+    """HF -> torch_dist written offline at TP2·PP2·EP2 (either ViT), loaded by Megatron's own
+    ``dist_checkpointing.load`` into live VL models at two other layouts: logits equal transformers'."""
+    diff = dist_results[0][f"offline-{name}"]
+    print(name, diff)
+    assert diff <= LOGIT_TOL
 
 
 @pytest.mark.parametrize("layout", ["TP2", "EP2", "PP2", "TP2xEP2", "TP2-mgvit", "PP2-mgvit", "TP2xEP2-mgvit"])

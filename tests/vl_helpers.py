@@ -247,6 +247,29 @@ def make_batch(cfg, samples, *, seed: int = 0, pad_side: str = "left", force_mas
     return batch
 
 
+def batch_rows(batch: dict, rows: slice, cfg) -> dict:
+    """Samples ``rows`` of a :func:`make_batch` batch, as if made from those samples alone: the rows of the token
+    arrays, and those samples' images and videos (pixel rows and grids are in sample order; a sample's count is its
+    number of start tokens). What one data-parallel rank feeds."""
+    ids = batch["input_ids"]
+    picked = range(ids.shape[0])[rows]
+    out = {k: batch[k][rows] for k in ("input_ids", "mm_token_type_ids", "moe_mm_token_type_ids", "attention_mask") if k in batch}
+    for start, grid_key, pixel_key in (
+        ("image_start_token_id", "image_grid_thw", "pixel_values"),
+        ("video_start_token_id", "video_grid_thw", "pixel_values_videos"),
+    ):
+        if grid_key not in batch:
+            continue
+        per_sample = (ids == cfg.special_ids[start]).sum(1).tolist()
+        first, n = sum(per_sample[: picked.start]), sum(per_sample[rows])
+        grids = batch[grid_key]
+        offsets = [0] + torch.cumsum(grids.prod(1), 0).tolist()
+        if n:
+            out[grid_key] = grids[first : first + n]
+            out[pixel_key] = batch[pixel_key][offsets[first] : offsets[first + n]]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # routing capture (per pool, per token)
 
