@@ -4,8 +4,9 @@
 by the adapter's global name and sliced to this rank's shard -- so every layout holds the same adapters.
 
 The worker, per family and layout: builds the model at TP1 (data parallel 2) with LoRA, records its logits for the
-batches of both data-parallel ranks; then at the layout (each data-parallel rank its own batch): LoRA logits ==
-the TP1 logits of that batch, and == the logits after ``merge_lora`` at the same layout. At TP2·EP2 the adapters
+batches of both data-parallel ranks and its adapter gradients; then at the layout (each data-parallel rank its own
+batch; TP with sequence parallelism for MoE and VL, without for dense): LoRA logits == the TP1 logits of that batch, and == the logits after
+``merge_lora`` at the same layout; adapter gradients (same batch on both ranks, gathered to full tensors) == TP1's. At TP2·EP2 the adapters
 are saved with Megatron's ``dist_checkpointing.save(adapter_sharded_state_dict(...))`` and loaded back at TP1
 into fresh adapters: logits == the TP1 reference. Rank 0 writes the numbers as JSON.
 """
@@ -79,7 +80,7 @@ def text_batch(cfg, seed: int) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(seed))
 
 
-def build(family: str, cfg, layout, source, *, tied=None, dtype=DTYPE):
+def build(family: str, cfg, layout, source, *, tied=None, dtype=DTYPE, sp=False):
     """This rank's chunks of ``family`` at ``layout``, base weights from ``source`` (an HF directory)."""
     from ernie45.bridge.live import load_hf
     from ernie45.megatron.model import build_model
@@ -87,11 +88,11 @@ def build(family: str, cfg, layout, source, *, tied=None, dtype=DTYPE):
 
     torch.manual_seed(0)
     if family.startswith("vl"):
-        chunks = build_vl_model(cfg, layout, vision_attn_implementation="eager", params_dtype=dtype)
+        chunks = build_vl_model(cfg, layout, vision_attn_implementation="eager", params_dtype=dtype, sequence_parallel=sp)
         if chunks[0].pre_process:  # Megatron's local ViT spec builds its torch LayerNorms in fp32 whatever params_dtype
             chunks[0].vision_model.to(dtype)
     else:
-        chunks = build_model(cfg, layout, tie_word_embeddings=tied, params_dtype=dtype)
+        chunks = build_model(cfg, layout, tie_word_embeddings=tied, params_dtype=dtype, sequence_parallel=sp)
     load_hf(chunks, cfg, layout, source)
     return chunks
 
@@ -108,6 +109,33 @@ def logits(family: str, chunks, cfg, batch) -> torch.Tensor:
     with torch.no_grad():
         out = chunks[0](**batch)
     return gather_from_tensor_model_parallel_region(out)[..., : cfg.vocab_size]
+
+
+def adapter_grads(family: str, chunks, cfg, batch) -> dict | None:
+    """One forward + backward of the mean token loss; every adapter's gradient as full tensors on rank 0."""
+    from ernie45.megatron.run import finalize_grads, forward_backward
+    from ernie45.train.peft_export import gather_adapters
+
+    if family.startswith("vl"):
+        chunks[0].train()
+        chunks[0].zero_grad(set_to_none=True)
+        chunks[0](**batch, labels=torch.roll(batch["input_ids"], -1, dims=1)).mean().backward()
+        finalize_grads(chunks)
+    else:
+        forward_backward(chunks, batch, torch.roll(batch, -1, dims=1))
+    return gather_adapters(chunks, cfg, getter=lambda p: p.grad)
+
+
+def grad_error(grads: dict, ref: dict, factor: int) -> float:
+    """max over adapter tensors of |g - factor_e·g_ref| / max|g_ref| (factor only for routed experts)."""
+    if sorted(grads) != sorted(ref):
+        raise AssertionError(f"gradients of different adapters: {sorted(set(grads) ^ set(ref))}")
+    worst = 0.0
+    for key, pieces in grads.items():
+        f = factor if ".local_experts." in key[0] else 1
+        for g, w in zip(pieces, ref[key], strict=True):
+            worst = max(worst, ((g - f * w).abs().max() / w.abs().max()).item())
+    return worst
 
 
 def worker(rank: int, port: int, sources: dict, out_root: str) -> None:
@@ -132,7 +160,10 @@ def worker(rank: int, port: int, sources: dict, out_root: str) -> None:
 
             def lora_model(layout, fill=True):
                 parallel.initialize(layout)
-                chunks = build(family, cfg, layout, src, tied=cfg.tie_word_embeddings)
+                # MoE training under TP needs sequence parallelism (Megatron refuses otherwise): the dense model
+                # covers the plain-TP adapter paths, MoE and VL the SP ones (gather / reduce-scatter)
+                sp = layout.tp > 1 and family != "dense"
+                chunks = build(family, cfg, layout, src, tied=cfg.tie_word_embeddings, sp=sp)
                 apply_lora(chunks, cfg, layout, rank=RANK, alpha=ALPHA, targets=TARGETS[family], seed=1)
                 if fill:
                     fill_adapters(chunks, seed=2)
@@ -143,6 +174,7 @@ def worker(rank: int, port: int, sources: dict, out_root: str) -> None:
             fill_adapters(chunks, seed=2)
             ref = {s: logits(family, chunks, cfg, b) for s, b in batches.items()}
             effect = (ref[100] - base).abs().max().item()
+            ref_grads = adapter_grads(family, chunks, cfg, batches[100])  # the same batch on both ranks
             parallel.destroy()
             for name, (kw, families) in LAYOUTS.items():
                 if family not in families:
@@ -151,6 +183,10 @@ def worker(rank: int, port: int, sources: dict, out_root: str) -> None:
                 chunks = lora_model(layout)
                 seed = 100 + ps.get_data_parallel_rank()  # each data-parallel rank its own batch
                 lora = logits(family, chunks, cfg, batches[seed])
+                grads = adapter_grads(family, chunks, cfg, batches[100])
+                # an expert receives the tokens of every data-parallel replica in its expert group (dist_worker.py)
+                factor = min(ps.get_data_parallel_world_size(), layout.ep)
+                g_err = grad_error(grads, ref_grads, factor) if rank == 0 else 0.0
                 ckpt = None
                 if name == "TP2xEP2":
                     ckpt = Path(out_root, f"adapters-{family}")
@@ -162,7 +198,8 @@ def worker(rank: int, port: int, sources: dict, out_root: str) -> None:
                 merged = logits(family, chunks, cfg, batches[seed])
                 stats = torch.tensor([(lora - ref[seed]).abs().max().item(), (lora - merged).abs().max().item()])
                 dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-                results[f"{family}-{name}"] = dict(vs_tp1=stats[0].item(), vs_merged=stats[1].item(), effect=effect)
+                results[f"{family}-{name}"] = dict(vs_tp1=stats[0].item(), vs_merged=stats[1].item(), effect=effect,
+                                                   grads_rel=g_err, n_grads=len(ref_grads or {}))  # fmt: skip
                 parallel.destroy()
                 if ckpt is not None:  # resume the TP2·EP2 adapters at TP1 (data parallel 2)
                     layout = Layout()

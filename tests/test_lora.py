@@ -126,6 +126,7 @@ def test_layout_lora_equals_merged_and_tp1(case, dist_results):
     print(case, r)
     assert r["effect"] > 0.1, r
     assert r["vs_merged"] <= TOL and r["vs_tp1"] <= TOL, r
+    assert r["n_grads"] > 0 and r["grads_rel"] <= TOL, r
 
 
 @pytest.mark.parametrize("family", ["moe", "vl", "vl-mgvit"])

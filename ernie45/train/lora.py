@@ -67,6 +67,7 @@ __all__ = [
     "merge_lora",
     "describe_lora",
     "lora_target_weights",
+    "export_peft_adapter",
 ]
 
 LORA_TARGET_GROUPS = ("attn", "mlp", "shared", "experts", "vision_experts", "vit", "resampler")
@@ -400,3 +401,11 @@ def describe_lora(cfg: ErnieConfig, *, rank: int, targets: Sequence[str] = DEFAU
     notes = peft_limitations(cfg, targets, dropout=dropout)
     lines += [f"  PEFT export: {n}" for n in notes] or ["  PEFT export: every target group is expressible as a peft adapter"]
     return "\n".join(lines)
+
+
+def export_peft_adapter(chunks, cfg: ErnieConfig, layout, out_dir, *, base_model: str, **kw) -> list[str]:
+    """:func:`ernie45.train.peft_export.export_peft_adapter`, reachable from here too (the trainer's one LoRA
+    namespace; peft_export imports this module, so the import is deferred)."""
+    from .peft_export import export_peft_adapter as export
+
+    return export(chunks, cfg, layout, out_dir, base_model=base_model, **kw)

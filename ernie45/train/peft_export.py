@@ -43,7 +43,7 @@ import torch.distributed as dist
 from ..config import ErnieConfig
 from .lora import LoraError, adapted_modules
 
-__all__ = ["export_peft_adapter", "peft_limitations", "peft_module_names", "ExpertSlot"]
+__all__ = ["export_peft_adapter", "gather_adapters", "peft_limitations", "peft_module_names", "ExpertSlot"]
 
 # Megatron global module (language-model part, after the optional "language_model." prefix) -> transformers module
 # suffixes under {H}layers.{L}., in the order the bridge op's to_hf returns the pieces of B
@@ -125,7 +125,7 @@ def _ops_by_weight(cfg: ErnieConfig) -> dict:
     return {item.mg[0]: item.op for item in expand(cfg, tied=cfg.tie_word_embeddings) if len(item.mg) == 1}
 
 
-def _local_records(chunks, ops: dict) -> list:
+def _local_records(chunks, ops: dict, getter) -> list:
     """[(global module, "A"|"B", shard index, shard count, dim, hf_blocks, hf pieces)] this rank exports: one
     replica of every piece (data-parallel rank 0; TP rank 0 for a piece replicated over TP)."""
     from .lora import _replica_rank
@@ -142,7 +142,7 @@ def _local_records(chunks, ops: dict) -> list:
                 dim = s.dim(which)
                 if dim is None and s.index != 0:
                     continue
-                t = p.detach().float().clone()
+                t = getter(p).detach().clone()
                 # B's rows follow the weight's rows: split them with the weight's own op, shard by shard
                 pieces = op.to_hf((t,)) if which == "B" else (t,)
                 blocks = op.hf_blocks if which == "B" else 1
@@ -214,6 +214,18 @@ def _peft_tensors(full: dict, dtype: torch.dtype, family: str) -> tuple[dict[str
     return {k: v.to(dtype).clone() for k, v in tensors.items()}, sorted(modules), sorted(params)
 
 
+def gather_adapters(chunks, cfg: ErnieConfig, *, getter=None) -> dict | None:
+    """Every adapter as full tensors on rank 0 (None elsewhere; every rank must call): ``(global module, "A"|"B")``
+    -> the HF pieces of that tensor (``B`` of a fused base split by the weight's op: q/k/v, gate/up), whatever the
+    layout. ``getter`` picks what to gather from each adapter parameter (``lambda p: p.grad`` for gradients)."""
+    records = _local_records(chunks, _ops_by_weight(cfg), getter or (lambda p: p))
+    gathered: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(records, gathered, dst=0)
+    if gathered is None:
+        return None
+    return _assemble([r for per_rank in gathered for r in per_rank])
+
+
 def export_peft_adapter(chunks, cfg: ErnieConfig, layout, out_dir: str | Path, *, base_model: str,
                         dtype: torch.dtype | None = None, overwrite: bool = False) -> list[str]:  # fmt: skip
     """Write the adapters as a PEFT adapter directory (rank 0 writes; every rank must call). Returns the warnings
@@ -222,8 +234,6 @@ def export_peft_adapter(chunks, cfg: ErnieConfig, layout, out_dir: str | Path, *
     ``dtype``: of the written tensors (default: the adapters' own dtype)."""
     from .lora import group_of
 
-    ops = _ops_by_weight(cfg)
-    records = _local_records(chunks, ops)
     settings = sorted({(m.lora.rank, m.lora.alpha, float(getattr(m.lora.dropout, "p", 0.0)), str(m.lora.A.dtype),
                         group_of(n)) for c in chunks for n, m in adapted_modules(c)})  # fmt: skip
     world = dist.get_world_size()
@@ -237,9 +247,8 @@ def export_peft_adapter(chunks, cfg: ErnieConfig, layout, out_dir: str | Path, *
     rank, alpha, dropout, dtype_name = settings[0][:4]
     targets = sorted({s[4] for s in settings})
     warnings = peft_limitations(cfg, targets, dropout=dropout)
-    gathered: list | None = [None] * world if dist.get_rank() == 0 else None
-    dist.gather_object(records, gathered, dst=0)
-    if dist.get_rank() != 0:
+    full = gather_adapters(chunks, cfg)
+    if full is None:  # not rank 0
         return warnings
 
     from peft import LoraConfig
@@ -247,7 +256,6 @@ def export_peft_adapter(chunks, cfg: ErnieConfig, layout, out_dir: str | Path, *
 
     from ..bridge.io import atomic_output
 
-    full = _assemble([r for per_rank in gathered for r in per_rank])
     out_dtype = dtype or getattr(torch, dtype_name.removeprefix("torch."))
     tensors, modules, params = _peft_tensors(full, out_dtype, cfg.family)
     wrapped = bool(params)  # ParamWrapper refuses dropout (peft_limitations)
