@@ -1102,7 +1102,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", type=Path, default=None, help="an image file for VL checkpoints (inserted mid-prompt)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                    help="what both sides compute in (routers and expert bias stay fp32, as in transformers); "
-                        "sets the default thresholds")  # fmt: skip
+                        "sets the default thresholds (docs/verify.md has them and the measurements behind them)")
     p.add_argument("--atol", type=float, default=None,
                    help="fail (exit 1) above this logits max |Δ| (default: 1e-4 at fp32 and for an F32 GGUF, "
                         "else not judged)")  # fmt: skip
