@@ -31,6 +31,17 @@ Tensor parallelism -- every adapted layer equals the merged layer ``W + (α/r)·
   expert-TP group (copy-to region). Expert adapters are children of their expert modules, so they live on the
   expert's EP rank and carry the weight's ``allreduce=False`` (expert data-parallel gradients in Megatron's DDP).
 
+One LoRA per transformers linear (what peft trains): a Megatron linear that fuses several transformers linears holds
+one independent rank-r LoRA per *part* -- ``linear_qkv`` = q, k, v (transformers' ``q_proj``, ``k_proj``,
+``v_proj``), a dense / shared-expert SwiGLU ``linear_fc1`` = gate, up (``gate_proj``, ``up_proj``). ``A`` stacks
+the parts' ``A`` s ``[P·r, in]``; every output row of ``B [out, r]`` belongs to one part (``part_O``, following the
+weight's row layout on this shard) and reads only that part's ``r`` columns of ``A·x``. So ``ΔW[o] = B[o]·A_part(o)``,
+training equals peft's q/k/v (gate/up) LoRAs step for step, and the PEFT export is exact. A shared ``A`` for q, k
+and v would be expressible too (a copy per peft module), but it trains differently: peft's three ``A`` s receive
+different gradients. Routed experts' ``linear_fc1`` is one part: transformers fuses ``gate_up_proj`` and peft adapts
+it with a single ``A`` per expert; the Megatron ViT's ``linear_qkv`` is one part too (HF's ViT ``qkv`` is one
+linear).
+
 The input-gradient paths mirror the base: the column adapter's ``∂x`` is a partial sum exactly like the base's and
 is reduced by the same mapping the base uses (all-reduce / reduce-scatter under SP / the dispatcher for experts).
 
@@ -67,6 +78,7 @@ __all__ = [
     "merge_lora",
     "describe_lora",
     "lora_target_weights",
+    "lora_parts",
     "export_peft_adapter",
 ]
 
@@ -86,12 +98,34 @@ TARGET_PATTERNS: dict[str, str] = {
     "resampler": r"resampler_model\.(?:(?:spatial|temporal)_linear\.fc[12]|mlp)",
 }
 _TARGET_RE = {g: re.compile(p) for g, p in TARGET_PATTERNS.items()}
+# Megatron linears that fuse several transformers linears -> their parts, in the order of the weight's rows
+_PARTS: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = (
+    (re.compile(_LM + r"self_attention\.linear_qkv"), ("q", "k", "v")),
+    (re.compile(_LM + r"mlp\.(?:shared_experts\.)?linear_fc1"), ("gate", "up")),
+)
 _LAYER_RE = re.compile(r"(?P<pre>(?:language_model\.)?decoder\.layers\.)(?P<L>\d+)(?P<rest>\..+)")
 _EXPERT_RE = re.compile(r"(?P<pre>.*\.experts)\.local_experts\.(?P<j>\d+)(?P<rest>\..+)")
 
 
 class LoraError(ConfigError):
     """A LoRA request that does not fit the model (unknown or absent target group, bad rank)."""
+
+
+def lora_parts(module_name: str) -> tuple[str, ...]:
+    """The independent LoRAs one adapted linear holds (module docstring); ``("",)`` for a single one."""
+    hits = [parts for rx, parts in _PARTS if rx.fullmatch(module_name)]
+    return hits[0] if hits else ("",)
+
+
+def _row_parts(cfg: ErnieConfig, parts: tuple[str, ...], out_local: int) -> torch.Tensor:
+    """``part_O``: the part each output row of this shard belongs to (the weight's row layout, spec §H.3 / §H.4)."""
+    if parts == ("q", "k", "v"):  # group-major [q x R, k, v] per KV group; a TP shard holds whole groups
+        D, R = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
+        per_group = torch.cat([torch.zeros(R * D), torch.ones(D), torch.full((D,), 2.0)]).long()
+        return per_group.repeat(out_local // ((R + 2) * D))
+    if parts == ("gate", "up"):  # [gate_i; up_i] on every TP shard
+        return torch.arange(2).repeat_interleave(out_local // 2)
+    return torch.zeros(out_local, dtype=torch.long)
 
 
 def group_of(module_name: str) -> str | None:
@@ -127,10 +161,13 @@ class LoRAAdapter(torch.nn.Module):
     """``A [r, in_local]``, ``B [out_local, r]`` of one base linear and the collectives that make it TP-exact."""
 
     def __init__(self, base: torch.nn.Module, *, rank: int, alpha: float, dropout: float, global_name: str,
-                 sharding: Sharding, A_full: torch.Tensor) -> None:  # fmt: skip
+                 sharding: Sharding, A_full: torch.Tensor, parts: tuple[str, ...], part_O: torch.Tensor) -> None:  # fmt: skip
         super().__init__()
         w = base.weight
         self.global_name = global_name
+        self.parts = parts
+        # one-hot of each output row's part [P, out]: derived from the layout, not state
+        self.register_buffer("part_PO", torch.nn.functional.one_hot(part_O, len(parts)).t().to(w.dtype), persistent=False)
         self.sharding = sharding
         self.rank = rank
         self.alpha = alpha
@@ -170,7 +207,13 @@ class LoRAAdapter(torch.nn.Module):
                 # the base's input: gathered over the sequence (SP), or replicated with an all-reduced gradient
                 x = gather_from_sequence_parallel_region(x, group=g) if self.sequence_parallel else copy_to(x, group=g)
             A = copy_to(self.A, group=g) if split else self.A  # ∂A: summed over the B shards
-            return self.scaling * F.linear(F.linear(self.dropout(x), A), self.B)
+            h = F.linear(self.dropout(x), A)
+            if len(self.parts) == 1:
+                return self.scaling * F.linear(h, self.B)
+            # row o reads only its part's r columns of h: Σ_p h_p · (B masked to part p's rows)ᵀ
+            h_P = h.unflatten(-1, (len(self.parts), self.rank))
+            out = sum(F.linear(h_P[..., p, :], self.B * self.part_PO[p, :, None]) for p in range(len(self.parts)))
+            return self.scaling * out
         # row: the rank-r partial sums reduced like the base's output, B applied after (module docstring)
         h = F.linear(self.dropout(x), self.A)
         B = self.B
@@ -186,7 +229,12 @@ class LoRAAdapter(torch.nn.Module):
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``W + (α/r)·B·A`` of this rank's shard, in fp32, cast to ``W``'s dtype."""
-        return (weight.float() + self.scaling * (self.B.float() @ self.A.float())).to(weight.dtype)
+        return (weight.float() + self.scaling * self.delta_weight()).to(weight.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``B·A`` of this rank's shard in fp32, row o with its part's ``A`` (``[out_local, in_local]``)."""
+        A_PRI = self.A.float().view(len(self.parts), self.rank, -1)
+        return sum((self.B.float() * self.part_PO[p, :, None].float()) @ A_PRI[p] for p in range(len(self.parts)))
 
     def extra_repr(self) -> str:
         s = self.sharding
@@ -281,9 +329,11 @@ def apply_lora(chunks, cfg: ErnieConfig, layout, *, rank: int, alpha: float, dro
             sharding = _sharding(name, module)
             global_name = _global_name(chunk, name)
             in_full = module.weight.shape[1] * (sharding.count if sharding.kind == "row" else 1)
-            A_full = _initial_A(global_name, rank, in_full, seed, module.weight.dtype)
+            parts = lora_parts(global_name)
+            A_full = _initial_A(global_name, rank * len(parts), in_full, seed, module.weight.dtype)
             module.lora = LoRAAdapter(module, rank=rank, alpha=alpha, dropout=dropout, global_name=global_name,
-                                      sharding=sharding, A_full=A_full)  # fmt: skip
+                                      sharding=sharding, A_full=A_full, parts=parts,
+                                      part_O=_row_parts(cfg, parts, module.weight.shape[0]))  # fmt: skip
             module.lora.hook = module.register_forward_hook(_add_lora, with_kwargs=True)
 
 
@@ -382,14 +432,15 @@ def describe_lora(cfg: ErnieConfig, *, rank: int, targets: Sequence[str] = DEFAU
     targets = _check_targets(cfg, targets)
     weights = lora_target_weights(cfg)
     lines = [f"LoRA rank {rank}, alpha {alpha if alpha is not None else rank}, dropout {dropout}; "
-             f"base weights frozen; adapters: A [r, in] (replicated for column-parallel bases, sharded on the input "
-             f"dim for row-parallel ones), B [out, r] (sharded like a column-parallel weight)"]  # fmt: skip
+             f"base weights frozen; one rank-r LoRA per transformers linear (fused q/k/v and gate/up hold one per part); "
+             f"A replicated for column-parallel bases, sharded on the input dim for row-parallel ones; B sharded "
+             f"like a column-parallel weight"]  # fmt: skip
     total = base = 0
     for g in LORA_TARGET_GROUPS:
         shapes = [s for n, s in weights.items() if group_of(n) == g]
         if not shapes:
             continue
-        n_ad = sum(rank * (o + i) for o, i in shapes)
+        n_ad = sum(rank * (o + len(lora_parts(n)) * i) for n, (o, i) in weights.items() if group_of(n) == g)
         n_base = sum(o * i for o, i in shapes)
         mark = "adapted" if g in targets else "not targeted"
         lines.append(f"  {g:15s} {mark:13s} {len(shapes):5d} linears  {n_ad:>14,} adapter params  "

@@ -5,13 +5,12 @@ Written: ``adapter_config.json`` (peft's own ``LoraConfig``) and ``adapter_model
 *in-memory* module names under ``base_model.model.``. Megatron adapter -> peft modules (``{H}`` = ``model.`` for
 text models, ``model.language_model.`` for VL):
 
-* fused ``linear_qkv`` (``A``, ``B`` rows group-major ``[q×R, k, v]`` per KV group) -> ``{H}layers.L.self_attn.
-  {q,k,v}_proj`` each with its own copy of ``A`` and its rows of ``B``: ``ΔW_q = B_q·A`` is what the fused adapter
-  adds to the q rows, so three ordinary peft LoRAs express it exactly. ``B`` is split with the bridge op that splits
-  the weight (``FuseQKV``), shard by shard;
-* SwiGLU ``linear_fc1`` (``B`` rows ``[gate_i; up_i]`` per TP shard) -> ``gate_proj`` (A, B_gate) and ``up_proj``
-  (A, B_up), split by ``ConcatGLU`` per shard like the weight; ``linear_proj`` / ``linear_fc2`` -> ``o_proj`` /
-  ``down_proj`` (A gathered over its input-dim shards);
+* fused ``linear_qkv`` (one LoRA per part, ``lora.py``; ``B`` rows group-major ``[q×R, k, v]`` per KV group) ->
+  ``{H}layers.L.self_attn.{q,k,v}_proj``, each with its part of ``A`` and its rows of ``B``. ``B`` is split with the
+  bridge op that splits the weight (``FuseQKV``), shard by shard;
+* SwiGLU ``linear_fc1`` (``B`` rows ``[gate_i; up_i]`` per TP shard) -> ``gate_proj`` (A_gate, B_gate) and
+  ``up_proj`` (A_up, B_up), ``B`` split by ``ConcatGLU`` per shard like the weight; ``linear_proj`` / ``linear_fc2``
+  -> ``o_proj`` / ``down_proj`` (A gathered over its input-dim shards);
 * routed experts: transformers holds each pool as fused 3-D parameters (``experts.gate_up_proj [E, 2I, H]``,
   ``experts.down_proj [E, H, I]``), which peft reaches through ``target_parameters`` (``lora.ParamWrapper``): one
   rank-r LoRA per expert stacked on the rank axis. From peft 0.21's ``ParamWrapper.get_delta_weight``:
@@ -41,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ErnieConfig
-from .lora import LoraError, adapted_modules
+from .lora import LoraError, adapted_modules, lora_parts
 
 __all__ = ["export_peft_adapter", "gather_adapters", "peft_limitations", "peft_module_names", "ExpertSlot"]
 
@@ -190,8 +189,11 @@ def _peft_tensors(full: dict, dtype: torch.dtype, family: str) -> tuple[dict[str
         if isinstance(target, ExpertSlot):
             experts[(target.module, target.fc)][target.expert] = (A, torch.cat(B_pieces, dim=0))  # fc1: [B_gate; B_up] = gate_up_proj's rows
             continue
-        for hf_module, B in zip(target, B_pieces, strict=True):
-            tensors[f"base_model.model.{hf_module}.lora_A.weight"] = A
+        if len(lora_parts(name)) != len(target):
+            raise LoraError(f"{name}: {len(lora_parts(name))} LoRA parts for {len(target)} transformers modules")
+        # part p of A (q / k / v, gate / up) is that module's own A
+        for hf_module, A_p, B in zip(target, A.chunk(len(target), dim=0), B_pieces, strict=True):
+            tensors[f"base_model.model.{hf_module}.lora_A.weight"] = A_p
             tensors[f"base_model.model.{hf_module}.lora_B.weight"] = B
             if hf_module.rsplit(".", 1)[-1] in _REMAPPED_BY_PEFT.get(family, ()):
                 params.append(hf_module + ".weight")  # same saved keys: one ParamWrapper per nn.Linear weight
