@@ -103,6 +103,21 @@ def test_tensor_defaults_allow_storage_rounding_only(moe):
     assert [f.split(":")[0] for f in r.failures()] == ["tensor model.layers.2.self_attn.o_proj.weight"]
 
 
+def test_gguf_tensors_are_judged_by_their_type(moe, capsys):
+    """An F16 GGUF of the fp32 checkpoint passes as tensors within f16 rounding; the same file against another model
+    does not; logits are judged by the file's type (here without llama_cpp: a note, not a failure); --dtype bf16
+    cannot apply to llama.cpp (exit 2)."""
+    gguf = moe["root"] / "f16.gguf"
+    convert(moe["hf"], gguf, to="gguf", outtype="f16", progress=False)
+    r = verify(moe["hf"], gguf, logits=False)
+    assert r.ok and r.defaults_key == "gguf F16", r.failures()
+    assert "differs" in {d.status for d in r.tensors}  # f16 really rounded the fp32 weights
+    other = write_tiny_checkpoint(moe["root"] / "other-gguf", "moe", seed=7, moe_layer_interval=1)
+    assert not verify(other, gguf, logits=False).ok
+    assert main(["verify", str(moe["hf"]), str(gguf), "--dtype", "bf16"]) == 2
+    assert "--dtype bf16: llama.cpp runs a GGUF at its own tensor types" in capsys.readouterr().err
+
+
 def test_shape_difference_is_reported_not_a_traceback(moe, capsys):
     wide = write_tiny_checkpoint(moe["root"] / "wide", "moe", seed=5, moe_layer_interval=1, moe_intermediate_size=16)
     assert main(["verify", str(moe["hf"]), str(wide)]) == 1
