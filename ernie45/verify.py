@@ -851,9 +851,13 @@ class VerifyReport:
             tensors = "tensors within their storage type's rounding; "
         if self.logits is None:
             return f"{tensors}logits not compared".strip()
-        parts = [f"{what} {op} {v:g}" + (" (given)" if t.get(k) is not None else "")
-                 for k, what, op in _JUDGED if (v := self.applied[k]) is not None]  # fmt: skip
-        source = f"{self.defaults_key} defaults" if self.defaults_key else "no defaults for this pair"
+        judged = [(k, what, op, v) for k, what, op in _JUDGED if (v := self.applied[k]) is not None]
+        given = [t.get(k) is not None for k, _, _, _ in judged]
+        if judged and all(given):
+            source, given = "given", [False] * len(judged)
+        else:
+            source = f"{self.defaults_key} defaults" if self.defaults_key else "no defaults for this pair"
+        parts = [f"{what} {op} {v:g}" + (" (given)" if g else "") for (_, what, op, v), g in zip(judged, given)]
         return f"{tensors}{source}: " + (", ".join(parts) if parts else "nothing judged") + "; NaN / inf fail"
 
     @property
