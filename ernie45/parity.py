@@ -86,7 +86,9 @@ def ensure_single_process_group() -> None:
     dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def check_parity(hf_dir: str | Path, *, batch: int = 2, seq: int = 16, seed: int = 0, dtype: str = "fp32") -> ParityReport:
+def check_parity(
+    hf_dir: str | Path, *, batch: int = 2, seq: int = 16, seed: int = 0, dtype: str = "fp32"
+) -> ParityReport:
     """Load ``hf_dir`` into Megatron (TP1) and into transformers, both in ``dtype``; compare logits and expert
     choices on ``batch`` x ``seq`` seeded random text ids."""
     from .convert import HFSource

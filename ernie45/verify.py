@@ -728,9 +728,10 @@ TABLE_MAX_TENSORS = 20  # non-structural differences listed in the table (JSON a
 
 # What "the same model" means when no threshold is given, by what is compared (``--dtype``, or the GGUF side's
 # weight type: :meth:`GGUFView.weight_type`). ``atol``: logits max |Δ|; ``min_cosine``: cosine similarity of the
-# two sides' logits, each flattened to one vector (``[B·S·V]``); ``min_top1``: share of tokens with the same argmax; ``min_routing``: share of
-# a pool's tokens with the same set of experts, in every MoE layer and pool. None: not judged by default. A given
-# threshold replaces its default; NaN or inf logits always fail. docs/verify.md gives the measurements behind them.
+# two sides' logits, each flattened to one vector (``[B·S·V]``); ``min_top1``: share of tokens with the same
+# argmax; ``min_routing``: share of a pool's tokens with the same set of experts, in every MoE layer and pool.
+# None: not judged by default. A given threshold replaces its default; NaN or inf logits always fail.
+# docs/verify.md gives the measurements behind them.
 DEFAULT_THRESHOLDS: dict[str, dict[str, float | None]] = {
     # two fp32 implementations differ only in summation order: measured <= 2.3e-6 on O(1) logits
     "fp32": dict(atol=1e-4, min_cosine=None, min_top1=1.0, min_routing=1.0),

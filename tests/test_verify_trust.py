@@ -327,8 +327,10 @@ def test_text_moe_with_its_own_head_dim_matches_transformers(tmp_path):
 # parameter counts
 
 
-@pytest.mark.parametrize("family, overrides", [("dense", {}), ("dense", dict(tie_word_embeddings=False)),
-                                               ("moe", {}), ("moe", dict(tie_word_embeddings=True)), ("vl", {})])  # fmt: skip
+@pytest.mark.parametrize("family, overrides", [
+    ("dense", {}), ("dense", dict(tie_word_embeddings=False)), ("moe", {}), ("moe", dict(tie_word_embeddings=True)),
+    ("vl", {}),
+])  # fmt: skip
 def test_parameter_counts_equal_transformers_numel(family, overrides):
     """Total: every parameter of the transformers model (ViT and resampler included). Active: a text token's path,
     i.e. minus the routed experts it does not use (E - K of the pool's E, from transformers' fused expert tensors)
