@@ -8,6 +8,7 @@
     ernie45 route-stats CKPT --prompts FILE --out DIR   # expert load heatmap and imbalance
     ernie45 generate CKPT --prompt TEXT                  # greedy sample
     ernie45 prepare-data FILE.jsonl --tokenizer CKPT --out PREFIX   # text -> Megatron IndexedDataset
+    ernie45 train --model CKPT --data FILE --out RUN_DIR [--tp N --ep N ...]   # fine-tune on Megatron-Core
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_cmd_inspect)
 
     from . import generate, route_stats, verify
+    from .train import config as train_config
     from .train import prepare
 
     for name, mod, help_, example in (
@@ -156,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("prepare-data", prepare, "tokenise JSONL text into a Megatron IndexedDataset (.bin/.idx) for pre-training",
          "ernie45 prepare-data corpus.jsonl more.jsonl --tokenizer ./ERNIE-4.5-0.3B-PT --out data/corpus\n"
          "  ernie45 train --model ./ERNIE-4.5-0.3B-PT --data data/corpus --out run/   # then train on it"),
+        ("train", train_config, "train (SFT / continued pre-training, text and VL) on Megatron-Core at any layout",
+         train_config.EXAMPLES.strip()),
     ):  # fmt: skip
         s = sub.add_parser(name, help=help_, epilog=f"example:\n  {example}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -25,6 +25,13 @@ SURFACE = {
     "generate": ["<checkpoint>", "--prompt", "--image", "--max-new-tokens", "--backend", "--hf-config", "--no-eos-stop",
                  "--no-kv-cache", "--json"],
     "prepare-data": ["<inputs>", "--tokenizer", "--out", "--text-key", "--overwrite", "--no-progress"],
+    "train": ["--config", "--model", "--data", "--out", "--hf-config", "--tp", "--pp", "--ep", "--etp", "--vpp", "--first",
+              "--last", "--sequence-parallel", "--recompute", "--vit", "--seq-length", "--micro-batch", "--global-batch",
+              "--steps", "--lr", "--min-lr", "--warmup", "--schedule", "--weight-decay", "--adam-beta1", "--adam-beta2",
+              "--adam-eps", "--clip-grad", "--dtype", "--distributed-optimizer", "--seed", "--no-shuffle", "--no-pack",
+              "--overlong", "--eval-rows", "--eval-every", "--save-every", "--resume", "--overwrite", "--save-hf",
+              "--freeze", "--vit-lr-mult", "--resampler-lr-mult", "--expert-bias-update-rate", "--aux-loss-coeff",
+              "--lora", "--lora-alpha", "--lora-dropout", "--lora-targets", "--save-peft", "--no-progress", "--dry-run"],
 }  # fmt: skip
 
 

@@ -290,15 +290,20 @@ def test_resume_at_another_layout(two_process, killed_run, gloo_world, tmp_path)
 
 
 def test_trained_model_exports_loads_in_transformers_and_converts_to_gguf(setup, gloo_world, tmp_path):
+    """The embedded tiny MoE (its tokenizer and a layer pattern llama.cpp can run), trained 2 steps, exported:
+    transformers' logits equal the live model's, the tokenizer files travel, and the export converts to GGUF."""
     import transformers
 
+    from ernie45.assets import embedded_checkpoint
     from ernie45.config import load_config
     from ernie45.convert import convert
     from ernie45.megatron.run import forward_logits
+    from ernie45.train.config import TrainConfig
     from ernie45.train.trainer import train
 
-    _, ckpts, _ = setup
-    cfg = load_config(ckpts["moe"])
+    _, _, data = setup
+    src = embedded_checkpoint("tiny-ernie45-moe")
+    cfg = load_config(src)
     ids = torch.randint(1, 150, (2, 10), generator=torch.Generator().manual_seed(3))
     live = {}
 
@@ -306,7 +311,8 @@ def test_trained_model_exports_loads_in_transformers_and_converts_to_gguf(setup,
         if step == 2:
             live["logits"] = forward_logits(chunks, ids, vocab_size=cfg.vocab_size)
 
-    config = _config(setup, "moe", tmp_path / "run", steps=2, warmup=0)
+    config = TrainConfig(model=str(src), data=(str(data["moe"]),), out=str(tmp_path / "run"), save_hf=str(tmp_path / "hf"),
+                         **dict(BASE, steps=2, warmup=0))  # fmt: skip
     train(config, on_step=on_step)
     hf = transformers.Ernie4_5_MoeForCausalLM.from_pretrained(config.save_hf, dtype=torch.float32,
                                                              attn_implementation="eager")  # fmt: skip
@@ -314,10 +320,9 @@ def test_trained_model_exports_loads_in_transformers_and_converts_to_gguf(setup,
     with torch.no_grad():
         logits = hf(input_ids=ids).logits
     assert (logits - live["logits"]).abs().max().item() <= 1e-4
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        src = Path(ckpts["moe"]) / f
-        if src.is_file():
-            assert (Path(config.save_hf) / f).read_bytes() == src.read_bytes()
+    assert not torch.equal(read_hf_dir(src)["model.embed_tokens.weight"], read_hf_dir(config.save_hf)["model.embed_tokens.weight"])
+    for f in ("tokenizer.model", "tokenizer_config.json", "generation_config.json"):
+        assert (Path(config.save_hf) / f).read_bytes() == (Path(src) / f).read_bytes(), f
     convert(config.save_hf, tmp_path / "trained.gguf", to="gguf", progress=False)
     assert (tmp_path / "trained.gguf").read_bytes()[:4] == b"GGUF"
 

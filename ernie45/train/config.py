@@ -366,3 +366,115 @@ def dry_run_text(config: TrainConfig, r: Resolved, cfg: ErnieConfig, shapes: Map
         lines.append(f"data         {data_text}")
     lines.append(f"run dir      {config.out}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the command line (``ernie45 train``): flags are the fields; unset flags leave the YAML / defaults alone
+
+EXAMPLES = """  ernie45 train --model ./ERNIE-4.5-0.3B-PT --data sft.jsonl --out runs/sft --steps 200 --lr 1e-5 --warmup 20
+  torchrun --nproc-per-node 4 -m ernie45 train --model ./ERNIE-4.5-21B-A3B-PT --data 0.7:chat.jsonl \\
+      --data 0.3:data/corpus --out runs/moe --tp 2 --ep 2 --etp 1 --global-batch 64 --save-hf runs/moe/hf
+  ernie45 train --config run.yaml --dry-run          # the resolved run: layout, batch arithmetic, memory
+  ernie45 train --out runs/sft --resume --tp 2       # continue the latest checkpoint, here at another layout
+  ernie45 train --model ./ERNIE-4.5-VL-28B-A3B-PT --data vl_chat.jsonl --out runs/vl --freeze vision --vit-lr-mult 0.1"""
+
+
+def add_arguments(p) -> None:
+    import argparse
+
+    S = argparse.SUPPRESS
+    p.add_argument("--config", type=Path, default=None, help="YAML file with any of these keys (flags win)")
+    g = p.add_argument_group("model, data, run directory")
+    g.add_argument("--model", default=S, help="HF checkpoint dir or torch_dist dir (ours or Megatron's own)")
+    g.add_argument("--data", action="append", default=S, metavar="[WEIGHT:]PATH",
+                   help="chat / pre-tokenized JSONL or an IndexedDataset prefix; repeat to blend by weight")
+    g.add_argument("--out", default=S, metavar="RUN_DIR", help="run directory (checkpoints, metrics, config.yaml)")
+    g.add_argument("--hf-config", default=S, help="config.json for a torch_dist --model without one")
+    g = p.add_argument_group("layout")
+    for flag, helptext in (("--tp", "tensor parallel"), ("--pp", "pipeline parallel"), ("--ep", "expert parallel"),
+                           ("--etp", "expert tensor parallel (default = tp)"), ("--vpp", "virtual pipeline chunks"),
+                           ("--first", "layers in the first stage"), ("--last", "layers in the last stage")):  # fmt: skip
+        g.add_argument(flag, type=int, default=S, help=helptext)
+    g.add_argument("--sequence-parallel", action="store_true", default=S, help="(always on for MoE with tp > 1)")
+    g.add_argument("--recompute", choices=["selective", "full"], default=S, help="activation recompute")
+    g.add_argument("--vit", choices=["hf", "megatron"], default=S, help="VL: the ViT implementation")
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--seq-length", type=int, default=S, help="tokens per row (default 4096)")
+    g.add_argument("--micro-batch", type=int, default=S, help="rows per micro-batch (default 1)")
+    g.add_argument("--global-batch", type=int, default=S, help="rows per step (default micro-batch × dp)")
+    g.add_argument("--steps", type=int, default=S, help="optimizer steps (default 100)")
+    g.add_argument("--lr", type=float, default=S, help="peak learning rate (default 1e-5)")
+    g.add_argument("--min-lr", type=float, default=S, help="final learning rate (default 0)")
+    g.add_argument("--warmup", type=int, default=S, help="linear warmup steps from 0 (default 0)")
+    g.add_argument("--schedule", choices=SCHEDULES, default=S, help="decay after warmup (default cosine)")
+    g.add_argument("--weight-decay", type=float, default=S, help="decoupled, not on norms/biases (default 0.01)")
+    g.add_argument("--adam-beta1", type=float, default=S)
+    g.add_argument("--adam-beta2", type=float, default=S)
+    g.add_argument("--adam-eps", type=float, default=S)
+    g.add_argument("--clip-grad", type=float, default=S, help="global grad-norm clip, 0 = off (default 1.0)")
+    g.add_argument("--dtype", choices=DTYPES, default=S, help="auto: fp32 on CPU, bf16 + fp32 master on GPU")
+    g.add_argument("--distributed-optimizer", action=argparse.BooleanOptionalAction, default=S,
+                   help="shard optimizer state over DP (default: on GPU)")
+    g.add_argument("--seed", type=int, default=S)
+    g.add_argument("--no-shuffle", dest="shuffle", action="store_false", default=S)
+    g.add_argument("--no-pack", dest="pack", action="store_false", default=S, help="one sample per row, padded")
+    g.add_argument("--overlong", choices=OVERLONG, default=S, help="a sample longer than --seq-length (default truncate)")
+    g = p.add_argument_group("evaluation, checkpoints, outputs")
+    g.add_argument("--eval-rows", type=int, default=S, help="held-out rows for the eval loss")
+    g.add_argument("--eval-every", type=int, default=S, help="steps between evals (and at the end)")
+    g.add_argument("--save-every", type=int, default=S, help="steps between checkpoints (and at the end)")
+    g.add_argument("--resume", action="store_true", default=S, help="continue RUN_DIR's latest checkpoint")
+    g.add_argument("--overwrite", action="store_true", default=S, help="replace an existing RUN_DIR")
+    g.add_argument("--save-hf", default=S, metavar="DIR", help="write an HF checkpoint at the end")
+    g = p.add_argument_group("ERNIE specifics")
+    g.add_argument("--freeze", action="append", choices=FREEZABLE, default=S, help="VL: freeze a part (repeatable)")
+    g.add_argument("--vit-lr-mult", type=float, default=S, help="VL: ViT learning-rate multiplier")
+    g.add_argument("--resampler-lr-mult", type=float, default=S, help="VL: resampler learning-rate multiplier")
+    g.add_argument("--expert-bias-update-rate", type=float, default=S,
+                   help="aux-loss-free expert-bias update per pool (default 0: bias frozen)")
+    g.add_argument("--aux-loss-coeff", type=float, default=S, help="switch aux loss coefficient (default 0)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora", type=int, default=S, metavar="RANK", help="train LoRA adapters of this rank")
+    g.add_argument("--lora-alpha", type=float, default=S)
+    g.add_argument("--lora-dropout", type=float, default=S)
+    g.add_argument("--lora-targets", default=S, help=f"comma-separated groups of {','.join(LORA_TARGET_GROUPS)}")
+    g.add_argument("--save-peft", default=S, metavar="DIR", help="export the adapter as a PEFT checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=S)
+    p.add_argument("--dry-run", action="store_true", default=S, help="print the resolved run; build nothing")
+
+
+def config_from_args(args) -> TrainConfig:
+    """YAML (``--config``; with ``--resume`` and no ``--config``, the run's own ``config.yaml``), then the flags."""
+    values = dict(vars(args))
+    for k in ("command", "func", "config"):
+        values.pop(k, None)
+    base: dict[str, Any] = {}
+    if args.config is not None:
+        base = load_yaml(args.config)
+        where = str(args.config)
+    elif values.get("resume") and "out" in values and (Path(values["out"]) / "config.yaml").is_file():
+        base = load_yaml(Path(values["out"]) / "config.yaml")
+        where = str(Path(values["out"]) / "config.yaml")
+    else:
+        where = "flags"
+    if "lora_targets" in values:
+        values["lora_targets"] = tuple(t for t in values["lora_targets"].split(",") if t)
+    merged = {str(k).replace("-", "_"): v for k, v in base.items()}
+    merged.update(values)
+    return TrainConfig.from_mapping(merged, where=where)
+
+
+def run(args) -> int:
+    import torch.distributed as dist
+
+    from .trainer import train
+
+    config = config_from_args(args)
+    result = train(config)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if result.dry_run_text is not None:
+            print(result.dry_run_text)
+        else:
+            last = f"loss {result.losses[-1]:.4f}" if result.losses else "nothing left to run"
+            print(f"trained {result.steps} steps ({result.steps - result.start_step} in this run, {last}) -> {config.out}")
+    return 0

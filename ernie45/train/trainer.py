@@ -344,16 +344,19 @@ def _routers_reset(chunks) -> None:
 # checkpoint state
 
 
-def _sharded_state(chunks, optimizer, *, lora: bool, is_loading: bool) -> dict:
+# Adam moments are saved under the parameters' own keys, without Megatron's ``chained_<i>.`` prefix: how many
+# optimizers the chain holds depends on the layout (expert parameters get their own once EP > 1), the moments do not
+OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True}
+
+
+def _model_sharded_state(chunks, *, lora: bool) -> dict:
     if lora:
         from .lora import adapter_sharded_state_dict
 
-        model_sd = {"model": adapter_sharded_state_dict(chunks)}
-    elif len(chunks) == 1:
-        model_sd = {"model": chunks[0].sharded_state_dict()}
-    else:
-        model_sd = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-    return dict(model_sd, optimizer=optimizer.sharded_state_dict(model_sd, is_loading=is_loading))
+        return {"model": adapter_sharded_state_dict(chunks)}
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
 def _trainer_state(config: TrainConfig, r: Resolved, step: int, scheduler) -> dict:
@@ -361,40 +364,72 @@ def _trainer_state(config: TrainConfig, r: Resolved, step: int, scheduler) -> di
                 config=config.to_mapping(), layout=str(r.layout), world_size=r.world_size)  # fmt: skip
 
 
-def _resume(config, r, chunks, optimizer, scheduler, step: int) -> None:
+def _save(config, r, chunks, optimizer, scheduler, step: int) -> None:
+    from ..megatron import cpu
+    from .checkpoint import save_checkpoint
+
+    model_sd = _model_sharded_state(chunks, lora=config.lora > 0)
+    state = dict(model_sd, optimizer=optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA),
+                 trainer=_trainer_state(config, r, step, scheduler))  # fmt: skip
+    with cpu.cpu_mode():
+        save_checkpoint(config.out, step, state)
+
+
+def _leaves(tree, path=()):
+    """(path, leaf) of a nested dict/list state."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else None
+    if items is None:
+        yield path, tree
+        return
+    for k, v in items:
+        yield from _leaves(v, path + (k,))
+
+
+def _set_leaf(tree, path, value) -> None:
+    for k in path[:-1]:
+        tree = tree[k]
+    tree[path[-1]] = value
+
+
+def _resume(config, r, chunks, optimizer, scheduler, step: int, common: dict) -> None:
+    """Model, Adam moments, scheduler (and, at the same layout, RNG) from step ``step``, resharded to this layout.
+
+    The optimizer is restored tensor by tensor: every sub-optimizer of this layout's chain asks for the moments of
+    its own parameters (by the parameters' checkpoint keys); its hyper-parameters are this run's, its step count the
+    checkpoint's. That is the same state at any layout, however the chain is split.
+    """
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedTensor, ShardedTensorFactory
+
     from .checkpoint import load_checkpoint
 
-    state = _sharded_state(chunks, optimizer, lora=config.lora > 0, is_loading=True)
-    state["trainer"] = _trainer_state(config, r, 0, scheduler)  # placeholders for the common state
+    model_sd = _model_sharded_state(chunks, lora=config.lora > 0)
+    subs = [sub.sharded_state_dict(model_sd, is_loading=True) for sub in optimizer.chained_optimizers]
+    wanted = {f"{i}/" + "/".join(map(str, path)): (i, path, leaf)
+              for i, sd in enumerate(subs) for path, leaf in _leaves(sd)
+              if isinstance(leaf, (ShardedTensor, ShardedTensorFactory))}  # fmt: skip (factories: fused SwiGLU fc1)
     # RNG states are per rank: restore them only at the world size and layout they were saved with
-    common = _saved_trainer_state(config.out, step)
     same_layout = common["world_size"] == r.world_size and common["layout"] == str(r.layout)
-    loaded = load_checkpoint(config.out, step, state, with_rng=same_layout)
-    if config.lora:  # adapters only: copy each loaded shard into the tensor its ShardedTensor describes
-        _copy_into(state["model"], loaded["model"])
+    request = dict(model_sd, optimizer_tensors={k: leaf for k, (_, _, leaf) in wanted.items()})
+    loaded = load_checkpoint(config.out, step, request, with_rng=same_layout)
+    if config.lora:  # adapters only
+        from .lora import load_adapter_state_dict
+
+        load_adapter_state_dict(chunks, loaded["model"])
     elif len(chunks) == 1:
         chunks[0].load_state_dict(loaded["model"], strict=True)
     else:
         for i, c in enumerate(chunks):
             c.load_state_dict(loaded[f"model{i}"], strict=True)
-    optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(loaded["trainer"]["scheduler"])
-    if loaded["trainer"]["consumed_rows"] != step * r.global_batch:
-        raise TrainConfigError(
-            f"--resume: the checkpoint consumed {loaded['trainer']['consumed_rows']} rows in {step} steps; this run's "
-            f"global batch {r.global_batch} would make it {step * r.global_batch} (keep --global-batch)"
-        )
-
-
-def _copy_into(sharded: dict, loaded: dict) -> None:
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    with torch.no_grad():
-        for key, value in sharded.items():
-            if isinstance(value, ShardedTensor):
-                value.data.copy_(loaded[key])
-            elif isinstance(value, dict):
-                _copy_into(value, loaded[key])
+    for key, (i, path, _) in wanted.items():
+        _set_leaf(subs[i], path, loaded["optimizer_tensors"][key])
+    for sub, sd in zip(optimizer.chained_optimizers, subs):
+        for path, leaf in list(_leaves(sd)):
+            if isinstance(leaf, LocalNonpersistentObject):
+                _set_leaf(sd, path, leaf.unwrap())
+        inner = sd["optimizer"] if "optimizer" in sd else sd  # mixed precision wraps torch's state one level down
+        inner["state"]["common_step"] = torch.tensor(float(step))  # torch AdamW keeps its step as a float tensor
+        sub.load_state_dict(sd)
+    scheduler.load_state_dict(common["scheduler"])
 
 
 def _saved_trainer_state(run_dir, step: int) -> dict:
@@ -432,7 +467,6 @@ def train(config: TrainConfig, *, data=None, on_step: Callable[[int, list], None
 
 def _train(config: TrainConfig, data, on_step) -> TrainResult:
     from ..megatron import cpu, parallel
-    from .checkpoint import save_checkpoint
     from .metrics import MetricsLog, expert_load, load_summary, plot_curves
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -446,6 +480,12 @@ def _train(config: TrainConfig, data, on_step) -> TrainResult:
     dtype = torch.bfloat16 if bf16 else torch.float32
     use_dist_opt = _use_distributed_optimizer(config)
     start = 0 if config.dry_run else _check_run_dir(config)
+    saved = _saved_trainer_state(config.out, start) if start else None
+    if saved is not None and saved["consumed_rows"] != start * r.global_batch:
+        raise TrainConfigError(
+            f"--resume: the checkpoint consumed {saved['consumed_rows']} rows in {start} steps; this run's "
+            f"global batch {r.global_batch} would make it {start * r.global_batch} (keep --global-batch)"
+        )
     if data is None:
         data = _open_data(config, source, cfg)
     result = TrainResult(run_dir=Path(config.out), start_step=start)
@@ -458,14 +498,15 @@ def _train(config: TrainConfig, data, on_step) -> TrainResult:
         result.dry_run_text = text
         return result
 
-    # everything is validated: now the run directory is ours
+    # everything is validated (identically on every rank): now the run directory is ours
+    dist.barrier()  # no rank may see the directory rank 0 is about to create while it still checks for one
     out = Path(config.out)
     if rank == 0:
         if config.overwrite and out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        resolved = config.replace(global_batch=r.global_batch, sequence_parallel=r.sequence_parallel, resume=False,
-                                  overwrite=False, dry_run=False)  # fmt: skip
+        # the batch as resolved (a resume must keep it); sequence parallelism as asked (it depends on the layout)
+        resolved = config.replace(global_batch=r.global_batch, resume=False, overwrite=False, dry_run=False)
         header = (f"# resolved at world size {world}: {r.layout}, dp {r.dp}, {r.num_microbatches} micro-batch(es) "
                   f"of {config.micro_batch} row(s) per step\n")  # fmt: skip
         (out / "config.yaml").write_text(header + dump_yaml(resolved))
@@ -481,7 +522,7 @@ def _train(config: TrainConfig, data, on_step) -> TrainResult:
     optimizer, scheduler = _optimizer(config, model, bf16, dtype, use_dist_opt, config.steps)
     if start:
         with cpu.cpu_mode():
-            _resume(config, r, chunks, optimizer, scheduler, start)
+            _resume(config, r, chunks, optimizer, scheduler, start, saved)
 
     from ..megatron.packing import PackedBatch  # noqa: F401  (rows are PackedBatch; collate stacks them)
     from .data import collate
@@ -536,10 +577,7 @@ def _train(config: TrainConfig, data, on_step) -> TrainResult:
         if eval_rows and config.eval_every and done % config.eval_every == 0 and done < config.steps:
             evaluate(done)
         if (config.save_every and done % config.save_every == 0) or done == config.steps:
-            state = _sharded_state(chunks, optimizer, lora=config.lora > 0, is_loading=False)
-            state["trainer"] = _trainer_state(config, r, done, scheduler)
-            with cpu.cpu_mode():
-                save_checkpoint(out, done, state)
+            _save(config, r, chunks, optimizer, scheduler, done)
     result.steps = config.steps
     if eval_rows:
         evaluate(config.steps)
