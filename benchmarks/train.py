@@ -1,0 +1,145 @@
+"""Training-step throughput: ``ernie45.train`` (Megatron-Core DDP + optimizer + schedule) vs transformers + AdamW.
+
+Both sides run the whole step -- forward, backward, global-norm clipping, Adam update -- on the same model (one
+re-randomised HF checkpoint) and the same batch of full rows, in this one process, and the script prints tokens/s of
+each and their ratio (median over the timed steps, after warm-up steps). On a CPU both are matmul-bound; fp32.
+
+    .venv/bin/python benchmarks/train.py                       # a 4-layer dense model, hidden 512, batch 4 x 256
+    .venv/bin/python benchmarks/train.py --family moe --layers 4
+    .venv/bin/python benchmarks/train.py --tiny --steps 3      # smoke run on the tiny test config
+
+On a GPU (``--device cuda``) the same script measures bf16 (Megatron: bf16 weights with fp32 master weights and
+grads; transformers: bf16 autocast over fp32 weights) and prints the MFU of the Megatron step from 6·N·tokens FLOPs
+(N = active parameters per token) against ``--peak-tflops``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# ERNIE-4.5-21B-A3B's widths (its config.json), depth reduced by --layers
+WIDE_MOE = dict(hidden_size=2560, intermediate_size=12288, num_attention_heads=20, num_key_value_heads=4,
+                moe_num_experts=64, moe_k=6, moe_intermediate_size=1536, moe_num_shared_experts=2, vocab_size=103424,
+                moe_layer_start_index=1, moe_layer_interval=1, moe_layer_end_index=-1)  # fmt: skip
+CPU_DENSE = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                 vocab_size=8192)  # fmt: skip
+CPU_MOE = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2, vocab_size=8192,
+               moe_num_experts=8, moe_k=2, moe_intermediate_size=512, moe_num_shared_experts=1,
+               moe_layer_start_index=1, moe_layer_interval=1, moe_layer_end_index=-1)  # fmt: skip
+
+
+def _hf_step_times(ckpt: Path, batch: torch.Tensor, *, steps: int, warmup: int, device: str, bf16: bool) -> list[float]:
+    import transformers
+
+    kind = json.loads((ckpt / "config.json").read_text())["model_type"]
+    cls = {"ernie4_5": transformers.Ernie4_5ForCausalLM, "ernie4_5_moe": transformers.Ernie4_5_MoeForCausalLM}[kind]
+    model = cls.from_pretrained(ckpt, dtype=torch.float32).to(device).train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=0.01), dict(params=rest, weight_decay=0.0)], lr=1e-5)
+    ids = batch.to(device)
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    del model, opt
+    return times
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _ernie_step_times(ckpt: Path, data: Path, out: Path, *, batch: int, seq: int, steps: int, warmup: int) -> list[float]:
+    from ernie45.train.config import TrainConfig
+    from ernie45.train.trainer import train
+
+    stamps = []
+
+    def on_step(step, chunks):
+        _sync("cuda" if torch.cuda.is_available() else "cpu")
+        stamps.append(time.perf_counter())
+
+    config = TrainConfig(model=str(ckpt), data=(str(data),), out=str(out), seq_length=seq, micro_batch=batch,
+                         global_batch=batch, steps=warmup + steps + 1, lr=1e-5, clip_grad=1.0, shuffle=False, pack=False,
+                         progress=False, save_every=10**9)  # fmt: skip
+    train(config, on_step=on_step)
+    # step i's time = stamp i - stamp i-1 (the last step also saves a checkpoint: it is not timed)
+    deltas = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
+    return deltas[warmup : warmup + steps]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=["dense", "moe"], default="dense")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--tiny", action="store_true", help="the tiny test config (a smoke run, not a measurement)")
+    p.add_argument("--wide", action="store_true", help="ERNIE-4.5-21B-A3B widths at --layers depth (GPU)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU for MFU (H100/H200)")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from ernie45.testing import tiny_hf_config, write_tiny_checkpoint
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    family = "moe" if args.wide else args.family
+    overrides = {} if args.tiny else dict(WIDE_MOE if args.wide else (CPU_MOE if family == "moe" else CPU_DENSE))
+    overrides["num_hidden_layers"] = args.layers
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ckpt = write_tiny_checkpoint(tmp / "ckpt", family, seed=0, **overrides)
+        raw = tiny_hf_config(family, **overrides)
+        vocab = raw["vocab_size"]
+        g = torch.Generator().manual_seed(0)
+        batch = torch.randint(1, vocab, (args.batch, args.seq), generator=g)
+        data = tmp / "rows.jsonl"
+        data.write_text("".join(json.dumps({"input_ids": row.tolist()}) + "\n" for row in batch))
+        ours = _ernie_step_times(ckpt, data, tmp / "run", batch=args.batch, seq=args.seq, steps=args.steps,
+                                 warmup=args.warmup)  # fmt: skip
+        ref = _hf_step_times(ckpt, batch, steps=args.steps, warmup=args.warmup, device=device, bf16=device == "cuda")
+    tokens = args.batch * args.seq
+    t_ours, t_ref = statistics.median(ours), statistics.median(ref)
+    print(f"model: {family}, {args.layers} layers, hidden {raw['hidden_size']}, batch {args.batch} x {args.seq}, "
+          f"{device} {'bf16' if device == 'cuda' else 'fp32'}, threads {torch.get_num_threads()}")  # fmt: skip
+    print(f"{'':24}{'step s':>10}{'tokens/s':>12}")
+    print(f"{'ernie45 (Megatron-Core)':24}{t_ours:10.4f}{tokens / t_ours:12.0f}")
+    print(f"{'transformers + AdamW':24}{t_ref:10.4f}{tokens / t_ref:12.0f}")
+    print(f"ratio (ernie45 / transformers): {t_ref / t_ours:.3f}x")
+    if device == "cuda":
+        from ernie45.config import ErnieConfig
+
+        _, active = ErnieConfig.from_hf(raw).parameter_counts()
+        mfu = 6 * active * tokens / t_ours / (args.peak_tflops * 1e12)
+        print(f"MFU (6·N_active·tokens / peak {args.peak_tflops:g} TFLOP/s): {100 * mfu:.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
