@@ -215,3 +215,122 @@ def test_describe_and_bad_targets(sources):
         describe_lora(moe, rank=4, targets=("attn", "mpl"))
     with pytest.raises(LoraError, match="do not exist in this moe model"):
         describe_lora(moe, rank=4, targets=("attn", "vision_experts"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ernie45 train --lora == transformers + peft + torch.optim.AdamW
+
+
+def _dir_bytes(path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_lora_training_equals_transformers_peft_adamw(gloo_world, tmp_path):
+    """5 steps of ``train(lora=4)`` on the tiny MoE (attention, dense MLP, shared and routed experts adapted) against
+    peft + AdamW started from the same adapters (the trainer's initial ones, exported): losses and the trained
+    adapters agree; every base weight is bit-identical afterwards and never had a gradient."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from ernie45.config import load_config
+    from ernie45.megatron import parallel
+    from ernie45.megatron.parallel import Layout
+    from ernie45.reference import load_reference
+    from ernie45.testing import write_tiny_checkpoint
+    from ernie45.train.checkpoint import step_dir
+    from ernie45.train.config import TrainConfig
+    from ernie45.train.lora import apply_lora
+    from ernie45.train.peft_export import export_peft_adapter, gather_adapters, peft_tensors
+    from ernie45.train.trainer import train
+    from train_worker import _hf_forward_loss, hf_sample, lr_at, worst_relative, write_pretokenized
+
+    steps, G = 5, 4
+    # Adam eps 1e-2: B starts at 0 and is only ~lr-sized after 5 steps, and where |grad| is small Adam's update is
+    # ~lr·grad/(|grad| + eps): the ~1e-6 relative gradient agreement (checked at step 1) reaches B magnified by
+    # ~max|grad|/eps relative to B's size (eps 1e-4 gave 2.4e-5 on B after 5 steps, 1e-3 gave 9.7e-6)
+    EPS = 1e-2
+    ck = write_tiny_checkpoint(tmp_path / "moe", "moe", seed=1)
+    cfg = load_config(ck)
+    records = write_pretokenized(tmp_path / "data.jsonl", 6, vocab=cfg.vocab_size, seed=2)
+    common = dict(model=str(ck), data=(str(tmp_path / "data.jsonl"),), steps=steps, lr=2e-3, min_lr=2e-4, warmup=1,
+                  schedule="cosine", weight_decay=0.1, adam_eps=EPS, clip_grad=1.0, seq_length=16, micro_batch=2,
+                  global_batch=G, shuffle=False, pack=False, progress=False)  # fmt: skip
+    config = TrainConfig(out=str(tmp_path / "run"), lora=RANK, lora_alpha=ALPHA, lora_targets=TARGETS["moe"],
+                         save_peft=str(tmp_path / "peft"), **common)  # fmt: skip
+
+    # the trainer's starting adapters (apply_lora draws A from the seed and each adapter's global name; B = 0) and
+    # its base weights, from a TP1 model built the same way
+    parallel.initialize(Layout())
+    start = build("moe", cfg, Layout(), ck, tied=cfg.tie_word_embeddings, dtype=torch.float32)
+    base = {n: p.detach().clone() for n, p in start[0].named_parameters()}
+    apply_lora(start, cfg, Layout(), rank=RANK, alpha=ALPHA, targets=TARGETS["moe"], seed=config.seed)
+    export_peft_adapter(start, cfg, Layout(), tmp_path / "init", base_model=str(ck))
+    parallel.destroy()
+
+    frozen, grads = {}, {}
+
+    def on_step(step, chunks):
+        if step == 1:  # the clipped gradients of the first step, under peft's names
+            full = gather_adapters(chunks, cfg, getter=lambda p: p.grad.clone())
+            grads.update(peft_tensors(full, torch.float32, cfg.family)[0])
+        if step == steps:
+            for n, p in chunks[0].named_parameters():
+                if ".lora." not in n:
+                    frozen[n] = (p.grad is None, p.detach().clone())
+
+    res = train(config, on_step=on_step)
+
+    # the oracle: transformers + peft + torch AdamW (decay on every adapter: all are 2-D), same schedule and clip
+    model = PeftModel.from_pretrained(load_reference(ck), str(tmp_path / "init"), is_trainable=True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-3, betas=(0.9, 0.999), eps=EPS, weight_decay=0.1)
+    samples = [hf_sample(r) for r in records]
+    ref_losses = []
+    for s in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(s, lr=2e-3, min_lr=2e-4, warmup=1, total=steps, schedule="cosine")
+        batch = [samples[(s * G + j) % len(samples)] for j in range(G)]
+        targets = sum(int((b["labels"][1:] != -100).sum()) for b in batch)
+        opt.zero_grad()
+        total = 0.0
+        for sample in batch:
+            loss, _ = _hf_forward_loss(model, sample)
+            (loss / targets).backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if s == 0:
+            ref_grads = {k.replace(".default", ""): v.grad.clone() for k, v in model.named_parameters() if v.requires_grad}
+        ref_losses.append(total / targets)
+        opt.step()
+    ref_adapters = {k.replace(".default", ""): v for k, v in get_peft_model_state_dict(model).items()}
+    trained = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+
+    print(f"losses {res.losses}\n   ref {ref_losses}")
+    g_worst, g_where = worst_relative({k: v for k, v in grads.items() if "lora_B" in k},
+                                      {k: v for k, v in ref_grads.items() if "lora_B" in k})  # A: zero grads (B = 0)
+    print(f"step-1 gradients of {len(grads)} adapter tensors: worst relative diff {g_worst:.3g} ({g_where})")
+    assert sorted(grads) == sorted(ref_grads) and g_worst <= TOL, g_where
+    assert len(res.losses) == steps
+    assert all(abs(a - b) <= TOL * abs(b) for a, b in zip(res.losses, ref_losses)), (res.losses, ref_losses)
+    assert sorted(trained) == sorted(ref_adapters)
+    worst, where = worst_relative(trained, ref_adapters)
+    moved, _ = worst_relative(trained, load_file(tmp_path / "init" / "adapter_model.safetensors"))
+    print(f"{len(trained)} adapter tensors after {steps} steps: worst relative diff {worst:.3g} ({where}); moved {moved:.3g}")
+    assert worst <= TOL, where
+    assert moved > 100 * TOL
+
+    assert sorted(frozen) == sorted(base)
+    for n, (no_grad, value) in frozen.items():
+        assert no_grad, n
+        assert value.dtype == base[n].dtype and value.shape == base[n].shape, n
+        assert value.numpy().tobytes() == base[n].numpy().tobytes(), n
+
+    # adapter-only checkpoint (adapters + their Adam moments) next to a full fine-tuning one of the same model
+    full = train(TrainConfig(out=str(tmp_path / "full"), **dict(common, steps=1, warmup=0)))
+    lora_bytes, full_bytes = _dir_bytes(step_dir(tmp_path / "run", steps)), _dir_bytes(step_dir(tmp_path / "full", 1))
+    n_adapter = sum(t.numel() for t in trained.values())
+    print(f"checkpoints: LoRA {lora_bytes:,} bytes ({n_adapter:,} adapter parameters + Adam moments), "
+          f"full fine-tuning {full_bytes:,} bytes")
+    assert full.steps == 1 and lora_bytes < full_bytes / 2

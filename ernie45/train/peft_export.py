@@ -42,7 +42,7 @@ import torch.distributed as dist
 from ..config import ErnieConfig
 from .lora import LoraError, adapted_modules, lora_parts
 
-__all__ = ["export_peft_adapter", "gather_adapters", "peft_limitations", "peft_module_names", "ExpertSlot"]
+__all__ = ["export_peft_adapter", "gather_adapters", "peft_tensors", "peft_limitations", "peft_module_names", "ExpertSlot"]
 
 # Megatron global module (language-model part, after the optional "language_model." prefix) -> transformers module
 # suffixes under {H}layers.{L}., in the order the bridge op's to_hf returns the pieces of B
@@ -175,7 +175,7 @@ def _assemble(all_records: list) -> dict[tuple[str, str], tuple[torch.Tensor, ..
     return out
 
 
-def _peft_tensors(full: dict, dtype: torch.dtype, family: str) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+def peft_tensors(full: dict, dtype: torch.dtype, family: str) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
     """(peft state dict, target_modules, target_parameters) from the assembled adapters."""
     tensors: dict[str, torch.Tensor] = {}
     modules, params = [], []
@@ -259,7 +259,7 @@ def export_peft_adapter(chunks, cfg: ErnieConfig, layout, out_dir: str | Path, *
     from ..bridge.io import atomic_output
 
     out_dtype = dtype or getattr(torch, dtype_name.removeprefix("torch."))
-    tensors, modules, params = _peft_tensors(full, out_dtype, cfg.family)
+    tensors, modules, params = peft_tensors(full, out_dtype, cfg.family)
     wrapped = bool(params)  # ParamWrapper refuses dropout (peft_limitations)
     config = LoraConfig(
         r=rank,
