@@ -261,6 +261,10 @@ def test_lora_training_equals_transformers_peft_adamw(gloo_world, tmp_path):
 
     # the trainer's starting adapters (apply_lora draws A from the seed and each adapter's global name; B = 0) and
     # its base weights, from a TP1 model built the same way
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():  # the module's world1 groups: train() builds its own
+        parallel.destroy()
     parallel.initialize(Layout())
     start = build("moe", cfg, Layout(), ck, tied=cfg.tie_word_embeddings, dtype=torch.float32)
     base = {n: p.detach().clone() for n, p in start[0].named_parameters()}
