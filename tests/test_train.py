@@ -156,6 +156,80 @@ def test_vl_training_with_images_equals_transformers_adamw(gloo_world, tmp_path)
     assert any("vision_model" in n for n in moved) and any("resampler" in n for n in moved)
 
 
+def test_expert_bias_update_follows_the_measured_load(setup, gloo_world, tmp_path):
+    """--expert-bias-update-rate R: after one step every router's bias moved by R·sign(mean load - load), the load
+    counted independently from transformers' routing of the same rows (full rows: no padding tokens)."""
+    from ernie45.reference import hf_routing
+    from ernie45.train.config import TrainConfig
+    from ernie45.train.trainer import train
+    import transformers
+
+    _, ckpts, _ = setup
+    rate, S = 0.01, 16
+    recs = write_pretokenized(tmp_path / "full.jsonl", 2, vocab=160, lengths=(S, S), seed=9)
+    config = TrainConfig(model=str(ckpts["moe"]), data=(str(tmp_path / "full.jsonl"),), out=str(tmp_path / "run"),
+                         save_hf=str(tmp_path / "hf"), expert_bias_update_rate=rate,
+                         **dict(BASE, steps=1, warmup=0, global_batch=2, seq_length=S))  # fmt: skip
+    train(config)
+    hf = transformers.Ernie4_5_MoeForCausalLM.from_pretrained(ckpts["moe"], dtype=torch.float32, attn_implementation="eager")
+    hf.set_experts_implementation("eager")
+    ids = torch.tensor([r["input_ids"] for r in recs])
+    with torch.no_grad(), hf_routing(hf) as maps:
+        hf(input_ids=ids)
+    before, after = read_hf_dir(ckpts["moe"]), read_hf_dir(config.save_hf)
+    assert maps
+    for layer, map_TE in maps.items():
+        load_E = map_TE.sum(0).double()
+        name = f"model.layers.{layer}.mlp.moe_statics.e_score_correction_bias"
+        want = before[name] + rate * torch.sign(load_E.mean() - load_E).to(before[name].dtype)
+        assert torch.allclose(after[name], want, atol=1e-7, rtol=0), (layer, load_E.tolist())
+        assert not torch.equal(after[name], before[name])
+
+
+def test_metrics_eval_loss_and_expert_load(setup, gloo_world, tmp_path):
+    """metrics.jsonl: a train record per step, eval loss at the eval points and at the end (= transformers' loss
+    on the held-out rows), per-pool expert load at the same points; the loss/LR curve PNG."""
+    import transformers
+
+    from ernie45.train.metrics import read_metrics
+    from ernie45.train.trainer import train
+
+    _, ckpts, _ = setup
+    config = _config(setup, "moe", tmp_path / "run", steps=2, eval_rows=2, eval_every=1, pack=True)
+    res = train(config)
+    records = read_metrics(Path(config.out) / "metrics.jsonl")
+    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    evals = {r["step"]: r["loss"] for r in records if r["kind"] == "eval"}
+    loads = [r for r in records if r["kind"] == "expert_load"]
+    assert train_steps == [1, 2] and sorted(evals) == [1, 2] and len(loads) == 2
+    assert all({"loss", "lr", "grad_norm", "tokens_per_s"} <= set(r) for r in records if r["kind"] == "train")
+    for r in loads:
+        assert sorted(r["load"]) == ["layer 1/text", "layer 3/text", "layer 5/text"]
+        assert all(abs(sum(f) - 1) < 1e-4 and len(f) == 8 for f in r["load"].values())
+        assert all(v >= 1 for v in r["imbalance"].values())
+    assert res.eval_losses == evals
+    assert (Path(config.out) / "loss_lr.png").stat().st_size > 1000
+
+    # the final eval loss is transformers' token loss over the held-out rows, each packed sample run alone
+    from ernie45.config import load_config
+    from ernie45.train.data import DataSpec, open_train_data
+
+    rows = open_train_data([DataSpec.parse(d) for d in config.data], load_config(ckpts["moe"]), tokenizer_dir=None,
+                           seq_length=config.seq_length, pack=True, shuffle=False, eval_rows=2).eval_batches()  # fmt: skip
+    assert len(rows) == 2
+    hf = transformers.Ernie4_5_MoeForCausalLM.from_pretrained(config.save_hf, dtype=torch.float32, attn_implementation="eager")
+    hf.set_experts_implementation("eager")
+    total = count = 0.0
+    with torch.no_grad():
+        for row in rows:
+            for a, b in row.boundaries:
+                logits = hf(input_ids=row.input_ids[:, a:b]).logits[0].float()
+                ce = torch.nn.functional.cross_entropy(logits, row.labels[0, a:b], reduction="none")
+                total += float((ce * row.loss_mask[0, a:b]).sum())
+                count += float(row.loss_mask[0, a:b].sum())
+    assert abs(evals[2] - total / count) <= RTOL * abs(total / count), (evals[2], total / count)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # resume
 
@@ -346,7 +420,7 @@ def test_cli_dry_run_config_file_and_bad_input(setup, tmp_path, capsys):
         """))
     assert main(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(run), "--ep", "1", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "global 8 rows = micro 2 × dp 1 × 4 micro-batch(es)" in out and "parameters" in out and "GiB" in out
+    assert "global 8 rows = micro 2 × dp 1 × 4 micro-batch(es)" in out and "parameters" in out and "MiB" in out
     assert not run.exists()  # a dry run writes nothing
 
     def bad(*argv) -> str:

@@ -334,6 +334,10 @@ def memory_estimate(config: TrainConfig, r: Resolved, cfg: ErnieConfig, total: i
     return {k: v / gib for k, v in dict(weights=weights, grads=grads, optimizer=optim, activations=act).items()}
 
 
+def _gib(v: float) -> str:
+    return f"{v:.2f} GiB" if v >= 1 else f"{v * 1024:.1f} MiB"
+
+
 def dry_run_text(config: TrainConfig, r: Resolved, cfg: ErnieConfig, shapes: Mapping[str, tuple[int, ...]],
                  *, bf16: bool, data_text: str | None) -> str:  # fmt: skip
     total, expert = _param_counts(shapes)
@@ -353,7 +357,7 @@ def dry_run_text(config: TrainConfig, r: Resolved, cfg: ErnieConfig, shapes: Map
         f"betas ({config.adam_beta1}, {config.adam_beta2}), eps {config.adam_eps:g}, weight decay {config.weight_decay:g} "
         f"(not on norms/biases), clip {config.clip_grad:g}",
         f"precision    {'bf16 weights, fp32 master weights and grads' if bf16 else 'fp32'}",
-        "memory/rank  ≈ " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()) + f" GiB (total ≈ {sum(mem.values()):.2f} GiB)",
+        "memory/rank  ≈ " + ", ".join(f"{k} {_gib(v)}" for k, v in mem.items()) + f" (total ≈ {_gib(sum(mem.values()))})",
     ]
     if cfg.is_moe:
         bias = f"updated aux-loss-free at rate {config.expert_bias_update_rate:g}" if config.expert_bias_update_rate else "frozen"

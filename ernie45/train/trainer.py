@@ -494,7 +494,8 @@ def _train(config: TrainConfig, data, on_step) -> TrainResult:
         if config.lora:
             from .lora import describe_lora
 
-            text += "\n" + describe_lora(cfg, rank=config.lora, targets=config.lora_targets)
+            text += "\n" + describe_lora(cfg, rank=config.lora, targets=config.lora_targets, alpha=config.lora_alpha,
+                                          dropout=config.lora_dropout)  # fmt: skip
         result.dry_run_text = text
         return result
 
