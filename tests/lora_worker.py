@@ -29,6 +29,7 @@ LAYOUTS = {
     "TP2": (dict(tp=2), ("dense", "moe", "vl")),
     "EP2": (dict(ep=2), ("moe", "vl")),
     "TP2xEP2": (dict(tp=2, ep=2, etp=1), ("moe", "vl", "vl-mgvit")),
+    "PP2": (dict(pp=2), ("moe",)),  # adapters on both stages, global layer numbers, gathered over PP
 }
 TARGETS = {
     "dense": ("attn", "mlp"),

@@ -13,8 +13,8 @@ live chunk's local names and from the bridge table's global names (``describe_lo
 Tensor parallelism -- every adapted layer equals the merged layer ``W + (α/r)·B·A`` at any TP:
 
 * column-parallel base (``linear_qkv``, ``linear_fc1``, ViT ``linear_qkv``/``linear_fc1``; ``W_i`` = output rows
-  ``i``): ``A`` replicated ``[r, in]``, ``B`` sharded like ``W`` on the output dim, ``B_i = B[rows_i]``. Then
-  ``(B·A)[rows_i] = B_i·A`` -- the merged shard. ``B``'s rows follow ``W``'s rows *whatever their layout*: the fused
+  ``i``): ``A`` replicated ``[P·r, in]``, ``B`` sharded like ``W`` on the output dim, ``B_i = B[rows_i]``. Then
+  ``ΔW[rows_i] = B_i·A`` (per part, below) -- the merged shard. ``B``'s rows follow ``W``'s rows *whatever their layout*: the fused
   QKV's group-major rows and SwiGLU's per-shard ``[gate_i; up_i]`` interleave come for free, and the PEFT export
   un-interleaves ``B`` with the same bridge op as ``W`` (``ConcatGLU`` / ``FuseQKV``). Each rank's ``B_i`` only sees
   its output rows, so ``∂A`` is a partial sum: ``A`` enters through ``copy_to_tensor_model_parallel_region``
@@ -49,8 +49,12 @@ The transformers ViT and the resampler are ``torch.nn.Linear`` modules replicate
 are supported (``vit``: HF-ViT ``blocks.B.attn.{qkv,proj}``, ``mlp.fc{1,2}``; Megatron ViT the same four linears
 as column/row-parallel layers); the patch embedding is not a target.
 
-Dropout draws from torch's default generator, which Megatron seeds alike on all TP ranks: the replicated input of a
-column adapter gets the same mask on every TP rank.
+Dropout (on the adapter's input, as peft) draws from torch's default generator, seeded alike on every rank, so the
+replicated input of a column adapter gets the same mask on every TP rank. Routed experts take no LoRA dropout: the
+ranks of one TP group may hold different experts with different token counts, whose draws would put their
+generators out of step, and peft's fused-expert LoRA (``ParamWrapper``) refuses dropout anyway.
+
+Legend: ``P`` LoRA parts of one linear, ``r`` rank, ``O`` output rows on this shard, ``I`` input features.
 """
 
 from __future__ import annotations
@@ -167,19 +171,23 @@ class LoRAAdapter(torch.nn.Module):
         self.global_name = global_name
         self.parts = parts
         # one-hot of each output row's part [P, out]: derived from the layout, not state
-        self.register_buffer("part_PO", torch.nn.functional.one_hot(part_O, len(parts)).t().to(w.dtype), persistent=False)
+        part_PO = torch.nn.functional.one_hot(part_O, len(parts)).t().to(device=w.device, dtype=w.dtype)
+        self.register_buffer("part_PO", part_PO, persistent=False)
         self.sharding = sharding
         self.rank = rank
         self.alpha = alpha
         self.scaling = alpha / rank
-        self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
+        self.run_dropout = dropout  # the run's --lora-dropout (recorded in exports; experts apply none)
+        p_drop = 0.0 if sharding.is_expert else dropout  # routed experts: no dropout (module docstring)
+        self.dropout = torch.nn.Dropout(p_drop) if p_drop > 0 else torch.nn.Identity()
         self.tp_group = getattr(base, "tp_group", None)
         self.sequence_parallel = bool(getattr(base, "sequence_parallel", False))
         self.explicit_comm = bool(getattr(base, "explicit_expert_comm", False))
         a_dim = sharding.dim("A")
         A = A_full if a_dim is None else A_full.chunk(sharding.count, dim=a_dim)[sharding.index]
-        self.A = torch.nn.Parameter(A.to(w.dtype).contiguous())
-        self.B = torch.nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype))
+        # on the base's device and in its dtype (the trainer moves the model before adding adapters)
+        self.A = torch.nn.Parameter(A.to(device=w.device, dtype=w.dtype).contiguous())
+        self.B = torch.nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype))
         from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 
         for which, p in (("A", self.A), ("B", self.B)):

@@ -106,6 +106,8 @@ def peft_limitations(cfg: ErnieConfig, targets: Sequence[str], *, dropout: float
     """What the PEFT export changes or cannot express for these targets (empty: exact)."""
     notes = []
     wrapped = {"experts", "vision_experts"} | ({"mlp", "shared"} if cfg.family in _REMAPPED_BY_PEFT else set())
+    if dropout > 0 and ({"experts", "vision_experts"} & set(targets)):
+        notes.append("routed experts train without LoRA dropout (ernie45.train.lora), as peft's fused-expert LoRA")
     if dropout > 0 and (wrapped & set(targets)):
         notes.append(
             f"targets {sorted(wrapped & set(targets))} go through peft's target_parameters (ParamWrapper), which refuses "
@@ -236,7 +238,7 @@ def export_peft_adapter(chunks, cfg: ErnieConfig, layout, out_dir: str | Path, *
     ``dtype``: of the written tensors (default: the adapters' own dtype)."""
     from .lora import group_of
 
-    settings = sorted({(m.lora.rank, m.lora.alpha, float(getattr(m.lora.dropout, "p", 0.0)), str(m.lora.A.dtype),
+    settings = sorted({(m.lora.rank, m.lora.alpha, m.lora.run_dropout, str(m.lora.A.dtype),
                         group_of(n)) for c in chunks for n, m in adapted_modules(c)})  # fmt: skip
     world = dist.get_world_size()
     gathered_settings: list = [None] * world
