@@ -72,7 +72,7 @@ def test_lora_equals_merged_and_peft(case, world1, sources, tmp_path):
     from ernie45.megatron.parallel import Layout
     from ernie45.reference import load_reference
     from ernie45.train.lora import merge_lora
-    from ernie45.train.peft_export import export_peft_adapter
+    from ernie45.train.peft_export import describe_adapter_dir, export_peft_adapter
 
     family, targets, vit = CASES[case]
     src = sources[family]
@@ -86,6 +86,11 @@ def test_lora_equals_merged_and_peft(case, world1, sources, tmp_path):
     assert warnings == []
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["target_parameters" if family != "dense" else "target_modules"]
+    facts = describe_adapter_dir(tmp_path / "peft")
+    assert facts["format"] == "peft lora adapter" and facts["rank"] == RANK
+    n_adapter = sum(p.numel() for n, p in chunks[0].named_parameters() if ".lora." in n)
+    if family == "dense":  # q/k/v and gate/up export their parts of A; nothing else is duplicated or dropped
+        assert facts["adapter parameters"] == n_adapter
     assert config["r"] == RANK and config["lora_alpha"] == ALPHA and config["peft_type"] == "LORA"
     peft_model = PeftModel.from_pretrained(load_reference(src, dtype=DTYPE), str(tmp_path / "peft")).eval()
     via_peft = _hf_logits(peft_model, family, batch)
@@ -195,6 +200,21 @@ def test_merged_export_converts_to_gguf(world1, sources, tmp_path):
     for key in ("model.layers.2.mlp.experts.3.up_proj.weight", "model.layers.0.mlp.down_proj.weight",
                 "model.layers.1.mlp.shared_experts.gate_proj.weight"):
         assert torch.equal(back[key], merged.get(key).float()), key
+
+
+def test_adapter_dir_bad_input(tmp_path):
+    from ernie45.bridge.io import CheckpointError
+    from ernie45.train.peft_export import describe_adapter_dir
+
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="adapter_config.json: not a readable adapter config"):
+        describe_adapter_dir(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors: missing"):
+        describe_adapter_dir(tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage!")
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors: not a readable safetensors file"):
+        describe_adapter_dir(tmp_path)
 
 
 def test_describe_and_bad_targets(sources):

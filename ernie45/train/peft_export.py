@@ -30,6 +30,7 @@ Legend: ``E`` experts per pool, ``r`` LoRA rank, ``I`` expert width, ``H`` hidde
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ import torch.distributed as dist
 from ..config import ErnieConfig
 from .lora import LoraError, adapted_modules, lora_parts
 
-__all__ = ["export_peft_adapter", "gather_adapters", "peft_tensors", "peft_limitations", "peft_module_names", "ExpertSlot"]
+__all__ = ["export_peft_adapter", "describe_adapter_dir", "gather_adapters", "peft_tensors", "peft_limitations", "peft_module_names", "ExpertSlot"]
 
 # Megatron global module (language-model part, after the optional "language_model." prefix) -> transformers module
 # suffixes under {H}layers.{L}., in the order the bridge op's to_hf returns the pieces of B
@@ -277,3 +278,49 @@ def export_peft_adapter(chunks, cfg: ErnieConfig, layout, out_dir: str | Path, *
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
     return warnings
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reading one back (for ``ernie45 inspect``)
+
+
+def describe_adapter_dir(path: str | Path) -> dict:
+    """What a PEFT LoRA adapter directory holds, from ``adapter_config.json`` and the safetensors header alone
+    (no tensor is read, nothing is unpickled). Bad input raises ``CheckpointError`` naming the file."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    from ..bridge.io import CheckpointError
+
+    path = Path(path)
+    cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: not a readable adapter config ({e})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{cfg_file}: not a LoRA adapter config (peft_type {config.get('peft_type')!r})"
+                              if isinstance(config, dict) else f"{cfg_file}: not a JSON object")  # fmt: skip
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing (a PEFT adapter directory holds adapter_model.safetensors)")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            dtypes = sorted({f.get_slice(k).get_dtype() for k in f.keys()})
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+    n_params = sum(math.prod(s) for s in shapes.values())
+    return {
+        "format": "peft lora adapter",
+        "base model": config.get("base_model_name_or_path"),
+        "rank": config.get("r"),
+        "alpha": config.get("lora_alpha"),
+        "dropout": config.get("lora_dropout"),
+        "target modules": len(config.get("target_modules") or []),
+        "target parameters": len(config.get("target_parameters") or []),
+        "tensors": len(shapes),
+        "adapter parameters": n_params,
+        "dtypes": dtypes,
+        "size on disk": f"{weights.stat().st_size / 2**20:.2f} MiB",
+    }
