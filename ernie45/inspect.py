@@ -108,7 +108,7 @@ def inspect_path(path: str | Path) -> dict:
         return inspect_torch_dist(path)
     cfg = load_config(path)
     ckpt = HFCheckpoint(path)
-    plan = plan_from_hf(cfg, ckpt.shapes(), where=str(path))
+    plan = plan_from_hf(cfg, ckpt.shapes(), dtypes=ckpt.dtypes(), where=str(path))
     dtypes = Counter(str(ckpt.dtype(n)).replace("torch.", "") for n in ckpt.keys())
     unusual = []
     if cfg.tie_word_embeddings and not plan.tied:
