@@ -162,7 +162,8 @@ class Sharding:
 
 
 class LoRAAdapter(torch.nn.Module):
-    """``A [r, in_local]``, ``B [out_local, r]`` of one base linear and the collectives that make it TP-exact."""
+    """``A [P·r, in_local]``, ``B [out_local, r]`` of one base linear (P parts, module docstring) and the
+    collectives that make it TP-exact."""
 
     def __init__(self, base: torch.nn.Module, *, rank: int, alpha: float, dropout: float, global_name: str,
                  sharding: Sharding, A_full: torch.Tensor, parts: tuple[str, ...], part_O: torch.Tensor) -> None:  # fmt: skip
@@ -439,7 +440,8 @@ def describe_lora(cfg: ErnieConfig, *, rank: int, targets: Sequence[str] = DEFAU
 
     targets = _check_targets(cfg, targets)
     weights = lora_target_weights(cfg)
-    lines = [f"LoRA rank {rank}, alpha {alpha if alpha is not None else rank}, dropout {dropout}; "
+    settings = f"rank {rank}" + (f", alpha {alpha:g}" if alpha is not None else "") + f", dropout {dropout:g}"
+    lines = [f"LoRA {settings}; "
              f"base weights frozen; one rank-r LoRA per transformers linear (fused q/k/v and gate/up hold one per part); "
              f"A replicated for column-parallel bases, sharded on the input dim for row-parallel ones; B sharded "
              f"like a column-parallel weight"]  # fmt: skip
@@ -457,8 +459,8 @@ def describe_lora(cfg: ErnieConfig, *, rank: int, targets: Sequence[str] = DEFAU
             total += n_ad
             base += n_base
     lines.append(f"  trainable: {total:,} adapter parameters ({100 * total / max(base, 1):.3f}% of the adapted weights)")
-    notes = peft_limitations(cfg, targets, dropout=dropout)
-    lines += [f"  PEFT export: {n}" for n in notes] or ["  PEFT export: every target group is expressible as a peft adapter"]
+    lines.append("  PEFT export (--save-peft): every target group is expressible as a peft adapter")
+    lines += [f"    note: {n}" for n in peft_limitations(cfg, targets, dropout=dropout)]
     return "\n".join(lines)
 
 
