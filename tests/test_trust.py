@@ -555,11 +555,26 @@ def test_interrupted_gguf_exports_are_cleaned_like_directories(made, tmp_path):
 # reproducible outputs that follow the umask
 
 
-def test_two_clean_torch_dist_conversions_are_bit_identical(made, tmp_path):
+def test_two_clean_conversions_are_bit_identical(made, tmp_path):
     for name in ("a", "b"):
         convert(made["hf"], tmp_path / name, to="megatron", tp=2, ep=2, progress=False)
+        convert(tmp_path / name, tmp_path / f"{name}-hf", to="hf", progress=False)
+        convert(made["hf"], tmp_path / f"{name}.gguf", to="gguf", progress=False)
     a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
     assert ".metadata" in a and a == b
+    assert _digest(tmp_path / "a-hf") == _digest(tmp_path / "b-hf")
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
+def test_gguf_checksum_is_the_sha256_of_the_file(gguf_file):
+    """Independently of ernie45's reader: find the key's bytes, blank its 64-character value, hash the file."""
+    data = gguf_file.read_bytes()
+    key = b"ernie45.sha256"
+    at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key)
+    assert struct.unpack("<IQ", data[at : at + 12]) == (8, 64)  # a string of 64 bytes
+    value = data[at + 12 : at + 12 + 64]
+    blanked = data[: at + 12] + b"0" * 64 + data[at + 12 + 64 :]
+    assert value.decode() == hashlib.sha256(blanked).hexdigest()
 
 
 def test_outputs_follow_the_umask(made, tmp_path):
