@@ -401,6 +401,20 @@ def test_trained_model_exports_loads_in_transformers_and_converts_to_gguf(setup,
     assert (tmp_path / "trained.gguf").read_bytes()[:4] == b"GGUF"
 
 
+def test_torch_dist_source_trains_like_its_hf_source(setup, gloo_world, tmp_path):
+    """--model may be a torch_dist checkpoint (here written offline at TP2·PP2 by ernie45 convert, loaded by
+    Megatron's dist_checkpointing.load at TP1): the run equals the one from the HF checkpoint it came from."""
+    from ernie45.convert import convert
+    from ernie45.train.trainer import train
+
+    _, ckpts, _ = setup
+    convert(ckpts["moe"], tmp_path / "mcore", to="megatron", tp=2, pp=2, progress=False)
+    from_hf = train(_config(setup, "moe", tmp_path / "a", steps=2, warmup=0))
+    from_mcore = train(_config(setup, "moe", tmp_path / "b", steps=2, warmup=0).replace(model=str(tmp_path / "mcore")))
+    assert from_mcore.losses == from_hf.losses
+    assert not bit_equal(read_hf_dir(tmp_path / "a" / "hf"), read_hf_dir(tmp_path / "b" / "hf"))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the CLI: config file, dry run, bad input
 

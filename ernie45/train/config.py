@@ -182,6 +182,8 @@ class TrainConfig:
                 layout.validate(cfg)
             except LayoutError as e:
                 raise TrainConfigError(str(e)) from None
+            if set(self.freeze) == set(FREEZABLE) and not self.lora:
+                raise TrainConfigError(f"freeze {list(self.freeze)}: nothing left to train")
             if self.freeze and cfg.family != "vl":
                 raise TrainConfigError(f"freeze {list(self.freeze)}: only VL models have vision/projection parts")
             if cfg.family != "vl" and (self.vit_lr_mult != 1.0 or self.resampler_lr_mult != 1.0 or self.vit):

@@ -98,7 +98,8 @@ class ModelSource:
     cfg: ErnieConfig
     tied: bool
     shapes: dict  # HF-named shapes (dry-run parameter counts)
-    side_files_from: Path | None  # tokenizer / processor files to carry into --save-hf
+    tokenizer_dir: Path | None  # where the tokenizer / processor files are (chat data, --save-hf)
+    side_files: tuple[Path, ...]  # the tokenizer / processor / generation files to carry into --save-hf
 
 
 def open_model_source(config: TrainConfig) -> ModelSource:
@@ -113,13 +114,12 @@ def open_model_source(config: TrainConfig) -> ModelSource:
 
         cfg = load_config(path)
         ckpt = HFCheckpoint(path)
-        tied, shapes, side = effective_tie(cfg, ckpt.keys()), ckpt.shapes(), path
+        tied, shapes, side = effective_tie(cfg, ckpt.keys()), ckpt.shapes(), tuple(ckpt.side_files())
     elif fmt == "megatron":
         from ..convert import MegatronSource
 
         src = MegatronSource(path, hf_config=config.hf_config)
-        cfg, tied, shapes = src.cfg, src.tied, src.shapes()
-        side = Path(config.hf_config) if config.hf_config else (path if (path / "tokenizer_config.json").is_file() else None)
+        cfg, tied, shapes, side = src.cfg, src.tied, src.shapes(), tuple(src.side_files())
     else:
         raise TrainConfigError(f"--model {path}: a {fmt} file cannot be trained; give an HF or torch_dist directory")
     if cfg.family == "vl" and config.vit is not None:
@@ -128,7 +128,12 @@ def open_model_source(config: TrainConfig) -> ModelSource:
         cfg = dataclasses.replace(cfg, vit_impl=config.vit)
     if config.aux_loss_coeff:
         cfg = dataclasses.replace(cfg, router_aux_loss_coef=config.aux_loss_coeff)
-    return ModelSource(path, fmt, cfg, tied, shapes, side)
+    tokenizer_dir = side[0].parent if side else (Path(config.hf_config) if config.hf_config else None)
+    return ModelSource(path, fmt, cfg, tied, shapes, tokenizer_dir, side)
+
+
+def _non_empty(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
 def _check_run_dir(config: TrainConfig) -> int:
@@ -136,7 +141,11 @@ def _check_run_dir(config: TrainConfig) -> int:
     from .checkpoint import latest_step
 
     out = Path(config.out)
-    used = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    for flag, target in (("--save-hf", config.save_hf), ("--save-peft", config.save_peft)):
+        # found now, not after the training: an export that cannot be written must not cost the run
+        if target is not None and _non_empty(Path(target)) and not config.overwrite:
+            raise TrainConfigError(f"{flag} {target} exists and is not empty; pass --overwrite to replace it")
+    used = _non_empty(out)
     if config.resume:
         step = latest_step(out) if out.is_dir() else None
         if step is None:
@@ -151,16 +160,17 @@ def _open_data(config: TrainConfig, source: ModelSource, cfg: ErnieConfig):
     from .data import DataSpec, open_train_data
 
     return open_train_data(
-        [DataSpec.parse(d) for d in config.data], cfg, tokenizer_dir=source.side_files_from,
+        [DataSpec.parse(d) for d in config.data], cfg, tokenizer_dir=source.tokenizer_dir,
         seq_length=config.seq_length, pack=config.pack, shuffle=config.shuffle, seed=config.seed,
         overlong=config.overlong, eval_rows=config.eval_rows,
     )  # fmt: skip
 
 
 def _use_distributed_optimizer(config: TrainConfig) -> bool:
-    # Megatron's distributed optimizer shards the fp32 master weights and Adam moments over DP; it needs its
-    # bucketed reduce-scatter, which Megatron only supports with NCCL semantics (its param/grad buffers call
-    # torch.cuda streams and events). On a CPU (gloo) it therefore stays off; on a GPU it is the default.
+    # Megatron's distributed optimizer shards the fp32 master weights and Adam moments over DP. It accepts CUDA
+    # tensors only (0.16.1, tried on gloo: "TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor,
+    # torch.cuda.HalfTensor, or torch.cuda.BFloat16Tensor. Received torch.FloatTensor"), so on a CPU it stays off
+    # and Megatron's plain optimizer runs; on a GPU it is the default.
     if config.distributed_optimizer is None:
         return torch.cuda.is_available()
     if config.distributed_optimizer and not torch.cuda.is_available():
@@ -204,9 +214,6 @@ def _build(config: TrainConfig, r: Resolved, source: ModelSource, device: torch.
 
         lora.apply_lora(chunks, cfg, layout, rank=config.lora, alpha=config.lora_alpha, dropout=config.lora_dropout,
                         targets=config.lora_targets, seed=config.seed)  # fmt: skip
-    if not any(p.requires_grad for c in chunks for p in c.parameters()) and dist.get_world_size() == 1:
-        raise TrainConfigError("nothing to train: every parameter is frozen")
-
     tc = chunks[0].config  # shared by every chunk (and, for VL, by the language model)
     tc.calculate_per_token_loss = True
     if config.expert_bias_update_rate:
@@ -603,7 +610,8 @@ def _final_exports(config: TrainConfig, r: Resolved, source: ModelSource, chunks
             from .lora import merge_lora
 
             merge_lora(chunks)
-        side = source.side_files_from
-        if side is not None and not (Path(side) / "config.json").is_file():
-            side = None
+        side = source.path if source.format == "hf" else None  # export_hf carries an HF directory's side files
         export_hf(chunks, cfg, r.layout, config.save_hf, tied=source.tied, side_files_from=side, overwrite=config.overwrite)
+        if source.format == "megatron" and dist.get_rank() == 0:  # a torch_dist source's own copies of them
+            for f in source.side_files:
+                shutil.copy2(f, Path(config.save_hf) / f.name)
