@@ -139,7 +139,9 @@ def grad_error(grads: dict, ref: dict, factor: int) -> float:
     return worst
 
 
-def worker(rank: int, port: int, sources: dict, out_root: str) -> None:
+def worker(rank: int, port: int, sources: dict, out_root: str, train_kwargs: dict | None = None) -> None:
+    """The layouts above for each family in ``sources``; then, with ``train_kwargs``, one ``train()`` run on the
+    2 processes (``TrainConfig.from_mapping(train_kwargs)``; its losses land in the JSON as ``train``)."""
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from megatron.core import dist_checkpointing
@@ -213,6 +215,11 @@ def worker(rank: int, port: int, sources: dict, out_root: str) -> None:
                     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
                     results[f"{family}-resume-TP2xEP2-at-TP1"] = dict(vs_tp1=diff.item(), n_keys=len(sharded))
                     parallel.destroy()
+        if train_kwargs is not None:
+            from ernie45.train.config import TrainConfig
+            from ernie45.train.trainer import train
+
+            results["train"] = dict(losses=train(TrainConfig.from_mapping(train_kwargs)).losses)
     except Exception:
         results["error"] = f"rank {rank}:\n{traceback.format_exc()}"
         print(results["error"], file=sys.stderr, flush=True)
@@ -223,3 +230,4 @@ def worker(rank: int, port: int, sources: dict, out_root: str) -> None:
         Path(out_root, "results.json").write_text(json.dumps(results, indent=2))
     dist.barrier()
     dist.destroy_process_group()
+

@@ -16,7 +16,19 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import free_port
-from lora_worker import ALPHA, DTYPE, LAYOUTS, RANK, TARGETS, build, fill_adapters, logits, text_batch, vl_batch, worker
+from lora_worker import (
+    ALPHA,
+    DTYPE,
+    LAYOUTS,
+    RANK,
+    TARGETS,
+    build,
+    fill_adapters,
+    logits,
+    text_batch,
+    vl_batch,
+    worker,
+)
 
 TOL = 1e-5
 ALL = ("attn", "mlp", "shared", "experts", "vision_experts", "vit", "resampler")
@@ -112,11 +124,35 @@ def test_lora_equals_merged_and_peft(case, world1, sources, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dist_results(sources, tmp_path_factory):
+def train_setup(tmp_path_factory):
+    """The LoRA training run's checkpoint, data and flags (shared by the 1- and the 2-process run)."""
+    from ernie45.testing import write_tiny_checkpoint
+    from train_worker import write_pretokenized
+
+    root = tmp_path_factory.mktemp("lora-train")
+    ck = write_tiny_checkpoint(root / "moe", "moe", seed=1)
+    records = write_pretokenized(root / "data.jsonl", 6, vocab=json.loads((ck / "config.json").read_text())["vocab_size"],
+                                 seed=2)  # fmt: skip
+    # Adam eps 1e-2: B starts at 0 and is only ~lr-sized after 5 steps, and where |grad| is small Adam's update is
+    # ~lr·grad/(|grad| + eps): the ~1e-6 relative gradient agreement (checked at step 1) reaches B magnified by
+    # ~max|grad|/eps relative to B's size (eps 1e-4 gave 2.4e-5 on B after 5 steps, 1e-3 gave 9.7e-6)
+    common = dict(model=str(ck), data=[str(root / "data.jsonl")], steps=5, lr=2e-3, min_lr=2e-4, warmup=1,
+                  schedule="cosine", weight_decay=0.1, adam_eps=1e-2, clip_grad=1.0, seq_length=16, micro_batch=2,
+                  global_batch=4, shuffle=False, pack=False, progress=False)  # fmt: skip
+    lora = dict(lora=RANK, lora_alpha=ALPHA, lora_targets=list(TARGETS["moe"]))
+    return root, ck, records, common, lora
+
+
+@pytest.fixture(scope="module")
+def dist_results(sources, train_setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-dist")
     srcs = {"dense": str(sources["dense"]), "moe": str(sources["moe"]), "vl": str(sources["vl"]),
             "vl-mgvit": str(sources["vl"])}  # fmt: skip
-    mp.spawn(worker, args=(free_port(), srcs, str(out)), nprocs=2, join=True)
+    # and the LoRA training run at EP2 (data parallel 2: dense adapters reduced by Megatron's DDP, expert adapters
+    # on their EP rank, not reduced over data parallel), compared with the 1-process run below
+    root, _, _, common, lora = train_setup
+    ep2 = dict(common, **lora, out=str(root / "run-ep2"), save_peft=str(root / "peft-ep2"), ep=2)
+    mp.spawn(worker, args=(free_port(), srcs, str(out), ep2), nprocs=2, join=True)
     results = json.loads((out / "results.json").read_text())
     assert "error" not in results, results.get("error")
     return results
@@ -245,10 +281,12 @@ def _dir_bytes(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def test_lora_training_equals_transformers_peft_adamw(gloo_world, tmp_path):
+def test_lora_training_equals_transformers_peft_adamw(gloo_world, train_setup, dist_results, tmp_path):
     """5 steps of ``train(lora=4)`` on the tiny MoE (attention, dense MLP, shared and routed experts adapted) against
-    peft + AdamW started from the same adapters (the trainer's initial ones, exported): losses and the trained
-    adapters agree; every base weight is bit-identical afterwards and never had a gradient."""
+    peft + AdamW started from the same adapters (the trainer's initial ones, exported): losses, first-step gradients
+    and the trained adapters agree; every base weight is bit-identical afterwards and never had a gradient. The same
+    run on 2 processes at EP2 (``dist_results``) gives the same losses and adapters."""
+    from megatron.core import parallel_state as ps
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
@@ -257,32 +295,20 @@ def test_lora_training_equals_transformers_peft_adamw(gloo_world, tmp_path):
     from ernie45.megatron import parallel
     from ernie45.megatron.parallel import Layout
     from ernie45.reference import load_reference
-    from ernie45.testing import write_tiny_checkpoint
     from ernie45.train.checkpoint import step_dir
     from ernie45.train.config import TrainConfig
     from ernie45.train.lora import apply_lora
     from ernie45.train.peft_export import export_peft_adapter, gather_adapters, peft_tensors
     from ernie45.train.trainer import train
-    from train_worker import _hf_forward_loss, hf_sample, lr_at, worst_relative, write_pretokenized
+    from train_worker import _hf_forward_loss, hf_sample, lr_at, worst_relative
 
-    steps, G = 5, 4
-    # Adam eps 1e-2: B starts at 0 and is only ~lr-sized after 5 steps, and where |grad| is small Adam's update is
-    # ~lr·grad/(|grad| + eps): the ~1e-6 relative gradient agreement (checked at step 1) reaches B magnified by
-    # ~max|grad|/eps relative to B's size (eps 1e-4 gave 2.4e-5 on B after 5 steps, 1e-3 gave 9.7e-6)
-    EPS = 1e-2
-    ck = write_tiny_checkpoint(tmp_path / "moe", "moe", seed=1)
+    root, ck, records, common, lora = train_setup
+    steps, G, EPS = common["steps"], common["global_batch"], common["adam_eps"]
     cfg = load_config(ck)
-    records = write_pretokenized(tmp_path / "data.jsonl", 6, vocab=cfg.vocab_size, seed=2)
-    common = dict(model=str(ck), data=(str(tmp_path / "data.jsonl"),), steps=steps, lr=2e-3, min_lr=2e-4, warmup=1,
-                  schedule="cosine", weight_decay=0.1, adam_eps=EPS, clip_grad=1.0, seq_length=16, micro_batch=2,
-                  global_batch=G, shuffle=False, pack=False, progress=False)  # fmt: skip
-    config = TrainConfig(out=str(tmp_path / "run"), lora=RANK, lora_alpha=ALPHA, lora_targets=TARGETS["moe"],
-                         save_peft=str(tmp_path / "peft"), **common)  # fmt: skip
+    config = TrainConfig.from_mapping(dict(common, **lora, out=str(tmp_path / "run"), save_peft=str(tmp_path / "peft")))
 
     # the trainer's starting adapters (apply_lora draws A from the seed and each adapter's global name; B = 0) and
     # its base weights, from a TP1 model built the same way
-    from megatron.core import parallel_state as ps
-
     if ps.model_parallel_is_initialized():  # the module's world1 groups: train() builds its own
         parallel.destroy()
     parallel.initialize(Layout())
@@ -309,12 +335,13 @@ def test_lora_training_equals_transformers_peft_adamw(gloo_world, tmp_path):
     model = PeftModel.from_pretrained(load_reference(ck), str(tmp_path / "init"), is_trainable=True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-3, betas=(0.9, 0.999), eps=EPS, weight_decay=0.1)
+    opt = torch.optim.AdamW(params, lr=common["lr"], betas=(0.9, 0.999), eps=EPS, weight_decay=common["weight_decay"])
     samples = [hf_sample(r) for r in records]
     ref_losses = []
     for s in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(s, lr=2e-3, min_lr=2e-4, warmup=1, total=steps, schedule="cosine")
+            g["lr"] = lr_at(s, lr=common["lr"], min_lr=common["min_lr"], warmup=common["warmup"], total=steps,
+                            schedule=common["schedule"])
         batch = [samples[(s * G + j) % len(samples)] for j in range(G)]
         targets = sum(int((b["labels"][1:] != -100).sum()) for b in batch)
         opt.zero_grad()
@@ -323,7 +350,7 @@ def test_lora_training_equals_transformers_peft_adamw(gloo_world, tmp_path):
             loss, _ = _hf_forward_loss(model, sample)
             (loss / targets).backward()
             total += loss.item()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, common["clip_grad"])
         if s == 0:
             ref_grads = {k.replace(".default", ""): v.grad.clone() for k, v in model.named_parameters() if v.requires_grad}
         ref_losses.append(total / targets)
@@ -351,8 +378,16 @@ def test_lora_training_equals_transformers_peft_adamw(gloo_world, tmp_path):
         assert value.dtype == base[n].dtype and value.shape == base[n].shape, n
         assert value.numpy().tobytes() == base[n].numpy().tobytes(), n
 
+    # the same run on 2 processes at EP2 (dist_results): the same losses and trained adapters
+    ep2_losses = dist_results["train"]["losses"]
+    ep2_trained = load_file(root / "peft-ep2" / "adapter_model.safetensors")
+    ep2_worst, ep2_where = worst_relative(ep2_trained, trained)
+    print(f"EP2 run: losses {ep2_losses}; adapters vs 1 process: worst relative diff {ep2_worst:.3g}")
+    assert len(ep2_losses) == steps and all(abs(a - b) <= TOL * abs(b) for a, b in zip(ep2_losses, res.losses))
+    assert sorted(ep2_trained) == sorted(trained) and ep2_worst <= TOL, ep2_where
+
     # adapter-only checkpoint (adapters + their Adam moments) next to a full fine-tuning one of the same model
-    full = train(TrainConfig(out=str(tmp_path / "full"), **dict(common, steps=1, warmup=0)))
+    full = train(TrainConfig.from_mapping(dict(common, out=str(tmp_path / "full"), steps=1, warmup=0)))
     lora_bytes, full_bytes = _dir_bytes(step_dir(tmp_path / "run", steps)), _dir_bytes(step_dir(tmp_path / "full", 1))
     n_adapter = sum(t.numel() for t in trained.values())
     print(f"checkpoints: LoRA {lora_bytes:,} bytes ({n_adapter:,} adapter parameters + Adam moments), "
