@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -151,7 +152,7 @@ def dist_results(sources, train_setup, tmp_path_factory):
     # and the LoRA training run at EP2 (data parallel 2: dense adapters reduced by Megatron's DDP, expert adapters
     # on their EP rank, not reduced over data parallel), compared with the 1-process run below
     root, _, _, common, lora = train_setup
-    ep2 = dict(common, **lora, out=str(root / "run-ep2"), save_peft=str(root / "peft-ep2"), ep=2)
+    ep2 = dict(common, **lora, out=str(root / "run-ep2"), save_peft=str(root / "peft-ep2"), ep=2, save_every=3)
     mp.spawn(worker, args=(free_port(), srcs, str(out), ep2), nprocs=2, join=True)
     results = json.loads((out / "results.json").read_text())
     assert "error" not in results, results.get("error")
@@ -385,6 +386,20 @@ def test_lora_training_equals_transformers_peft_adamw(gloo_world, train_setup, d
     print(f"EP2 run: losses {ep2_losses}; adapters vs 1 process: worst relative diff {ep2_worst:.3g}")
     assert len(ep2_losses) == steps and all(abs(a - b) <= TOL * abs(b) for a, b in zip(ep2_losses, res.losses))
     assert sorted(ep2_trained) == sorted(trained) and ep2_worst <= TOL, ep2_where
+
+    # resume the EP2 run's step-3 checkpoint (adapters + Adam state, saved by 2 processes) in this 1-process run:
+    # steps 4 and 5 and the final adapters equal the uninterrupted run's
+    resumed = tmp_path / "resumed"
+    shutil.copytree(root / "run-ep2", resumed)
+    shutil.rmtree(step_dir(resumed, steps))
+    (step_dir(resumed, 3).parent / "latest").write_text(step_dir(resumed, 3).name)
+    res3 = train(TrainConfig.from_mapping(dict(common, **lora, out=str(resumed), resume=True,
+                                               save_peft=str(tmp_path / "peft-resumed"))))  # fmt: skip
+    r_worst, r_where = worst_relative(load_file(tmp_path / "peft-resumed" / "adapter_model.safetensors"), trained)
+    print(f"resumed at TP1 from the EP2 step-3 checkpoint: losses {res3.losses}; adapters worst relative {r_worst:.3g}")
+    assert res3.start_step == 3 and len(res3.losses) == steps - 3
+    assert all(abs(a - b) <= TOL * abs(b) for a, b in zip(res3.losses, res.losses[3:]))
+    assert r_worst <= TOL, r_where
 
     # adapter-only checkpoint (adapters + their Adam moments) next to a full fine-tuning one of the same model
     full = train(TrainConfig.from_mapping(dict(common, out=str(tmp_path / "full"), steps=1, warmup=0)))
