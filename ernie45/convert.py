@@ -435,8 +435,11 @@ def write_hf(source, dst: Path, *, overwrite=False, progress=True, max_shard_byt
 
 def _copy_side_files(source, tmp: Path) -> None:
     for f in source.side_files():  # checked at listing: regular files inside the checkpoint (or its HF cache)
-        if f.name != "config.json":
-            shutil.copyfile(f, tmp / f.name)
+        if f.name == "config.json":
+            continue
+        if f.suffix == ".json":  # a tokenizer / processor file that does not parse is named, not carried along
+            read_json(f, f"JSON side file ({f.name})")
+        shutil.copyfile(f, tmp / f.name)
 
 
 def _plan_text(source, layout: Layout | None, to: str) -> str:

@@ -538,6 +538,14 @@ def test_tokenizer_file_that_does_not_parse(name, text, needle, made, tmp_path, 
     assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".m.gguf*"))
 
 
+@pytest.mark.parametrize("to", ["megatron", "hf"])
+def test_json_side_file_that_does_not_parse_is_named(to, made, tmp_path, capsys):
+    src = _copy(made["mg"] if to == "hf" else made["hf"], tmp_path / "src")
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 12,')
+    _fails(_convert(src, tmp_path / "out", to), capsys, str(src / "tokenizer_config.json"), "not JSON")
+    assert not (tmp_path / "out").exists()
+
+
 def test_interrupted_gguf_exports_are_cleaned_like_directories(made, tmp_path):
     """A killed export leaves `.m.gguf.tmp-<pid>-*.partial`; the next export into the same name removes it."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
