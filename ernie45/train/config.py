@@ -471,13 +471,11 @@ def config_from_args(args) -> TrainConfig:
 
 
 def run(args) -> int:
-    import torch.distributed as dist
-
     from .trainer import train
 
     config = config_from_args(args)
     result = train(config)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if result.rank == 0:
         if result.dry_run_text is not None:
             print(result.dry_run_text)
         else:

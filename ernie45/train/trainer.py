@@ -52,6 +52,7 @@ class TrainResult:
     """What a run did (every rank returns the same numbers)."""
 
     run_dir: Path
+    rank: int = 0  # this process's rank in the run's world
     steps: int = 0
     losses: list[float] = field(default_factory=list)  # per step run in this process (resumed runs: from there)
     grad_norms: list[float] = field(default_factory=list)  # before clipping
@@ -484,6 +485,9 @@ def _train(config: TrainConfig, data, on_step) -> TrainResult:
         raise TrainConfigError(f"eval_rows {config.eval_rows} must be a multiple of pp={config.pp} with vpp > 1")
     on_gpu = torch.cuda.is_available()
     bf16 = config.dtype == "bf16" or (config.dtype == "auto" and on_gpu)
+    if bf16 and not on_gpu:
+        # Megatron's mixed-precision optimizer (bf16 weights, fp32 master copies) wraps CUDA tensors only
+        raise TrainConfigError("--dtype bf16 needs a GPU; on a CPU ernie45 trains in fp32 (--dtype auto)")
     dtype = torch.bfloat16 if bf16 else torch.float32
     use_dist_opt = _use_distributed_optimizer(config)
     start = 0 if config.dry_run else _check_run_dir(config)
@@ -495,7 +499,7 @@ def _train(config: TrainConfig, data, on_step) -> TrainResult:
         )
     if data is None:
         data = _open_data(config, source, cfg)
-    result = TrainResult(run_dir=Path(config.out), start_step=start)
+    result = TrainResult(run_dir=Path(config.out), rank=rank, start_step=start)
     if config.dry_run:
         text = dry_run_text(config, r, cfg, source.shapes, bf16=bf16, data_text=data.describe())
         if config.lora:
