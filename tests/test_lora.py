@@ -206,6 +206,29 @@ def test_base_frozen_and_bit_identical_after_a_step(world1, sources):
     assert len(opt.state) == len(adapters)  # optimizer state for the adapters only
 
 
+def test_dropout_acts_in_training_only_and_not_on_routed_experts(world1, sources):
+    from ernie45.config import load_config
+    from ernie45.megatron.parallel import Layout
+    from ernie45.train.lora import adapted_modules, apply_lora
+
+    cfg = load_config(sources["moe"])
+    chunks = build("moe", cfg, Layout(), sources["moe"], tied=cfg.tie_word_embeddings)
+    apply_lora(chunks, cfg, Layout(), rank=RANK, alpha=ALPHA, dropout=0.5, targets=TARGETS["moe"], seed=1)
+    fill_adapters(chunks, seed=2)
+    kinds = {n: type(m.lora.dropout).__name__ for n, m in adapted_modules(chunks[0])}
+    assert {k for n, k in kinds.items() if ".local_experts." in n} == {"Identity"}
+    assert {k for n, k in kinds.items() if ".local_experts." not in n} == {"Dropout"}
+    from ernie45.megatron.model import causal_mask
+
+    ids = text_batch(cfg, 1)
+    positions, mask = torch.arange(ids.shape[1]).expand_as(ids), causal_mask(ids.shape[1])
+    chunks[0].train()
+    with torch.no_grad():
+        a, b = (chunks[0](ids, positions, mask) for _ in range(2))  # no labels: logits
+    assert (a - b).abs().max().item() > 1e-3  # fresh masks each forward
+    assert torch.equal(logits("moe", chunks, cfg, ids), logits("moe", chunks, cfg, ids))  # eval: none
+
+
 def test_merged_export_converts_to_gguf(world1, sources, tmp_path):
     """merge_lora + the existing exporter give an HF checkpoint with the merged weights, which converts to GGUF and
     reads back with those weights."""
