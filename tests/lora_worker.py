@@ -5,8 +5,9 @@ by the adapter's global name and sliced to this rank's shard -- so every layout 
 
 The worker, per family and layout: builds the model at TP1 (data parallel 2) with LoRA, records its logits for the
 batches of both data-parallel ranks and its adapter gradients; then at the layout (each data-parallel rank its own
-batch; TP with sequence parallelism for MoE and VL, without for dense): LoRA logits == the TP1 logits of that batch, and == the logits after
-``merge_lora`` at the same layout; adapter gradients (same batch on both ranks, gathered to full tensors) == TP1's. At TP2·EP2 the adapters
+batch; TP with sequence parallelism for MoE and VL, without for dense): LoRA logits == the TP1 logits of that
+batch, and == the logits after ``merge_lora`` at the same layout; adapter gradients (same batch on both ranks,
+gathered to full tensors) == TP1's. At TP2·EP2 the adapters
 are saved with Megatron's ``dist_checkpointing.save(adapter_sharded_state_dict(...))`` and loaded back at TP1
 into fresh adapters: logits == the TP1 reference. Rank 0 writes the numbers as JSON.
 """
@@ -89,7 +90,8 @@ def build(family: str, cfg, layout, source, *, tied=None, dtype=DTYPE, sp=False)
 
     torch.manual_seed(0)
     if family.startswith("vl"):
-        chunks = build_vl_model(cfg, layout, vision_attn_implementation="eager", params_dtype=dtype, sequence_parallel=sp)
+        chunks = build_vl_model(cfg, layout, vision_attn_implementation="eager", params_dtype=dtype,
+                                sequence_parallel=sp)
         if chunks[0].pre_process:  # Megatron's local ViT spec builds its torch LayerNorms in fp32 whatever params_dtype
             chunks[0].vision_model.to(dtype)
     else:

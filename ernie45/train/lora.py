@@ -14,11 +14,12 @@ Tensor parallelism -- every adapted layer equals the merged layer ``W + (α/r)·
 
 * column-parallel base (``linear_qkv``, ``linear_fc1``, ViT ``linear_qkv``/``linear_fc1``; ``W_i`` = output rows
   ``i``): ``A`` replicated ``[P·r, in]``, ``B`` sharded like ``W`` on the output dim, ``B_i = B[rows_i]``. Then
-  ``ΔW[rows_i] = B_i·A`` (per part, below) -- the merged shard. ``B``'s rows follow ``W``'s rows *whatever their layout*: the fused
-  QKV's group-major rows and SwiGLU's per-shard ``[gate_i; up_i]`` interleave come for free, and the PEFT export
-  un-interleaves ``B`` with the same bridge op as ``W`` (``ConcatGLU`` / ``FuseQKV``). Each rank's ``B_i`` only sees
-  its output rows, so ``∂A`` is a partial sum: ``A`` enters through ``copy_to_tensor_model_parallel_region``
-  (identity forward, all-reduce backward), which makes its gradient whole on every rank inside autograd;
+  ``ΔW[rows_i] = B_i·A`` (per part, below) -- the merged shard. ``B``'s rows follow ``W``'s rows *whatever their
+  layout*: the fused QKV's group-major rows and SwiGLU's per-shard ``[gate_i; up_i]`` interleave come for free, and
+  the PEFT export un-interleaves ``B`` with the same bridge op as ``W`` (``ConcatGLU`` / ``FuseQKV``). Each rank's
+  ``B_i`` only sees its output rows, so ``∂A`` is a partial sum: ``A`` enters through
+  ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce backward), which makes its gradient whole on
+  every rank inside autograd;
 * row-parallel base (``linear_proj``, ``linear_fc2``; ``W_i`` = input columns ``i``, outputs summed over TP):
   ``A`` sharded on the input dim ``A_i = A[:, cols_i]``, ``B`` replicated. ``Σ_i W_i x_i + B·Σ_i A_i x_i`` equals
   ``Σ_i (W_i + B·A_i) x_i`` exactly in exact arithmetic, so we reduce the rank-``r`` partial sums ``A_i x_i`` the way
@@ -166,7 +167,8 @@ class LoRAAdapter(torch.nn.Module):
     collectives that make it TP-exact."""
 
     def __init__(self, base: torch.nn.Module, *, rank: int, alpha: float, dropout: float, global_name: str,
-                 sharding: Sharding, A_full: torch.Tensor, parts: tuple[str, ...], part_O: torch.Tensor) -> None:  # fmt: skip
+                 sharding: Sharding, A_full: torch.Tensor, parts: tuple[str, ...],
+                 part_O: torch.Tensor) -> None:  # fmt: skip
         super().__init__()
         w = base.weight
         self.global_name = global_name
@@ -273,7 +275,8 @@ def _sharding(name: str, module: torch.nn.Module) -> Sharding:
     if isinstance(module, torch.nn.Linear):  # transformers' ViT / resampler: replicated over the TP group
         from megatron.core import parallel_state as ps
 
-        return Sharding("replicated", ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(), False)
+        tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        return Sharding("replicated", tp_rank, tp, False)
     raise LoraError(f"cannot adapt {type(module).__name__}: not a Linear, ColumnParallelLinear or RowParallelLinear")
 
 
@@ -442,7 +445,8 @@ def describe_lora(cfg: ErnieConfig, *, rank: int, targets: Sequence[str] = DEFAU
     weights = lora_target_weights(cfg)
     settings = f"rank {rank}" + (f", alpha {alpha:g}" if alpha is not None else "") + f", dropout {dropout:g}"
     lines = [f"LoRA {settings}; "
-             f"base weights frozen; one rank-r LoRA per transformers linear (fused q/k/v and gate/up hold one per part); "
+             f"base weights frozen; one rank-r LoRA per transformers linear (fused q/k/v and gate/up hold one "
+             f"per part); "
              f"A replicated for column-parallel bases, sharded on the input dim for row-parallel ones; B sharded "
              f"like a column-parallel weight"]  # fmt: skip
     total = base = 0
@@ -458,7 +462,8 @@ def describe_lora(cfg: ErnieConfig, *, rank: int, targets: Sequence[str] = DEFAU
         if g in targets:
             total += n_ad
             base += n_base
-    lines.append(f"  trainable: {total:,} adapter parameters ({100 * total / max(base, 1):.3f}% of the adapted weights)")
+    share = 100 * total / max(base, 1)
+    lines.append(f"  trainable: {total:,} adapter parameters ({share:.3f}% of the adapted weights)")
     lines.append("  PEFT export (--save-peft): every target group is expressible as a peft adapter")
     lines += [f"    note: {n}" for n in peft_limitations(cfg, targets, dropout=dropout)]
     return "\n".join(lines)

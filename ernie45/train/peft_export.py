@@ -43,7 +43,15 @@ import torch.distributed as dist
 from ..config import ErnieConfig
 from .lora import LoraError, adapted_modules, lora_parts
 
-__all__ = ["export_peft_adapter", "describe_adapter_dir", "gather_adapters", "peft_tensors", "peft_limitations", "peft_module_names", "ExpertSlot"]
+__all__ = [
+    "export_peft_adapter",
+    "describe_adapter_dir",
+    "gather_adapters",
+    "peft_tensors",
+    "peft_limitations",
+    "peft_module_names",
+    "ExpertSlot",
+]
 
 # Megatron global module (language-model part, after the optional "language_model." prefix) -> transformers module
 # suffixes under {H}layers.{L}., in the order the bridge op's to_hf returns the pieces of B
@@ -62,7 +70,9 @@ _MG_VIT_ROWS = {
     "mlp.linear_fc2": "mlp.fc2",
 }
 _LAYER_RE = re.compile(r"(?P<vl>language_model\.)?decoder\.layers\.(?P<L>\d+)\.(?P<rest>.+)")
-_EXPERT_RE = re.compile(r"mlp\.(?:(?P<pool>text|vision)_moe_layer\.)?experts\.local_experts\.(?P<X>\d+)\.linear_fc(?P<fc>[12])")
+_EXPERT_RE = re.compile(
+    r"mlp\.(?:(?P<pool>text|vision)_moe_layer\.)?experts\.local_experts\.(?P<X>\d+)\.linear_fc(?P<fc>[12])"
+)
 _POOL_MODULE = {None: "mlp.experts", "text": "mlp.text_moe.experts", "vision": "mlp.vision_moe.experts"}
 # peft 0.21 on transformers 5 rewrites a *text MoE* model's target_modules ending in gate_proj / up_proj / down_proj
 # into the fused expert parameters (its v4 -> v5 adapter conversion, ``_convert_peft_config_moe``, keyed by
@@ -111,9 +121,9 @@ def peft_limitations(cfg: ErnieConfig, targets: Sequence[str], *, dropout: float
         notes.append("routed experts train without LoRA dropout (ernie45.train.lora), as peft's fused-expert LoRA")
     if dropout > 0 and (wrapped & set(targets)):
         notes.append(
-            f"targets {sorted(wrapped & set(targets))} go through peft's target_parameters (ParamWrapper), which refuses "
-            f"lora_dropout != 0: the adapter is written with lora_dropout=0 instead of {dropout} (dropout only acts "
-            f"in training; inference is unchanged)"
+            f"targets {sorted(wrapped & set(targets))} go through peft's target_parameters (ParamWrapper), which "
+            f"refuses lora_dropout != 0: the adapter is written with lora_dropout=0 instead of {dropout} (dropout "
+            f"only acts in training; inference is unchanged)"
         )
     return notes
 
@@ -173,7 +183,8 @@ def _assemble(all_records: list) -> dict[tuple[str, str], tuple[torch.Tensor, ..
         full = []
         for j in range(len(got[0])):
             parts = [got[i][j] for i in range(count)]
-            full.append(torch.cat([torch.cat([p.chunk(blocks, dim)[b] for p in parts], dim) for b in range(blocks)], dim))
+            per_block = [torch.cat([p.chunk(blocks, dim)[b] for p in parts], dim) for b in range(blocks)]
+            full.append(torch.cat(per_block, dim))
         out[key] = tuple(full)
     return out
 
@@ -190,7 +201,8 @@ def peft_tensors(full: dict, dtype: torch.dtype, family: str) -> tuple[dict[str,
         B_pieces = full[(name, "B")]
         target = peft_module_names(name)
         if isinstance(target, ExpertSlot):
-            experts[(target.module, target.fc)][target.expert] = (A, torch.cat(B_pieces, dim=0))  # fc1: [B_gate; B_up] = gate_up_proj's rows
+            # fc1: [B_gate; B_up], gate_up_proj's rows
+            experts[(target.module, target.fc)][target.expert] = (A, torch.cat(B_pieces, dim=0))
             continue
         if len(lora_parts(name)) != len(target):
             raise LoraError(f"{name}: {len(lora_parts(name))} LoRA parts for {len(target)} transformers modules")
@@ -248,7 +260,8 @@ def export_peft_adapter(chunks, cfg: ErnieConfig, layout, out_dir: str | Path, *
     if not settings:
         raise LoraError("the model has no LoRA adapters to export")
     if len({s[:4] for s in settings}) != 1:
-        raise LoraError(f"adapters differ in rank / alpha / dropout / dtype across the model: {sorted({s[:4] for s in settings})}")
+        differ = sorted({s[:4] for s in settings})
+        raise LoraError(f"adapters differ in rank / alpha / dropout / dtype across the model: {differ}")
     rank, alpha, dropout, dtype_name = settings[0][:4]
     targets = sorted({s[4] for s in settings})
     warnings = peft_limitations(cfg, targets, dropout=dropout)
