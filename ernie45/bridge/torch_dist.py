@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import pickle
 import re
 from pathlib import Path
