@@ -201,7 +201,7 @@ def bit_exact_difference(actual: torch.Tensor, expected: torch.Tensor) -> str | 
 
 
 def assert_bit_exact(actual: torch.Tensor, expected: torch.Tensor, name: object = "") -> None:
-    """Assert ``actual`` is ``expected`` bit for bit: same dtype, same shape, same bytes. ``name`` labels the failure."""
+    """Assert ``actual`` is ``expected`` bit for bit: same dtype, shape and bytes. ``name`` labels the failure."""
     why = bit_exact_difference(actual, expected)
     if why is not None:
         raise AssertionError(f"{name}: {why}" if name != "" else why)
@@ -226,7 +226,9 @@ def hf_loss_and_grads(hf_model, input_ids_BS: torch.Tensor, labels_BS: torch.Ten
     return loss.detach(), revert_weight_conversion(hf_model, grads)
 
 
-def grad_differences(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], *, atol: float = 1e-7) -> dict[str, float]:
+def grad_differences(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], *, atol: float = 1e-7
+) -> dict[str, float]:
     """Per tensor, max |got - want| relative to max |want| (0 where both are within ``atol``, e.g. an expert no token
     reached). The caller asserts the worst against its tolerance; the names must agree."""
     if sorted(got) != sorted(want):

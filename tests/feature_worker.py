@@ -167,7 +167,9 @@ def worker(rank: int, port: int, hf_dirs: dict, out_root: str) -> None:
             ref_loss, ref_grads, ref_calls = _run(cfg, hf_dir, Layout(), data, vl_fns, sp=False, recompute=None)
             parallel.destroy()
             # text models: also transformers' own backward on the same batch (VL: test_vl_model's 2-process test)
-            hf_grads = hf_loss_and_grads(load_reference(hf_dir), data["ids"], data["labels"])[1] if vl_fns is None else None
+            hf_grads = None
+            if vl_fns is None:
+                hf_grads = hf_loss_and_grads(load_reference(hf_dir), data["ids"], data["labels"])[1]
             for name in cases:
                 sp, recompute = CASES[name]
                 loss, grads, calls = _run(cfg, hf_dir, Layout(tp=2), data, vl_fns, sp=sp, recompute=recompute)

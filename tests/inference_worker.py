@@ -27,7 +27,9 @@ CASES = {
 }
 
 
-def run_case(family: str, path: str, layout, *, mg_vit: bool, inputs: dict, whole_batch: bool = False) -> dict[str, torch.Tensor]:
+def run_case(
+    family: str, path: str, layout, *, mg_vit: bool, inputs: dict, whole_batch: bool = False
+) -> dict[str, torch.Tensor]:
     """Teacher-forced logits and greedy tokens of one model at ``layout`` (process groups initialised here), for
     the whole batch: under data parallel each rank decodes its rows, gathered in row order."""
     from megatron.core import parallel_state as ps
@@ -86,7 +88,8 @@ def worker(rank: int, port: int, paths: dict[str, str], out_root: str) -> None:
             inputs = load_file(str(Path(out_root) / f"inputs-{family}.safetensors"))
             # the reference: the same model unsharded (TP1; the two ranks are data-parallel replicas)
             for suffix, layout in (("-ref", Layout()), ("", Layout(**kw))):
-                result = run_case(family, paths[family], layout, mg_vit=mg_vit, inputs=inputs, whole_batch=suffix == "-ref")
+                whole = suffix == "-ref"
+                result = run_case(family, paths[family], layout, mg_vit=mg_vit, inputs=inputs, whole_batch=whole)
                 if rank == 0:
                     save_file(result, str(Path(out_root) / f"{name}{suffix}.safetensors"))
     except Exception:

@@ -150,7 +150,10 @@ def test_mtp_tensors_are_ignored_like_transformers_ignores_them(tiny_ckpts, tmp_
 
     src = shutil.copytree(tiny_ckpts["moe"], tmp_path / "mtp")
     tensors = load_file(src / "model.safetensors")
-    mtp = {"model.mtp_block.0.self_attn.q_proj.weight": torch.zeros(48, 48), "model.mtp_emb_norm.0.weight": torch.ones(48)}
+    mtp = {
+        "model.mtp_block.0.self_attn.q_proj.weight": torch.zeros(48, 48),
+        "model.mtp_emb_norm.0.weight": torch.ones(48),
+    }
     save_file(dict(tensors, **mtp), src / "model.safetensors", metadata={"format": "pt"})
     hf = load_reference(src)
     assert not any("mtp" in n for n in hf.state_dict())  # transformers drops them too

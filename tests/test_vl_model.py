@@ -1,8 +1,9 @@
 """ERNIE 4.5 VL MoE on Megatron-Core vs transformers' Ernie4_5_VLMoeForConditionalGeneration (fp32, tiny, CPU).
 
 Every HF parameter and buffer is re-randomised (both expert-bias rows included), so routing is decided by real
-biases and every norm weight matters. The Megatron model gets HF's weights through the test-only copy in
-``vl_helpers.py``.
+biases and every norm weight matters. The Megatron model gets HF's weights through the production bridge from the
+model's own on-disk checkpoint; the independent test-only copy in ``vl_helpers.py`` is a second oracle (and maps
+HF's gradients for the backward comparisons).
 """
 
 from __future__ import annotations
@@ -376,7 +377,8 @@ def test_parameter_names_contract(mg_model, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 2 processes (gloo): TP2 (+SP), EP2 (both pools split), PP2, TP2·EP2 (etp=1) == 1 process
+# 2 processes (gloo): TP2 (+SP), EP2 (both pools split, a sample per rank), PP2, TP2·EP2 (etp=1) == 1 process and
+# transformers over the union; offline torch_dist (either ViT) loaded by Megatron's own dist_checkpointing
 
 
 @pytest.fixture(scope="module")

@@ -246,7 +246,8 @@ def worker(rank: int, port: int, out_root: str) -> None:
         for ckpt_name, (vit_impl, layouts) in OFFLINE.items():
             load_cfg = dataclasses.replace(cfg, vit_impl=vit_impl)
             for name, kw in layouts.items():
-                rows, logits = _load_offline(load_cfg, Layout(**kw), str(Path(out_root) / f"offline-{ckpt_name}"), batch)
+                mg_dir = str(Path(out_root) / f"offline-{ckpt_name}")
+                rows, logits = _load_offline(load_cfg, Layout(**kw), mg_dir, batch)
                 diff = torch.tensor([(logits - hf_logits[rows])[valid[rows]].abs().max().item()])
                 dist.all_reduce(diff, op=dist.ReduceOp.MAX)
                 results[f"offline-{ckpt_name}-{name}"] = diff.item()
