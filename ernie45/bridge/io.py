@@ -145,8 +145,8 @@ class Checksums:
         self.note: str | None = None
         self._checked: set[str] = set()
         if recorded is None:
-            self.note = (f"{directory}: no checksums recorded (written by Megatron, another tool or an older ernie45); "
-                         "corrupted bytes in its files cannot be detected")  # fmt: skip
+            self.note = (f"{directory}: no checksums recorded (written by Megatron, another tool or an older "
+                         "ernie45); corrupted bytes in its files cannot be detected")  # fmt: skip
             return
         ok = isinstance(recorded, dict) and all(
             isinstance(n, str) and n and "/" not in n and n not in (".", "..") and isinstance(v, dict)
