@@ -305,67 +305,47 @@ def _dir_bytes(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def test_lora_training_equals_transformers_peft_adamw(gloo_world, train_setup, dist_results, tmp_path):
-    """5 steps of ``train(lora=4)`` on the tiny MoE (attention, dense MLP, shared and routed experts adapted) against
-    peft + AdamW started from the same adapters (the trainer's initial ones, exported): losses, first-step gradients
-    and the trained adapters agree; every base weight is bit-identical afterwards and never had a gradient. The same
-    run on 2 processes at EP2 (``dist_results``) gives the same losses and adapters."""
+def _initial_adapter(family, cfg, ck, targets, seed, out):
+    """The trainer's starting adapters (apply_lora draws A from the seed and each adapter's global name; B = 0),
+    exported as a PEFT adapter, and the base weights, from a TP1 model built like the trainer's."""
     from megatron.core import parallel_state as ps
-    from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    from ernie45.config import load_config
     from ernie45.megatron import parallel
     from ernie45.megatron.parallel import Layout
-    from ernie45.reference import load_reference
-    from ernie45.train.checkpoint import step_dir
-    from ernie45.train.config import TrainConfig
     from ernie45.train.lora import apply_lora
-    from ernie45.train.peft_export import export_peft_adapter, gather_adapters, peft_tensors
-    from ernie45.train.trainer import train
-    from train_worker import _hf_forward_loss, hf_sample, lr_at, worst_relative
+    from ernie45.train.peft_export import export_peft_adapter
 
-    root, ck, records, common, lora = train_setup
-    steps, G, EPS = common["steps"], common["global_batch"], common["adam_eps"]
-    cfg = load_config(ck)
-    config = TrainConfig.from_mapping(dict(common, **lora, out=str(tmp_path / "run"), save_peft=str(tmp_path / "peft")))
-
-    # the trainer's starting adapters (apply_lora draws A from the seed and each adapter's global name; B = 0) and
-    # its base weights, from a TP1 model built the same way
     if ps.model_parallel_is_initialized():  # the module's world1 groups: train() builds its own
         parallel.destroy()
     parallel.initialize(Layout())
-    start = build("moe", cfg, Layout(), ck, tied=cfg.tie_word_embeddings, dtype=torch.float32)
+    start = build(family, cfg, Layout(), ck, tied=cfg.tie_word_embeddings, dtype=torch.float32)
     base = {n: p.detach().clone() for n, p in start[0].named_parameters()}
-    apply_lora(start, cfg, Layout(), rank=RANK, alpha=ALPHA, targets=TARGETS["moe"], seed=config.seed)
-    export_peft_adapter(start, cfg, Layout(), tmp_path / "init", base_model=str(ck))
+    apply_lora(start, cfg, Layout(), rank=RANK, alpha=ALPHA, targets=targets, seed=seed)
+    export_peft_adapter(start, cfg, Layout(), out, base_model=str(ck))
     parallel.destroy()
+    return base
 
-    frozen, grads = {}, {}
 
-    def on_step(step, chunks):
-        if step == 1:  # the clipped gradients of the first step, under peft's names
-            full = gather_adapters(chunks, cfg, getter=lambda p: p.grad.clone())
-            grads.update(peft_tensors(full, torch.float32, cfg.family)[0])
-        if step == steps:
-            for n, p in chunks[0].named_parameters():
-                if ".lora." not in n:
-                    frozen[n] = (p.grad is None, p.detach().clone())
+def _peft_adamw(ck, init_dir, samples, common):
+    """The oracle: transformers + peft (the adapter in ``init_dir``) + torch AdamW with Megatron's schedule, clip
+    and decay (every adapter is 2-D, so every one decays). Returns (losses, step-1 clipped grads, adapters)."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
 
-    res = train(config, on_step=on_step)
+    from ernie45.reference import load_reference
+    from train_worker import _hf_forward_loss, lr_at
 
-    # the oracle: transformers + peft + torch AdamW (decay on every adapter: all are 2-D), same schedule and clip
-    model = PeftModel.from_pretrained(load_reference(ck), str(tmp_path / "init"), is_trainable=True)
+    model = PeftModel.from_pretrained(load_reference(ck), str(init_dir), is_trainable=True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=common["lr"], betas=(0.9, 0.999), eps=EPS, weight_decay=common["weight_decay"])
-    samples = [hf_sample(r) for r in records]
-    ref_losses = []
+    opt = torch.optim.AdamW(params, lr=common["lr"], betas=(0.9, 0.999), eps=common["adam_eps"],
+                            weight_decay=common["weight_decay"])  # fmt: skip
+    steps, G = common["steps"], common["global_batch"]
+    losses, grads = [], {}
     for s in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(s, lr=common["lr"], min_lr=common["min_lr"], warmup=common["warmup"], total=steps,
-                            schedule=common["schedule"])
+                            schedule=common["schedule"])  # fmt: skip
         batch = [samples[(s * G + j) % len(samples)] for j in range(G)]
         targets = sum(int((b["labels"][1:] != -100).sum()) for b in batch)
         opt.zero_grad()
@@ -376,11 +356,55 @@ def test_lora_training_equals_transformers_peft_adamw(gloo_world, train_setup, d
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(params, common["clip_grad"])
         if s == 0:
-            ref_grads = {k.replace(".default", ""): v.grad.clone() for k, v in model.named_parameters()
-                         if v.requires_grad}  # fmt: skip
-        ref_losses.append(total / targets)
+            grads = {k.replace(".default", ""): v.grad.clone() for k, v in model.named_parameters() if v.requires_grad}
+        losses.append(total / targets)
         opt.step()
-    ref_adapters = {k.replace(".default", ""): v for k, v in get_peft_model_state_dict(model).items()}
+    return losses, grads, {k.replace(".default", ""): v for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _first_step_grads(cfg, into: dict):
+    """on_step callback: the clipped gradients of step 1, under peft's names."""
+    from ernie45.train.peft_export import gather_adapters, peft_tensors
+
+    def on_step(step, chunks):
+        if step == 1:
+            full = gather_adapters(chunks, cfg, getter=lambda p: p.grad.clone())
+            into.update(peft_tensors(full, torch.float32, cfg.family)[0])
+
+    return on_step
+
+
+def test_lora_training_equals_transformers_peft_adamw(gloo_world, train_setup, dist_results, tmp_path):
+    """5 steps of ``train(lora=4)`` on the tiny MoE (attention, dense MLP, shared and routed experts adapted) against
+    peft + AdamW started from the same adapters (the trainer's initial ones, exported): losses, first-step gradients
+    and the trained adapters agree; every base weight is bit-identical afterwards and never had a gradient. The same
+    run on 2 processes at EP2 (``dist_results``) gives the same losses and adapters."""
+    from safetensors.torch import load_file
+
+    from ernie45.config import load_config
+    from ernie45.train.checkpoint import step_dir
+    from ernie45.train.config import TrainConfig
+    from ernie45.train.trainer import train
+    from train_worker import hf_sample, worst_relative
+
+    root, ck, records, common, lora = train_setup
+    steps = common["steps"]
+    cfg = load_config(ck)
+    config = TrainConfig.from_mapping(dict(common, **lora, out=str(tmp_path / "run"), save_peft=str(tmp_path / "peft")))
+    base = _initial_adapter("moe", cfg, ck, TARGETS["moe"], config.seed, tmp_path / "init")
+
+    frozen, grads = {}, {}
+    first_step = _first_step_grads(cfg, grads)
+
+    def on_step(step, chunks):
+        first_step(step, chunks)
+        if step == steps:
+            for n, p in chunks[0].named_parameters():
+                if ".lora." not in n:
+                    frozen[n] = (p.grad is None, p.detach().clone())
+
+    res = train(config, on_step=on_step)
+    ref_losses, ref_grads, ref_adapters = _peft_adamw(ck, tmp_path / "init", [hf_sample(r) for r in records], common)
     trained = load_file(tmp_path / "peft" / "adapter_model.safetensors")
 
     print(f"losses {res.losses}\n   ref {ref_losses}")
@@ -392,7 +416,8 @@ def test_lora_training_equals_transformers_peft_adamw(gloo_world, train_setup, d
     assert all(abs(a - b) <= TOL * abs(b) for a, b in zip(res.losses, ref_losses)), (res.losses, ref_losses)
     assert sorted(trained) == sorted(ref_adapters)
     worst, where = worst_relative(trained, ref_adapters)
-    moved, _ = worst_relative(trained, load_file(tmp_path / "init" / "adapter_model.safetensors"))
+    init = load_file(tmp_path / "init" / "adapter_model.safetensors")
+    moved, _ = worst_relative(*({k: v for k, v in d.items() if "lora_A" in k} for d in (trained, init)))  # B: from 0
     print(f"{len(trained)} adapter tensors after {steps} steps: worst relative diff {worst:.3g} ({where})")
     assert worst <= TOL, where
     assert moved > 100 * TOL
@@ -432,3 +457,39 @@ def test_lora_training_equals_transformers_peft_adamw(gloo_world, train_setup, d
     print(f"checkpoints: LoRA {lora_bytes:,} bytes ({n_adapter:,} adapter parameters + Adam moments), "
           f"full fine-tuning {full_bytes:,} bytes")
     assert full.steps == 1 and lora_bytes < full_bytes / 2
+
+
+def test_vl_lora_training_equals_transformers_peft_adamw(gloo_world, tmp_path):
+    """Text + image samples, every target group adapted (attention, dense MLP, shared experts, both routed pools,
+    the transformers ViT, the resampler): 5 steps of ``train(lora=4)`` against peft + AdamW."""
+    from safetensors.torch import load_file
+
+    from ernie45.config import load_config
+    from ernie45.testing import write_tiny_checkpoint
+    from ernie45.train.config import TrainConfig
+    from ernie45.train.trainer import train
+    from train_worker import SampleRows, vl_samples, worst_relative
+
+    ck = write_tiny_checkpoint(tmp_path / "vl", "vl", seed=5)
+    cfg = load_config(ck)
+    samples = vl_samples(cfg, 4, seed=3)
+    common = dict(steps=5, lr=2e-3, min_lr=2e-4, warmup=1, schedule="cosine", weight_decay=0.1, adam_eps=1e-2,
+                  clip_grad=1.0, seq_length=20, micro_batch=1, global_batch=4, shuffle=False, pack=False)  # fmt: skip
+    config = TrainConfig(model=str(ck), data=("in-memory",), out=str(tmp_path / "run"), progress=False, lora=RANK,
+                         lora_alpha=ALPHA, lora_targets=ALL, save_peft=str(tmp_path / "peft"), **common)  # fmt: skip
+    _initial_adapter("vl", cfg, ck, ALL, config.seed, tmp_path / "init")
+    grads = {}
+    res = train(config, data=SampleRows(samples, cfg, 20), on_step=_first_step_grads(cfg, grads))
+    ref_losses, ref_grads, ref_adapters = _peft_adamw(ck, tmp_path / "init", samples, common)
+    trained = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+
+    print(f"vl losses {res.losses}\n      ref {ref_losses}")
+    assert all(abs(a - b) <= TOL * abs(b) for a, b in zip(res.losses, ref_losses)), (res.losses, ref_losses)
+    g_worst, g_where = worst_relative(*({k: v for k, v in d.items() if "lora_B" in k} for d in (grads, ref_grads)))
+    worst, where = worst_relative(trained, ref_adapters)
+    print(f"step-1 B gradients worst relative {g_worst:.3g} ({g_where}); {len(trained)} adapters after 5 steps "
+          f"{worst:.3g} ({where})")  # fmt: skip
+    assert sorted(trained) == sorted(ref_adapters) and any("vision_moe" in k for k in trained)
+    assert any("vision_tower" in k for k in trained) and any("resampler_model" in k for k in trained)
+    assert g_worst <= TOL, g_where
+    assert worst <= TOL, where
