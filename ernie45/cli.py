@@ -195,21 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except BaseException as e:  # DCP's CheckpointException is a BaseException; interrupts and bugs are re-raised
         message = bad_input_message(e)
-        if message is None and isinstance(e, _legacy_bad_input()):
-            message = str(e)
         if message is None:
             raise  # a bug in ernie45 (or ^C): the traceback is the report
         # one clear line naming the file/tensor, exit code 2; nothing half-written (outputs are atomic)
         print(f"ernie45 {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-
-def _legacy_bad_input() -> tuple[type[BaseException], ...]:
-    """Bad-input errors of modules that do not derive them from ``ernie45.errors.InputError`` yet."""
-    from .bridge.plan import PlanError
-    from .verify import VerifyError  # GenerateError and RouteStatsError derive from it
-
-    return (PlanError, VerifyError)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -86,7 +86,9 @@ def _parse_ids(prompt: str, where: str) -> list[int]:
 def _gguf_has_vocab(path: Path) -> bool:
     import gguf
 
-    field = gguf.GGUFReader(str(path)).fields.get("tokenizer.ggml.model")
+    from .bridge.gguf import open_gguf
+
+    field = open_gguf(path).fields.get("tokenizer.ggml.model")
     return field is not None and field.contents() != gguf.NoVocab.tokenizer_model
 
 

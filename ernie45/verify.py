@@ -96,13 +96,13 @@ class GGUFView:
     format = "gguf"
 
     def __init__(self, path: str | Path) -> None:
-        import gguf
-
         # the GGUF table's name patterns (bridge.gguf keeps them private; read_gguf_as_hf uses the same)
         from .bridge.gguf import SqueezeRow, StackExperts, gguf_name_patterns
 
+        from .bridge.gguf import open_gguf
+
         self.path = Path(path)
-        self.reader = gguf.GGUFReader(str(path))
+        self.reader = open_gguf(path)  # header counts, checksum and shapes checked before anything is read
         patterns = gguf_name_patterns()
         self._where: dict[str, tuple[int, int]] = {}  # HF name -> (GGUF tensor index, position in op output)
         self._shape: dict[str, tuple[int, ...]] = {}

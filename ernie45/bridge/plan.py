@@ -14,12 +14,13 @@ from typing import Iterable, Mapping
 import torch
 
 from ..config import ErnieConfig
+from ..errors import InputError
 from .tables import Item, effective_tie, expand, ignored_reason
 
 __all__ = ["PlanError", "Plan", "plan_from_hf", "plan_from_megatron"]
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """The source does not match the model the config describes."""
 
 
