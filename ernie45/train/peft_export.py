@@ -251,6 +251,10 @@ def export_peft_adapter(chunks, cfg: ErnieConfig, layout, out_dir: str | Path, *
     ``dtype``: of the written tensors (default: the adapters' own dtype)."""
     from .lora import group_of
 
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:  # checked on every rank, before any collective
+        raise LoraError("the PEFT adapter export needs peft: pip install 'ernie45[peft]'")
     settings = sorted({(m.lora.rank, m.lora.alpha, m.lora.run_dropout, str(m.lora.A.dtype),
                         group_of(n)) for c in chunks for n, m in adapted_modules(c)})  # fmt: skip
     world = dist.get_world_size()
