@@ -30,6 +30,7 @@ Legend: ``E`` experts per pool, ``r`` LoRA rank, ``I`` expert width, ``H`` hidde
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from collections import defaultdict
@@ -227,7 +228,7 @@ def peft_tensors(full: dict, dtype: torch.dtype, family: str) -> tuple[dict[str,
         tensors[prefix + "lora_A.weight"] = lora_A
         tensors[prefix + "lora_B.weight"] = lora_B
         params.append(f"{module}.{'gate_up_proj' if fc == 1 else 'down_proj'}")
-    # clone: q/k/v (gate/up) each own a copy of the shared A
+    # clone: the parts of one A (q / k / v) are views of one tensor; safetensors wants each tensor its own storage
     return {k: v.to(dtype).clone() for k, v in tensors.items()}, sorted(modules), sorted(params)
 
 
@@ -250,8 +251,6 @@ def export_peft_adapter(chunks, cfg: ErnieConfig, layout, out_dir: str | Path, *
 
     ``dtype``: of the written tensors (default: the adapters' own dtype)."""
     from .lora import group_of
-
-    import importlib.util
 
     if importlib.util.find_spec("peft") is None:  # checked on every rank, before any collective
         raise LoraError("the PEFT adapter export needs peft: pip install 'ernie45[peft]'")
