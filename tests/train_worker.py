@@ -211,6 +211,8 @@ LAYOUTS = {
     "TP2": ("dense-odd", dict(tp=2)),  # vocab 161 padded to 162: the padded logit must not enter the loss
     "SP": ("dense-odd", dict(tp=2, sequence_parallel=True)),
     "PP2": ("dense", dict(pp=2)),  # 4 micro-batches through the 1F1B schedule
+    # the interleaved schedule with more micro-batches (4) than stages: forward and backward messages cross
+    "PP2xVPP2": ("dense", dict(pp=2, vpp=2)),
     "DP2": ("dense", dict()),  # different rows on each rank
     "EP2": ("moe", dict(ep=2)),
     "TP2xEP2": ("moe", dict(tp=2, ep=2, etp=1)),

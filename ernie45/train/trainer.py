@@ -217,6 +217,13 @@ def _build(config: TrainConfig, r: Resolved, source: ModelSource, device: torch.
                         targets=config.lora_targets, seed=config.seed)  # fmt: skip
     tc = chunks[0].config  # shared by every chunk (and, for VL, by the language model)
     tc.calculate_per_token_loss = True
+    if not torch.cuda.is_available():
+        # gloo matches point-to-point messages between two ranks in posting order. With PP=2 a rank's previous and
+        # next stage are the same peer, and Megatron's batched p2p posts (send prev, recv prev, send next, recv
+        # next) on both sides, so under the interleaved schedule a stage receives its peer's gradient as an
+        # activation once forward and backward messages cross (more micro-batches than stages). The unbatched
+        # path orders sends and receives by even/odd rank, which pairs them correctly.
+        tc.batch_p2p_comm = False
     if config.expert_bias_update_rate:
         # Megatron refuses this flag with softmax routing at config time; ErnieTopKRouter does ERNIE's softmax
         # routing and keeps the token counts, so finalize_model_grads can run Megatron's own update on them
