@@ -452,5 +452,6 @@ def test_cli_dry_run_config_file_and_bad_input(setup, tmp_path, capsys):
     run.mkdir()
     (run / "keep.txt").write_text("mine")
     assert "--resume" in bad(*base)
+    assert "not an ernie45 run directory" in bad(*base, "--overwrite")
     assert "no complete checkpoint" in bad(*base, "--resume")
     assert (run / "keep.txt").read_text() == "mine" and sorted(os.listdir(run)) == ["keep.txt"]

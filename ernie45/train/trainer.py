@@ -154,6 +154,8 @@ def _check_run_dir(config: TrainConfig) -> int:
         return step
     if used and not config.overwrite:
         raise TrainConfigError(f"{out} exists and is not empty; pass --resume to continue it or --overwrite to replace it")
+    if used and not (out / "config.yaml").is_file():  # --overwrite deletes only what a run wrote
+        raise TrainConfigError(f"--overwrite: {out} is not an ernie45 run directory (no config.yaml); not deleting it")
     return 0
 
 
