@@ -13,7 +13,7 @@ __all__ = ["detect_format", "inspect_path"]
 
 
 def detect_format(path: str | Path) -> str:
-    """'hf' (config.json + safetensors), 'megatron' (torch_dist), or 'gguf'."""
+    """'hf' (config.json + safetensors), 'megatron' (torch_dist), 'gguf', or 'peft' (a PEFT LoRA adapter)."""
     path = Path(path)
     if path.is_file():
         with open(path, "rb") as f:
@@ -27,6 +27,8 @@ def detect_format(path: str | Path) -> str:
         return "megatron"
     if (path / "config.json").is_file():
         return "hf"
+    if (path / "adapter_config.json").is_file():  # ernie45 train --save-peft, or any peft save_pretrained
+        return "peft"
     raise CheckpointError(f"{path}: not an HF directory (config.json), a Megatron torch_dist directory or a GGUF file")
 
 
@@ -102,6 +104,10 @@ def inspect_path(path: str | Path) -> dict:
     fmt = detect_format(path)
     if fmt == "gguf":
         return gguf_summary(path)
+    if fmt == "peft":
+        from .train.peft_export import describe_adapter_dir
+
+        return describe_adapter_dir(path)
     if fmt != "hf":
         from .convert import inspect_torch_dist
 

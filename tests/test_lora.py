@@ -85,6 +85,7 @@ def test_lora_equals_merged_and_peft(case, world1, sources, tmp_path):
     from ernie45.megatron.parallel import Layout
     from ernie45.reference import load_reference
     from ernie45.train.lora import merge_lora
+    from ernie45.inspect import inspect_path
     from ernie45.train.peft_export import describe_adapter_dir, export_peft_adapter
 
     family, targets, vit = CASES[case]
@@ -100,6 +101,7 @@ def test_lora_equals_merged_and_peft(case, world1, sources, tmp_path):
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["target_parameters" if family != "dense" else "target_modules"]
     facts = describe_adapter_dir(tmp_path / "peft")
+    assert inspect_path(tmp_path / "peft") == facts  # ernie45 inspect recognises the adapter directory
     assert facts["format"] == "peft lora adapter" and facts["rank"] == RANK
     n_adapter = sum(p.numel() for n, p in chunks[0].named_parameters() if ".lora." in n)
     if family == "dense":  # q/k/v and gate/up export their parts of A; nothing else is duplicated or dropped
