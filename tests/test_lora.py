@@ -279,6 +279,48 @@ def test_adapter_dir_bad_input(tmp_path):
         describe_adapter_dir(tmp_path)
 
 
+@pytest.mark.llama
+def test_merged_lora_gguf_runs_in_llama_cpp(world1, tmp_path):
+    """The llama target (``.ci/run``): the merged LoRA export as an f32 GGUF in real llama.cpp gives the logits of
+    transformers + peft with the exported adapter (settings and tolerance as tests/test_llama_cpp.py)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (the llama target)")
+    import numpy as np
+    from peft import PeftModel
+
+    from ernie45.bridge.live import export_hf
+    from ernie45.convert import convert
+    from ernie45.megatron.parallel import Layout
+    from ernie45.reference import load_reference
+    from ernie45.testing import write_tiny_checkpoint
+    from ernie45.train.lora import merge_lora
+    from ernie45.train.peft_export import export_peft_adapter
+
+    # llama.cpp's ernie4_5-moe: a dense first layer, then every layer MoE
+    src = write_tiny_checkpoint(tmp_path / "hf", "moe", seed=12, hidden_size=96, moe_layer_interval=1)
+    cfg, chunks = _lora_model("moe", src, TARGETS["moe"], dtype=torch.float32)
+    fill_adapters(chunks, seed=7)
+    export_peft_adapter(chunks, cfg, Layout(), tmp_path / "peft", base_model=str(src))
+    merge_lora(chunks)
+    export_hf(chunks, cfg, Layout(), tmp_path / "merged", tied=cfg.tie_word_embeddings, side_files_from=src)
+    convert(tmp_path / "merged", tmp_path / "m.gguf", to="gguf", outtype="f32", progress=False)
+    oracle = PeftModel.from_pretrained(load_reference(src), str(tmp_path / "peft")).eval()
+    # f32 K/V cache (GGML type 0) and no flash attention: llama.cpp's f16 defaults would measure f16 rounding
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, type_k=0, type_v=0, flash_attn=False,
+                          n_threads=2, seed=0, verbose=False)  # fmt: skip
+    base = load_reference(src).eval()
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 24, 40):
+        ids = torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist()
+        llm.reset()
+        llm.eval(ids)
+        got = np.array(llm.scores[:n], dtype=np.float32)
+        with torch.no_grad():
+            ref = oracle(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+            untouched = base(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+        assert np.abs(ref - untouched).max() > 0.1  # the adapters matter
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4, err_msg=f"prompt {ids}")
+
+
 def test_describe_and_bad_targets(sources):
     from ernie45.config import ErnieConfig, load_config
     from ernie45.testing import tiny_hf_config
