@@ -405,14 +405,13 @@ def adapter_sharded_state_dict(chunks) -> dict:
 
 def load_adapter_state_dict(chunks, loaded: dict) -> None:
     """Copy what ``dist_checkpointing.load(adapter_sharded_state_dict(chunks), dir)`` returned into the adapters;
-    fails listing every missing or mis-shaped key."""
+    fails listing every missing, unexpected or mis-shaped key."""
     want = adapter_sharded_state_dict(chunks)
-    missing = sorted(set(want) - set(loaded))
+    missing, unexpected = sorted(set(want) - set(loaded)), sorted(set(loaded) - set(want))
     bad = [k for k in want if k in loaded and tuple(loaded[k].shape) != tuple(want[k].data.shape)]
-    unexpected = sorted(set(loaded) - set(want))
-    missing += [f"(unexpected) {k}" for k in unexpected]
-    if missing or bad:
-        raise LoraError(f"adapter checkpoint does not fit this model: missing {missing}, mis-shaped {bad}")
+    if missing or unexpected or bad:
+        raise LoraError(f"adapter checkpoint does not fit this model: missing {missing}, unexpected {unexpected}, "
+                        f"mis-shaped {bad}")  # fmt: skip
     with torch.no_grad():
         for key, sh in want.items():
             sh.data.copy_(loaded[key])
