@@ -1,4 +1,5 @@
-"""Converter benchmark: HF -> Megatron torch_dist (TP2·PP2·EP2) -> HF on synthetic ~1 GB and ~3 GB VL checkpoints.
+"""Converter benchmark: HF -> Megatron torch_dist (TP2·PP2·EP2) -> HF, and a reshard (-> TP1·PP1·EP4), on synthetic
+~1 GB and ~3 GB VL checkpoints.
 
     .venv/bin/python benchmarks/convert.py [--sizes 1 3] [--keep DIR]
 
@@ -10,9 +11,12 @@ The checkpoints have the real ERNIE-4.5-VL-28B-A3B tensor shapes (hidden 2560, 2
   every measurement starts after ``sync``, so no earlier step's writeback is billed to it;
 * each conversion as a separate ``python -m ernie45 convert`` process, its wall time and its own peak RSS
   (``os.wait4`` rusage of that child);
-* the ratios wall/cp, and a bit-exact check of the round trip.
+* the ratios wall/cp, and a bit-exact check of the round trip;
+* where each conversion's time goes: the converter's own accounting (``ERNIE45_PHASES``, see
+  ``ernie45.bridge.io.Phases``: planning, reads, the ops, serialisation, the kernel's writes, checksum hashing,
+  fsync, the final rename), plus the process start and imports (spawn to ``convert()``) and the exit after it.
 
-Targets (issue #4): ≤ 1.3× cp, peak RSS ≤ 1.5 GB and flat between the two sizes.
+Targets (issue #15): ≤ 1.5× cp at 2.6 GiB, peak RSS ≤ 0.75 GB and flat between the sizes.
 """
 
 from __future__ import annotations
@@ -79,16 +83,17 @@ def write_synthetic(path: Path, raw: dict) -> int:
     return sum(f.stat().st_size for f in path.iterdir())
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of one child process.
+def timed(cmd: list[str], phases: Path | None = None) -> tuple[float, int, dict[str, float]]:
+    """(wall seconds, peak RSS bytes, phases) of one child process.
 
     RSS is sampled every 5 ms with psutil: the rusage of a child would also count the pages it inherited from
-    this (large) parent at fork time, before exec.
+    this (large) parent at fork time, before exec. ``phases``: a file the converter writes its phase times to.
     """
     import psutil
 
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    env = dict(os.environ, ERNIE45_PHASES=str(phases)) if phases else None
+    spawned, t0 = time.time(), time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
     child, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -96,10 +101,13 @@ def timed(cmd: list[str]) -> tuple[float, int]:
         except psutil.NoSuchProcess:
             break
         time.sleep(0.005)
-    wall = time.perf_counter() - t0
+    wall, ended = time.perf_counter() - t0, time.time()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed with status {proc.returncode}")
-    return wall, peak
+    if not phases:
+        return wall, peak, {}
+    rec = json.loads(phases.read_text())
+    return wall, peak, {"start+imports": rec["started"] - spawned, **rec["seconds"], "exit": ended - rec["finished"]}
 
 
 def bit_exact(a: Path, b: Path) -> bool:
@@ -125,25 +133,50 @@ def main() -> None:
             for k in range(3):  # the median of three: cp's time swings with the page cache's writeback state
                 os.sync()
                 cp_runs.append(timed(["cp", "-r", str(d / "hf"), str(d / f"hf-copy{k}")])[0])
+                if k == 0:  # cp + sync: what --fsync is measured against
+                    t = time.perf_counter()
+                    os.sync()
+                    cp_sync = cp_runs[0] + time.perf_counter() - t
                 shutil.rmtree(d / f"hf-copy{k}")
             cp_wall = sorted(cp_runs)[1]
             os.sync()  # no writeback of earlier steps lands inside the next measurement
-            to_mg, to_mg_rss = timed(exe + [str(d / "hf"), str(d / "mg"), "--to", "megatron", "--tp", "2", "--pp", "2",
-                                           "--ep", "2", "--no-progress"])  # fmt: skip
-            os.sync()
-            to_hf, to_hf_rss = timed(exe + [str(d / "mg"), str(d / "back"), "--to", "hf", "--no-progress"])
-            exact = bit_exact(d / "hf", d / "back")
-            rows.append(dict(size=f"{nbytes / 2**30:.2f} GiB", cp=cp_wall, to_mg=to_mg, to_hf=to_hf,
-                             rss_mg=to_mg_rss, rss_hf=to_hf_rss, exact=exact))  # fmt: skip
+            runs = {
+                "HF->MG": [str(d / "hf"), str(d / "mg"), "--to", "megatron", "--tp", "2", "--pp", "2", "--ep", "2"],
+                "MG->HF": [str(d / "mg"), str(d / "back"), "--to", "hf"],
+                "reshard": [str(d / "mg"), str(d / "mg2"), "--to", "megatron", "--tp", "1", "--pp", "1", "--ep", "4"],
+                "HF->MG fsync": [str(d / "hf"), str(d / "mg3"), "--to", "megatron", "--tp", "2", "--pp", "2", "--ep",
+                                 "2", "--fsync"],
+            }  # fmt: skip
+            row = dict(size=f"{nbytes / 2**30:.2f} GiB", cp=cp_wall, cp_sync=cp_sync, runs={})
+            for name, argv in runs.items():
+                os.sync()
+                row["runs"][name] = timed(exe + argv + ["--no-progress"], phases=d / "phases.json")
+                if name == "HF->MG fsync":
+                    shutil.rmtree(d / "mg3")
+            row["exact"] = bit_exact(d / "hf", d / "back")
+            rows.append(row)
             shutil.rmtree(d)
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
-    print(f"{'checkpoint':>11} {'cp -r':>7} {'HF->MG':>8} {'ratio':>6} {'MG->HF':>8} {'ratio':>6} "
-          f"{'RSS HF->MG':>11} {'RSS MG->HF':>11} bit-exact")  # fmt: skip
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    print(f"{'checkpoint':>11} {'run':>13} {'wall':>8} {'ratio':>7} {'peak RSS':>9}  (ratio: to cp -r; fsync: to cp -r + sync)")
     for r in rows:
-        print(f"{r['size']:>11} {r['cp']:>6.2f}s {r['to_mg']:>7.2f}s {r['to_mg'] / r['cp']:>5.2f}x {r['to_hf']:>7.2f}s "
-              f"{r['to_hf'] / r['cp']:>5.2f}x {r['rss_mg'] / 2**30:>9.2f}GB {r['rss_hf'] / 2**30:>9.2f}GB {r['exact']}")  # fmt: skip
+        for name, (wall, rss, _) in r["runs"].items():
+            base = r["cp_sync"] if "fsync" in name else r["cp"]
+            print(f"{r['size']:>11} {name:>13} {wall:>7.2f}s {wall / base:>6.2f}x {rss / 2**30:>7.2f}GB")
+        print(f"{r['size']:>11} {'cp -r':>13} {r['cp']:>7.2f}s {'':>7} {'':>9}   cp -r + sync {r['cp_sync']:.2f}s; "
+              f"round trip bit-exact: {r['exact']}")  # fmt: skip
+    for r in rows:
+        names = list(r["runs"])
+        phases = sorted({p for n in names for p in r["runs"][n][2]}, key=_PHASE_ORDER.index)
+        print(f"\nwhere the time goes, {r['size']} (seconds)\n{'phase':>14}" + "".join(f"{n:>14}" for n in names))
+        for p in phases:
+            print(f"{p:>14}" + "".join(f"{r['runs'][n][2].get(p, 0.0):>14.2f}" for n in names))
+
+
+_PHASE_ORDER = ["start+imports", "plan", "hash input", "read", "op", "serialise", "write", "hash output", "fsync",
+                "rename", "other", "exit"]  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     report = convert(
         args.src, args.dst, to=args.to, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp,
         first=args.first, last=args.last, dry_run=args.dry_run, overwrite=args.overwrite, hf_config=args.hf_config,
-        outtype=args.outtype, vit=args.vit, verify_checksums=args.verify_checksums,
+        outtype=args.outtype, vit=args.vit, verify_checksums=args.verify_checksums, fsync=args.fsync,
         progress=not args.no_progress and sys.stderr.isatty(),
     )  # fmt: skip
     if args.json:
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "Megatron-Core ViT (megatron)")  # fmt: skip
     c.add_argument("--verify-checksums", action="store_true",
                    help="check every source file against the checksums ernie45 recorded, before writing anything")
+    c.add_argument("--fsync", action="store_true",
+                   help="durable output (megatron, hf targets): files and directory synced before the final rename")
     c.add_argument("--dry-run", action="store_true", help="print the plan (names, ops, shards, bytes); write nothing")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import shutil
 import time
 from collections import Counter
@@ -40,9 +41,11 @@ import torch
 from .bridge.io import (
     INDEX_NAME,
     INFO_NAME,
+    NO_PHASES,
     Checksums,
     CheckpointError,
     HFCheckpoint,
+    Phases,
     atomic_output,
     read_json,
     record_checksums,
@@ -71,12 +74,12 @@ class HFSource:
 
     format = "hf"
 
-    def __init__(self, path: str | Path, *, vit: str = "hf") -> None:
+    def __init__(self, path: str | Path, *, vit: str = "hf", phases: Phases = NO_PHASES) -> None:
         self.path = Path(path)
         cfg = load_config(path)
         # the Megatron side's ViT (VL only): the HF files are the same either way, the Megatron names differ
         self.cfg = replace(cfg, vit_impl=vit) if cfg.family == "vl" else cfg
-        self.ckpt = HFCheckpoint(path)
+        self.ckpt = HFCheckpoint(path, phases=phases)
         self.plan = plan_from_hf(self.cfg, self.ckpt.shapes(), dtypes=self.ckpt.dtypes(), where=str(path))
 
     def keys(self) -> list[str]:
@@ -120,7 +123,7 @@ class MegatronSource:
 
     format = "megatron"
 
-    def __init__(self, path: str | Path, *, hf_config: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path, *, hf_config: str | Path | None = None, phases: Phases = NO_PHASES) -> None:
         self.path = Path(path)
         cfg_path = Path(hf_config) if hf_config else self.path
         if not (cfg_path / "config.json").is_file() and not cfg_path.is_file():
@@ -130,8 +133,9 @@ class MegatronSource:
         # what ernie45 wrote beside the checkpoint (layout, tied, checksums, ...); empty for Megatron's own
         self.info = info = _read_info(self.path / INFO_NAME)
         self.checksums = Checksums(self.path, info.get("checksums") if info else None, info_file=self.path / INFO_NAME)
-        self.checksums.check(".metadata")  # before it is unpickled
-        self.reader = TorchDistReader(path, checksums=self.checksums)
+        with phases("hash input"):
+            self.checksums.check(".metadata")  # before it is unpickled
+        self.reader = TorchDistReader(path, checksums=self.checksums, phases=phases)
         self.notes = [self.checksums.note] if self.checksums.note else []
         keys = set(self.reader.keys())
         if cfg.family == "vl" and any(k.startswith(MEGATRON_VIT_PREFIX) for k in keys):
@@ -263,17 +267,18 @@ def _read_info(path: Path) -> dict:
 
 
 def open_source(
-    path: str | Path, *, hf_config: str | Path | None = None, vit: str | None = None
+    path: str | Path, *, hf_config: str | Path | None = None, vit: str | None = None, phases: Phases = NO_PHASES
 ) -> HFSource | MegatronSource:
     """``vit`` ("hf" / "megatron", VL only): the ViT of the Megatron side, for an HF source; a torch_dist source
-    says which it holds, and asking for the other is an error (convert through HF to switch)."""
+    says which it holds, and asking for the other is an error (convert through HF to switch). ``phases``: times
+    the source's reads and checksum checks."""
     from .inspect import detect_format
 
     fmt = detect_format(path)
     if fmt == "hf":
-        source = HFSource(path, vit=vit or "hf")
+        source = HFSource(path, vit=vit or "hf", phases=phases)
     elif fmt == "megatron":
-        source = MegatronSource(path, hf_config=hf_config)
+        source = MegatronSource(path, hf_config=hf_config, phases=phases)
         if vit is not None and source.cfg.family == "vl" and vit != source.cfg.vit_impl:
             raise UsageError(f"{path} holds the {source.cfg.vit_impl!r} ViT; to change it to {vit!r}, convert to HF "
                              "first")  # fmt: skip
@@ -397,11 +402,15 @@ def plan_megatron(source, layout: Layout) -> tuple[list[ChunkSpec], dict[str, by
     return chunks, objects
 
 
-def write_megatron(source, dst: Path, layout: Layout, *, overwrite=False, progress=True) -> int:
-    chunks, objects = plan_megatron(source, layout)
+def write_megatron(source, dst: Path, layout: Layout, *, overwrite=False, progress=True, phases: Phases = NO_PHASES,
+                   fsync: bool = False) -> int:
+    """``fsync``: durable (files, directory and rename synced); ``phases``: where the time goes."""
+    with phases("plan"):
+        chunks, objects = plan_megatron(source, layout)
     total = sum(c.nbytes for c in chunks)
-    with atomic_output(dst, overwrite=overwrite) as tmp, _progress(total, "HF -> torch_dist", progress) as bar:
-        write_dcp(tmp, chunks, objects, on_chunk=bar.update)
+    with (atomic_output(dst, overwrite=overwrite, phases=phases, fsync=fsync) as tmp,
+          _progress(total, "HF -> torch_dist", progress) as bar):  # fmt: skip
+        written = write_dcp(tmp, chunks, objects, on_chunk=bar.update, phases=phases, fsync=fsync)
         (tmp / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
         torch.save({}, tmp / "common.pt")  # Megatron's common (non-sharded) state: nothing for a bare conversion
         data_files = [f.name for f in tmp.iterdir()]
@@ -410,24 +419,28 @@ def write_megatron(source, dst: Path, layout: Layout, *, overwrite=False, progre
             format="ernie45 torch_dist", version=1, family=source.cfg.family, tied=source.plan.tied,
             layout=asdict(layout), vocab_size=source.cfg.vocab_size, carried=_carried(source), vit=source.cfg.vit_impl,
             local_spec="megatron-core local spec, SequentialMLP experts",
-            checksums=record_checksums(tmp, data_files),
+            checksums=record_checksums(tmp, data_files, known=written, phases=phases),
         )  # fmt: skip
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
         _copy_side_files(source, tmp)
     return total
 
 
-def write_hf(source, dst: Path, *, overwrite=False, progress=True, max_shard_bytes: int = 2 * 2**30) -> int:
-    names = [n for it in source.plan.items for n in it.hf] + _carried(source)
-    entries = [(n, tuple(source.shape(n)), source.dtype(n)) for n in names]
+def write_hf(source, dst: Path, *, overwrite=False, progress=True, max_shard_bytes: int = 2 * 2**30,
+             phases: Phases = NO_PHASES, fsync: bool = False) -> int:
+    """``fsync``: durable (files, directory and rename synced); ``phases``: where the time goes."""
+    with phases("plan"):
+        names = [n for it in source.plan.items for n in it.hf] + _carried(source)
+        entries = [(n, tuple(source.shape(n)), source.dtype(n)) for n in names]
     total = sum(d.itemsize * math.prod(s) for _, s, d in entries)
-    with atomic_output(dst, overwrite=overwrite) as tmp, _progress(total, "-> HF safetensors", progress) as bar:
-        files = write_safetensors_streaming(tmp, entries, source.get, max_shard_bytes=max_shard_bytes,
-                                            on_tensor=bar.update)  # fmt: skip
-        files += [INDEX_NAME] if (tmp / INDEX_NAME).exists() else []
+    with (atomic_output(dst, overwrite=overwrite, phases=phases, fsync=fsync) as tmp,
+          _progress(total, "-> HF safetensors", progress) as bar):  # fmt: skip
+        written = write_safetensors_streaming(tmp, entries, source.get, max_shard_bytes=max_shard_bytes,
+                                              on_tensor=bar.update, phases=phases, fsync=fsync)  # fmt: skip
+        files = [*written, *([INDEX_NAME] if (tmp / INDEX_NAME).exists() else [])]
         (tmp / "config.json").write_text(json.dumps(source.cfg.to_hf(), indent=2, sort_keys=True) + "\n")
         # transformers ignores this sidecar; ernie45 checks the weights against it when it reads them back
-        info = dict(format="ernie45 hf", version=1, checksums=record_checksums(tmp, files))
+        info = dict(format="ernie45 hf", version=1, checksums=record_checksums(tmp, files, known=written, phases=phases))
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
         _copy_side_files(source, tmp)
     return total
@@ -479,6 +492,8 @@ def convert(
     vit: str | None = None,
     verify_checksums: bool = False,
     progress: bool = True,
+    fsync: bool = False,
+    phases: Phases | None = None,
 ) -> ConversionReport:
     """Convert ``src`` (HF dir or torch_dist dir) to ``to`` in {"megatron", "hf", "gguf"} at ``dst``.
 
@@ -487,17 +502,41 @@ def convert(
     (default) writes transformers' ViT replicated, "megatron" the TP-sharded Megatron-Core ViT
     (``ErnieConfig.vit_impl``). ``verify_checksums``: check every file of the source against the checksums
     ernie45 recorded when it wrote it, before writing anything (without it each file is checked when first read).
+    ``fsync`` (megatron / hf targets): durable -- every file and the directory reach the disk before the final
+    rename, and the rename after it.
+
+    ``phases``: where the time goes (:class:`~ernie45.bridge.io.Phases`: planning, reads, ops, serialisation,
+    the kernel's writes, hashing, rename). When not given and ``ERNIE45_PHASES`` names a file, the phases (and the
+    wall-clock start and end) are written there as JSON -- what ``benchmarks/convert.py`` reads.
     """
     t0 = time.time()
+    phases_file = os.environ.get("ERNIE45_PHASES") if phases is None else None
+    if phases is None:
+        phases = Phases() if phases_file else NO_PHASES
+    report = _convert(src, dst, to=to, tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp, first=first, last=last,
+                      dry_run=dry_run, overwrite=overwrite, hf_config=hf_config, outtype=outtype, vit=vit,
+                      verify_checksums=verify_checksums, progress=progress, fsync=fsync, phases=phases)  # fmt: skip
+    report.seconds = time.time() - t0
+    if phases_file:
+        seconds = dict(phases.seconds, other=report.seconds - sum(phases.seconds.values()))
+        Path(phases_file).write_text(json.dumps({"started": t0, "finished": t0 + report.seconds, "seconds": seconds}))
+    return report
+
+
+def _convert(src, dst, *, to, tp, pp, ep, etp, vpp, first, last, dry_run, overwrite, hf_config, outtype, vit,
+             verify_checksums, progress, fsync, phases: Phases) -> ConversionReport:
     if to not in ("megatron", "hf", "gguf"):
         raise UsageError(f"--to must be megatron, hf or gguf, not {to!r}")
     layout_flags = dict(tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp, first=first, last=last, vit=vit)
     ignored_flags = [f"--{k}" for k, v in layout_flags.items() if v is not None and to != "megatron"]
     ignored_flags += ["--outtype"] if outtype is not None and to != "gguf" else []
+    ignored_flags += ["--fsync"] if fsync and to == "gguf" else []
     if ignored_flags:
         raise UsageError(f"{', '.join(ignored_flags)} {'does' if len(ignored_flags) == 1 else 'do'} not apply to "
-                         f"--to {to} (layout flags and --vit are for --to megatron, --outtype for --to gguf)")  # fmt: skip
-    source = open_source(src, hf_config=hf_config, vit=vit)
+                         f"--to {to} (layout flags and --vit are for --to megatron, --outtype for --to gguf, --fsync for "
+                         "megatron and hf)")  # fmt: skip
+    with phases("plan"):
+        source = open_source(src, hf_config=hf_config, vit=vit, phases=phases)
     dst = Path(dst)
     refuse_overlap(source.source_files(), dst)
     if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
@@ -521,9 +560,9 @@ def convert(
         report.plan_text = _plan_text(source, layout, to)
         return report
     if to == "megatron":
-        write_megatron(source, dst, layout, overwrite=overwrite, progress=progress)
+        write_megatron(source, dst, layout, overwrite=overwrite, progress=progress, phases=phases, fsync=fsync)
     elif to == "hf":
-        write_hf(source, dst, overwrite=overwrite, progress=progress)
+        write_hf(source, dst, overwrite=overwrite, progress=progress, phases=phases, fsync=fsync)
     else:
         from .bridge.gguf import export_gguf
 
@@ -531,7 +570,6 @@ def convert(
                          overwrite=overwrite, progress=progress)  # fmt: skip
         report.ignored = list(getattr(gg, "ignored", []))
         report.carried = []
-    report.seconds = time.time() - t0
     return report
 
 

@@ -9,6 +9,8 @@
 * :class:`Checksums`: the per-file sha256 ernie45 records in ``ernie45.json`` when it writes a checkpoint, checked
   before each file's first read.
 * :func:`refuse_overlap`: a destination that is, contains or lies inside a source is refused.
+* :class:`Phases`: opt-in accounting of where a conversion's wall time goes (``ERNIE45_PHASES``, read by
+  ``convert``); :data:`NO_PHASES` when off.
 * :class:`HFWriter` streams tensors into size-bounded shards with an index, inside a temporary directory that
   :func:`atomic_output` renames into place only when everything was written (:func:`atomic_file` for one file, the
   GGUF): one protocol for both (stale temporaries of killed runs removed, the umask followed, OS errors and a full
@@ -26,6 +28,8 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
+import time
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator
 
@@ -37,7 +41,7 @@ from ..errors import InputError
 
 __all__ = [
     "CheckpointError", "HFCheckpoint", "HFWriter", "atomic_output", "write_safetensors_streaming", "SIDE_FILES",
-    "atomic_file", "Checksums", "record_checksums", "refuse_overlap", "side_files_of", "regular_file", "read_json", "INFO_NAME",
+    "atomic_file", "Checksums", "Phases", "NO_PHASES", "HashingFile", "record_checksums", "refuse_overlap", "side_files_of", "regular_file", "read_json", "INFO_NAME",
 ]  # fmt: skip
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -60,6 +64,95 @@ INDEX_NAME = "model.safetensors.index.json"
 
 class CheckpointError(InputError):
     """An unreadable or malformed checkpoint (names the file)."""
+
+
+class Phases:
+    """Where a conversion's wall time goes: ``with phases("read"): ...`` adds the block's time to "read".
+
+    Time is exclusive: a phase entered inside another pauses it (the op's time excludes the reads it makes), so
+    the phases add up to the time measured. Each thread keeps its own stack (a writer thread's phases are its own).
+    Disabled (:data:`NO_PHASES`, the default everywhere), a phase costs one attribute test.
+    """
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.seconds: dict[str, float] = {}
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        stack = self._local.__dict__.setdefault("stack", [])
+        now = time.perf_counter()
+        if stack:
+            self._add(stack[-1][0], now - stack[-1][1])
+        stack.append([name, now])
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            self._add(name, now - stack.pop()[1])
+            if stack:
+                stack[-1][1] = now
+
+    def _add(self, name: str, dt: float) -> None:
+        with self._lock:
+            self.seconds[name] = self.seconds.get(name, 0.0) + dt
+
+    def __call__(self, name: str):
+        return self._timed(name) if self.enabled else contextlib.nullcontext()
+
+
+NO_PHASES = Phases(enabled=False)  # never records: safe to share
+
+
+class HashingFile:
+    """A file opened for writing that hashes (sha256) what is written as it is written: the checksum of an output
+    costs no second pass over it. ``fsync``: flushed to the disk at :meth:`close`."""
+
+    def __init__(self, path: Path, *, phases: Phases = NO_PHASES, fsync: bool = False) -> None:
+        self.path, self.phases, self._fsync = Path(path), phases, fsync
+        self._f = open(path, "wb")
+        self._h = hashlib.sha256()
+        self.nbytes = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")  # torch.save hands bytes, the writers hand tensors' numpy views
+        with self.phases("hash output"):
+            self._h.update(view)
+        with self.phases("write"):
+            n = self._f.write(view)
+        self.nbytes += n
+        return n
+
+    def tell(self) -> int:
+        return self.nbytes
+
+    def flush(self) -> None:
+        with self.phases("write"):
+            self._f.flush()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def close(self) -> None:
+        if self._f.closed:
+            return
+        with self.phases("write"):
+            self._f.flush()
+            if self._fsync:
+                os.fsync(self._f.fileno())
+            self._f.close()
+
+    def __enter__(self) -> "HashingFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def record(self) -> dict[str, Any]:
+        """``{"bytes", "sha256"}`` of what was written (as :func:`record_checksums` records it)."""
+        return {"bytes": self.nbytes, "sha256": self._h.hexdigest()}
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -122,10 +215,20 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def record_checksums(directory: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """``{file name: {"bytes": size, "sha256": hex}}`` of ``names`` in ``directory`` (just written: read back from
-    the page cache)."""
-    return {n: {"bytes": (directory / n).stat().st_size, "sha256": file_sha256(directory / n)} for n in sorted(names)}
+def record_checksums(directory: Path, names: Iterable[str], *, known: dict[str, dict[str, Any]] | None = None,
+                     phases: Phases = NO_PHASES) -> dict[str, dict[str, Any]]:
+    """``{file name: {"bytes": size, "sha256": hex}}`` of ``names`` in ``directory``. ``known``: the records of
+    files hashed while they were written (:class:`HashingFile`); their size is checked against the file, the
+    others are read back (small files: configs, Megatron's ``common.pt``)."""
+    known = known or {}
+    out = {}
+    with phases("hash output"):
+        for n in sorted(names):
+            size = (directory / n).stat().st_size
+            if n in known and known[n]["bytes"] != size:
+                raise CheckpointError(f"{directory / n}: {size} bytes on disk, {known[n]['bytes']} written")
+            out[n] = known[n] if n in known else {"bytes": size, "sha256": file_sha256(directory / n)}
+    return out
 
 
 class Checksums:
@@ -216,8 +319,9 @@ _DTYPES = {
 class HFCheckpoint:
     """Read-only, lazy view of a HF safetensors checkpoint directory."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, phases: Phases = NO_PHASES) -> None:
         self.path = Path(path)
+        self.phases = phases
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a directory")
         self._file_of: dict[str, Path] = {}
@@ -351,7 +455,8 @@ class HFCheckpoint:
             raise CheckpointError(f"{self.path}: no tensor {name}")
         f = self._file_of[name]
         if self.checksums is not None:
-            self.checksums.check(f.relative_to(self.path).as_posix())
+            with self.phases("hash input"):
+                self.checksums.check(f.relative_to(self.path).as_posix())
         shape, dtype = self._shape[name], self.dtype(name)
         row_bytes = dtype.itemsize * math.prod(shape[1:])
         a, b = self._offsets[name]
@@ -361,17 +466,18 @@ class HFCheckpoint:
             shape = (stop - start, *shape[1:])
         elif dim not in (None, 1):
             raise ValueError(f"slicing along dim {dim} is not supported")
-        t = torch.empty(shape, dtype=dtype)  # read straight into the tensor's own (freeable) storage
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            # a ctypes view of the tensor's memory (not .numpy(), which would pin the storage as non-resizable)
-            n = os.preadv(fd, [(ctypes.c_char * (b - a)).from_address(t.data_ptr())], a) if b > a else 0
-        finally:
-            os.close(fd)
-        if n != b - a:
-            raise CheckpointError(f"{f}: truncated while reading {name}")
-        if dim == 1:
-            t = t[:, start:stop].contiguous()
+        with self.phases("read"):
+            t = torch.empty(shape, dtype=dtype)  # read straight into the tensor's own (freeable) storage
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                # a ctypes view of the tensor's memory (not .numpy(), which would pin the storage as non-resizable)
+                n = os.preadv(fd, [(ctypes.c_char * (b - a)).from_address(t.data_ptr())], a) if b > a else 0
+            finally:
+                os.close(fd)
+            if n != b - a:
+                raise CheckpointError(f"{f}: truncated while reading {name}")
+            if dim == 1:
+                t = t[:, start:stop].contiguous()
         return t
 
     def side_files(self) -> list[Path]:
@@ -521,10 +627,13 @@ def _nearly_full(directory: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _temporary(dst: Path, *, overwrite: bool, make: Callable[[str], Path]) -> Iterator[Path]:
+def _temporary(dst: Path, *, overwrite: bool, make: Callable[[str], Path], phases: Phases = NO_PHASES,
+               fsync: bool = False) -> Iterator[Path]:
     """The one atomic-write protocol: a temporary beside ``dst`` (named after it and this process, so a later run
     removes it if this one is killed), permissions from the umask, renamed over ``dst`` only when complete and
-    removed on any error. OS errors about the destination come out naming it."""
+    removed on any error. OS errors about the destination come out naming it. ``fsync``: every file and the
+    temporary directory reach the disk before the rename, and the parent directory (the rename itself) after it,
+    so after a crash ``dst`` is either the old one or the complete new one."""
     for parent in dst.parents:  # mkdir(parents=True) would say "File exists" about a parent that is a file
         if parent.exists():
             if not parent.is_dir():
@@ -545,13 +654,20 @@ def _temporary(dst: Path, *, overwrite: bool, make: Callable[[str], Path]) -> It
             raise CheckpointError(f"{dst}: appeared while writing (pass --overwrite to replace it)")
         if dst.is_dir() and not tmp.is_dir():
             raise CheckpointError(f"{dst}: is a directory; give a file name")
-        if dst.exists() and tmp.is_dir():
-            old = dst.with_name(f".{_temp_stem(dst)}.old-{os.getpid()}")
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, dst)
+        if fsync:
+            with phases("fsync"):
+                _sync_tree(tmp)
+        with phases("rename"):
+            if dst.exists() and tmp.is_dir():
+                old = dst.with_name(f".{_temp_stem(dst)}.old-{os.getpid()}")
+                os.replace(dst, old)
+                os.replace(tmp, dst)
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            else:
+                os.replace(tmp, dst)
+        if fsync:
+            with phases("fsync"):
+                _sync_path(dst.parent)
     except BaseException as e:
         # an interrupt stays an interrupt; bad input already names what is wrong
         bad_write = isinstance(e, Exception) and not isinstance(e, InputError)
@@ -562,12 +678,33 @@ def _temporary(dst: Path, *, overwrite: bool, make: Callable[[str], Path]) -> It
         raise
 
 
+def _sync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file under ``root`` (a file already synced costs nothing), then the directories, deepest first."""
+    if not root.is_dir():
+        _sync_path(root)
+        return
+    for here, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _sync_path(Path(here) / name)
+        _sync_path(Path(here))
+
+
 @contextlib.contextmanager
-def atomic_output(dst: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output(dst: str | Path, *, overwrite: bool = False, phases: Phases = NO_PHASES,
+                  fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``dst``; on success it replaces ``dst``, on any error it is removed.
 
     A non-empty ``dst`` is refused unless ``overwrite``. Nothing at ``dst`` changes until the very end, so an
-    interrupted conversion never leaves a destination that looks complete.
+    interrupted conversion never leaves a destination that looks complete. ``fsync``: durably (files, the
+    directory and the rename synced); ``phases`` times the rename (and the syncs).
     """
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
@@ -575,7 +712,7 @@ def atomic_output(dst: str | Path, *, overwrite: bool = False) -> Iterator[Path]
     def make(prefix: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))
 
-    with _temporary(dst, overwrite=True, make=make) as tmp:
+    with _temporary(dst, overwrite=True, make=make, phases=phases, fsync=fsync) as tmp:
         yield tmp
 
 
@@ -607,12 +744,15 @@ def write_safetensors_streaming(
     *,
     max_shard_bytes: int = 2 * 2**30,
     on_tensor: Callable[[int], None] = lambda n: None,
-) -> list[str]:
+    phases: Phases = NO_PHASES,
+    fsync: bool = False,
+) -> dict[str, dict[str, Any]]:
     """Write ``entries`` (in order) as safetensors shards + index, producing one tensor at a time.
 
     The safetensors header needs every shape and offset before the first byte of data; the plan knows them, so
     each shard's header is written first and the tensors are streamed after it (peak memory: one tensor). The
-    files are standard safetensors (read back by ``safe_open`` in the round-trip tests).
+    files are standard safetensors (read back by ``safe_open`` in the round-trip tests). Returns ``{shard file:
+    {"bytes", "sha256"}}`` (in order), hashed while written.
     """
     shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
     size = 0
@@ -625,7 +765,7 @@ def write_safetensors_streaming(
         size += nbytes
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    total = 0
+    total, records = 0, {}
     for fname, shard in zip(names, shards):
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
@@ -635,19 +775,22 @@ def write_safetensors_streaming(
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        with open(out_dir / fname, "wb") as f:
+        with HashingFile(out_dir / fname, phases=phases, fsync=fsync) as f:
             f.write(len(blob).to_bytes(8, "little"))
             f.write(blob)
             for name, shape, dtype in shard:
-                t = produce(name)
+                with phases("op"):  # what the source does beyond reading (inverse ops); its reads time themselves
+                    t = produce(name)
                 if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                     raise CheckpointError(f"{name}: produced {list(t.shape)} {t.dtype}, planned {list(shape)} {dtype}")
-                data = t.contiguous().view(torch.uint8).numpy() if t.numel() else b""
-                f.write(memoryview(data))
+                with phases("serialise"):
+                    data = t.contiguous().view(torch.uint8).numpy() if t.numel() else b""
+                f.write(data)
                 on_tensor(t.numel() * t.element_size())
+        records[fname] = f.record()
         total += offset
     if n > 1:
         weight_map = {name: fname for fname, shard in zip(names, shards) for name, _, _ in shard}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    return names
+    return records

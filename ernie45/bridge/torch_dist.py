@@ -23,6 +23,7 @@ metadata classes; tensor data is read by DCP with ``weights_only=True``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import pickle
@@ -34,7 +35,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -47,7 +48,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWrite
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from ..errors import dcp_failure
-from .io import Checksums, CheckpointError, read_json, regular_file
+from .io import NO_PHASES, Checksums, CheckpointError, HashingFile, Phases, read_json, regular_file
 
 __all__ = ["dist_key", "extra_state_keys", "ChunkSpec", "write_dcp", "TorchDistReader", "MEGATRON_METADATA"]
 
@@ -114,17 +115,23 @@ class ChunkSpec:
 
 
 class _LazySavePlanner(DefaultSavePlanner):
-    def __init__(self, chunks: list[ChunkSpec], objects: dict[str, bytes], on_chunk: Callable[[int], None]):
+    def __init__(self, chunks: list[ChunkSpec], objects: dict[str, bytes], on_chunk: Callable[[int], None],
+                 phases: Phases = NO_PHASES):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
         self._chunks = {(c.key, c.offsets): c for c in chunks}
         self._objects = objects
         self._on_chunk = on_chunk
+        self._phases = phases
         self._last: torch.Tensor | None = None
 
     def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False) -> None:
         self.state_dict, self.is_coordinator = state_dict, is_coordinator
 
     def create_local_plan(self) -> SavePlan:
+        with self._phases("plan"):
+            return self._local_plan()
+
+    def _local_plan(self) -> SavePlan:
         items = [
             WriteItem(
                 index=MetadataIndex(c.key, torch.Size(c.offsets)),
@@ -150,7 +157,8 @@ class _LazySavePlanner(DefaultSavePlanner):
         if self._last is not None and self._last.untyped_storage().resizable():
             self._last.untyped_storage().resize_(0)
         c = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
-        t = c.produce()
+        with self._phases("op"):  # the source's reads time themselves (exclusive)
+            t = c.produce()
         if tuple(t.shape) != c.sizes or t.dtype != c.dtype:
             raise CheckpointError(f"{c.key}@{c.offsets}: produced {list(t.shape)} {t.dtype}, planned {list(c.sizes)} {c.dtype}")
         self._on_chunk(c.nbytes)
@@ -166,13 +174,46 @@ class _ReproducibleWriter(FileSystemWriter):
         return None
 
 
-def write_dcp(path: Path, chunks: list[ChunkSpec], objects: dict[str, bytes], on_chunk=lambda n: None) -> None:
-    """Write a DCP checkpoint from lazily produced chunks (no process group needed)."""
+class _HashingFileSystem(FileSystem):
+    """DCP's local file system, every file it writes hashed while written (:class:`HashingFile`): the checksums
+    ernie45 records cost no second pass over the output. ``records``: ``{file name: {"bytes", "sha256"}}``."""
+
+    def __init__(self, phases: Phases, fsync: bool) -> None:
+        super().__init__()
+        self.phases, self.fsync = phases, fsync
+        self.records: dict[str, dict] = {}
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str):
+        if mode != "wb":
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with HashingFile(Path(path), phases=self.phases, fsync=self.fsync) as stream:
+            yield stream
+        self.records[Path(path).name] = stream.record()
+
+    def rename(self, path, new_path) -> None:  # DCP writes .metadata under a temporary name first
+        super().rename(path, new_path)
+        self.records[Path(new_path).name] = self.records.pop(Path(path).name)
+
+
+def write_dcp(path: Path, chunks: list[ChunkSpec], objects: dict[str, bytes], on_chunk=lambda n: None, *,
+              phases: Phases = NO_PHASES, fsync: bool = False) -> dict[str, dict]:
+    """Write a DCP checkpoint from lazily produced chunks (no process group needed). Returns ``{file name:
+    {"bytes", "sha256"}}`` of the files written (``.metadata`` and the ``.distcp`` data), hashed while written.
+
+    ``phases``: "serialise" is DCP's own work (``torch.save`` of each chunk into the stream, the metadata), the
+    kernel's write, the hashing, the source's reads and ops are timed apart. ``fsync``: each file synced."""
     writer = _ReproducibleWriter(str(path), single_file_per_rank=True, thread_count=1, sync_files=False)
+    writer.fs = fs = _HashingFileSystem(phases, fsync)
     try:
-        dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects, on_chunk), no_dist=True)
+        with phases("serialise"):
+            dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects, on_chunk, phases),
+                     no_dist=True)  # fmt: skip
     except CheckpointException as e:  # a BaseException: re-raise what went wrong (a bad tensor, a full disk) itself
         raise (dcp_failure(e) or CheckpointError(f"{path}: DCP could not write the checkpoint ({e})")) from None
+    return fs.records
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -272,11 +313,13 @@ class _RegionLoadPlanner(DefaultLoadPlanner):
 class TorchDistReader:
     """Lazy reader of a torch_dist (DCP) checkpoint directory."""
 
-    def __init__(self, path: str | Path, *, checksums: Checksums | None = None) -> None:
+    def __init__(self, path: str | Path, *, checksums: Checksums | None = None, phases: Phases = NO_PHASES) -> None:
         """``checksums``: what ernie45 recorded when it wrote the directory; each data file is checked against it
-        before its first read."""
+        before its first read. ``phases``: times the reads ("read": DCP's load, ``torch.load`` of each chunk
+        included) and the checks ("hash input")."""
         self.path = Path(path)
         self.checksums = checksums
+        self.phases = phases
         if not (self.path / ".metadata").exists():
             raise CheckpointError(f"{self.path}: not a complete torch_dist checkpoint (no .metadata file)")
         meta = self.path / "metadata.json"
@@ -331,10 +374,13 @@ class TorchDistReader:
             offsets[0], sizes[0] = index, 1
         dest = torch.empty(sizes, dtype=self.dtype(key))
         if self.checksums is not None:
-            for name in sorted(self._files_of.get(key, ())):
-                self.checksums.check(name)
+            with self.phases("hash input"):
+                for name in sorted(self._files_of.get(key, ())):
+                    self.checksums.check(name)
         try:
-            dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(key, offsets, sizes, dest), no_dist=True)
+            with self.phases("read"):
+                dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(key, offsets, sizes, dest),
+                         no_dist=True)  # fmt: skip
         except (Exception, CheckpointException) as e:  # CheckpointException (per-rank failures) is a BaseException
             if isinstance(e, CheckpointError):
                 raise
