@@ -55,7 +55,7 @@ from .bridge.io import (
 )
 from .bridge.layout import shard_bounds
 from .bridge.live import _read_hf_slices
-from .bridge.ops import ConcatGLU
+from .bridge.ops import ConcatGLU, Identity
 from .bridge.plan import Plan, PlanError, plan_from_hf
 from .bridge.tables import Item, Split, expand
 from .bridge.torch_dist import MEGATRON_METADATA, ChunkSpec, TorchDistReader, dist_key, extra_state_keys, write_dcp
@@ -298,8 +298,33 @@ def _mg_shapes(item: Item) -> tuple[tuple[int, ...], ...]:
     return item.op.mg_shapes(item.hf_shapes)
 
 
-def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig) -> list[ChunkSpec]:
-    """The torch_dist chunks of one item: one per TP (or expert-TP) shard, per expert, gate/up apart."""
+ROW_BLOCK_BYTES = 64 * 2**20  # the vocab tensors (the largest: 530 MB at 21B) are written in row blocks of this
+
+
+def _vocab_row_blocks(item: Item, source, shard_rows: int, i: int, gshape, dtype, row_block_bytes: int):
+    """TP shard ``i`` of a vocab tensor (embedding, output layer) as DCP chunks of at most ``row_block_bytes``,
+    each read from its own HF rows (the padding rows past the vocab are zeros): memory is bounded by a block,
+    not by the largest tensor. Megatron's loader (DCP) assembles any chunking; one chunk per shard is the rest's."""
+    rows_V, row_bytes = item.hf_shapes[0][0], dtype.itemsize * math.prod(gshape[1:])
+    step = max(1, row_block_bytes // row_bytes)
+    key = dist_key(item.mg[0])[0]
+    out = []
+    for g0 in range(i * shard_rows, (i + 1) * shard_rows, step):
+        g1 = min(g0 + step, (i + 1) * shard_rows)
+
+        def produce(g0=g0, g1=g1):
+            real = source.read(item.hf[0], 0, min(g0, rows_V), min(g1, rows_V))
+            pad = (g1 - g0) - real.shape[0]
+            return torch.cat([real, real.new_zeros((pad, *gshape[1:]))]) if pad else real
+
+        out.append(ChunkSpec(key, (g0, *([0] * (len(gshape) - 1))), (g1 - g0, *gshape[1:]), gshape, dtype, produce))
+    return out
+
+
+def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig, row_block_bytes: int = ROW_BLOCK_BYTES
+                ) -> list[ChunkSpec]:  # fmt: skip
+    """The torch_dist chunks of one item: one per TP (or expert-TP) shard, per expert, gate/up apart; a vocab
+    shard larger than ``row_block_bytes`` in row blocks."""
     n = 1 if item.split is Split.REPLICATED else (layout.expert_tp if item.split.is_expert else layout.tp)
     dtype = source.dtype(item.hf[0])
     out = []
@@ -336,6 +361,10 @@ def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig) -> list[Ch
                 t = item.op.to_mg(_read_hf_slices(source, item, i, n, cfg))[k]
                 return t.reshape(*lead, *sizes)
 
+            if (item.split is Split.VOCAB and isinstance(item.op, Identity) and len(item.hf) == 1
+                    and dtype.itemsize * math.prod(sizes) > row_block_bytes):  # fmt: skip
+                out += _vocab_row_blocks(item, source, sizes[0], i, gshape, dtype, row_block_bytes)
+                continue
             spec(tuple(offsets), tuple(sizes), produce)
     return out
 
@@ -384,12 +413,13 @@ def _carried(source) -> list[str]:
     return [n for n, _ in source.plan.ignored]
 
 
-def plan_megatron(source, layout: Layout) -> tuple[list[ChunkSpec], dict[str, bytes]]:
+def plan_megatron(source, layout: Layout, *, row_block_bytes: int = ROW_BLOCK_BYTES
+                  ) -> tuple[list[ChunkSpec], dict[str, bytes]]:  # fmt: skip
     cfg = source.cfg
     layout.validate(cfg)
     chunks: list[ChunkSpec] = []
     for item in source.plan.items:
-        chunks += _chunks_for(item, source, layout, cfg)
+        chunks += _chunks_for(item, source, layout, cfg, row_block_bytes)
     for name in _carried(source):
         shape = tuple(source.shape(name))
         chunks.append(ChunkSpec(CARRY_PREFIX + name, (0,) * len(shape), shape, shape, source.dtype(name),
@@ -403,10 +433,11 @@ def plan_megatron(source, layout: Layout) -> tuple[list[ChunkSpec], dict[str, by
 
 
 def write_megatron(source, dst: Path, layout: Layout, *, overwrite=False, progress=True, phases: Phases = NO_PHASES,
-                   fsync: bool = False) -> int:
-    """``fsync``: durable (files, directory and rename synced); ``phases``: where the time goes."""
+                   fsync: bool = False, row_block_bytes: int = ROW_BLOCK_BYTES) -> int:
+    """``fsync``: durable (files, directory and rename synced); ``phases``: where the time goes;
+    ``row_block_bytes``: the largest chunk a vocab tensor is written in (memory is bounded by it)."""
     with phases("plan"):
-        chunks, objects = plan_megatron(source, layout)
+        chunks, objects = plan_megatron(source, layout, row_block_bytes=row_block_bytes)
     total = sum(c.nbytes for c in chunks)
     with (atomic_output(dst, overwrite=overwrite, phases=phases, fsync=fsync) as tmp,
           _progress(total, "HF -> torch_dist", progress) as bar):  # fmt: skip

@@ -30,6 +30,7 @@ import stat
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator
 
@@ -108,20 +109,37 @@ NO_PHASES = Phases(enabled=False)  # never records: safe to share
 
 class HashingFile:
     """A file opened for writing that hashes (sha256) what is written as it is written: the checksum of an output
-    costs no second pass over it. ``fsync``: flushed to the disk at :meth:`close`."""
+    costs no second pass over it. A large buffer is hashed on a second thread while the kernel writes it (both
+    release the GIL; sha256 runs at about the speed of the write), and :meth:`write` returns when both are done,
+    so the caller may free the buffer. ``fsync``: flushed to the disk at :meth:`close`.
+
+    Phases: "write" is the kernel's write, "hash output" the part of the hashing the write did not hide."""
+
+    _OVERLAP_BYTES = 2**20  # below this a thread hand-off costs more than it hides
 
     def __init__(self, path: Path, *, phases: Phases = NO_PHASES, fsync: bool = False) -> None:
         self.path, self.phases, self._fsync = Path(path), phases, fsync
         self._f = open(path, "wb")
         self._h = hashlib.sha256()
+        self._hasher: ThreadPoolExecutor | None = None
         self.nbytes = 0
 
     def write(self, data) -> int:
-        view = memoryview(data).cast("B")  # torch.save hands bytes, the writers hand tensors' numpy views
-        with self.phases("hash output"):
-            self._h.update(view)
-        with self.phases("write"):
-            n = self._f.write(view)
+        view = memoryview(data).cast("B")  # torch.save hands bytes / memoryviews, the writers tensors' numpy views
+        if len(view) < self._OVERLAP_BYTES:
+            with self.phases("hash output"):
+                self._h.update(view)
+            with self.phases("write"):
+                n = self._f.write(view)
+        else:
+            self._hasher = self._hasher or ThreadPoolExecutor(1, thread_name_prefix="ernie45-sha256")
+            hashed = self._hasher.submit(self._h.update, view)  # one worker, awaited below: updates stay in order
+            try:
+                with self.phases("write"):
+                    n = self._f.write(view)
+            finally:
+                with self.phases("hash output"):
+                    hashed.result()
         self.nbytes += n
         return n
 
@@ -136,6 +154,9 @@ class HashingFile:
         return self._f.fileno()
 
     def close(self) -> None:
+        if self._hasher is not None:
+            self._hasher.shutdown()
+            self._hasher = None
         if self._f.closed:
             return
         with self.phases("write"):
@@ -208,9 +229,13 @@ INFO_NAME = "ernie45.json"  # what ernie45 records beside what it writes: proven
 
 
 def file_sha256(path: Path) -> str:
+    """The sha256 of a file, the next block read (a second thread) while this one is hashed: a file not in the
+    page cache costs max(read, hash), not their sum."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * 2**20):
+    with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1, thread_name_prefix="ernie45-read") as reader:
+        ahead = reader.submit(f.read, 8 * 2**20)
+        while chunk := ahead.result():
+            ahead = reader.submit(f.read, 8 * 2**20)
             h.update(chunk)
     return h.hexdigest()
 

@@ -198,6 +198,24 @@ class _HashingFileSystem(FileSystem):
         self.records[Path(new_path).name] = self.records.pop(Path(path).name)
 
 
+@contextlib.contextmanager
+def _without_zip_crc32():
+    """``torch.save`` without the zip CRC32 of each record, for the duration of one write.
+
+    DCP stores every chunk as the ``torch.save`` zip of that tensor; computing the CRC32 of each record costs as
+    much as a third of the write. ``torch.load`` (and so DCP's reader and Megatron-Core's ``dist_checkpointing``)
+    does not check it (``torch.serialization.set_crc32_options``), and ernie45 records a sha256 of every file it
+    writes, checked on reading, which covers what a CRC would. The setting is PyTorch's process-wide one: restored
+    when the write ends.
+    """
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
+
+
 def write_dcp(path: Path, chunks: list[ChunkSpec], objects: dict[str, bytes], on_chunk=lambda n: None, *,
               phases: Phases = NO_PHASES, fsync: bool = False) -> dict[str, dict]:
     """Write a DCP checkpoint from lazily produced chunks (no process group needed). Returns ``{file name:
@@ -208,7 +226,7 @@ def write_dcp(path: Path, chunks: list[ChunkSpec], objects: dict[str, bytes], on
     writer = _ReproducibleWriter(str(path), single_file_per_rank=True, thread_count=1, sync_files=False)
     writer.fs = fs = _HashingFileSystem(phases, fsync)
     try:
-        with phases("serialise"):
+        with phases("serialise"), _without_zip_crc32():
             dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects, on_chunk, phases),
                      no_dist=True)  # fmt: skip
     except CheckpointException as e:  # a BaseException: re-raise what went wrong (a bad tensor, a full disk) itself
