@@ -67,6 +67,9 @@ __all__ = ["HFSource", "MegatronSource", "open_source", "write_megatron", "write
 
 CARRY_PREFIX = "ernie45.carry."
 MEGATRON_VIT_PREFIX = "vision_model.decoder.layers."
+# the vocab tensors (the largest: 530 MB at 21B) are written and read in row blocks of at most this: memory is
+# bounded by a block, not by the largest tensor
+ROW_BLOCK_BYTES = 64 * 2**20
 
 
 class HFSource:
@@ -231,6 +234,20 @@ class MegatronSource:
             self._cache = (id(item), dict(zip(item.hf, item.op.to_hf(tuple(mg)))))
         return self._cache[1][name]
 
+    def stream(self, name: str, row_block_bytes: int = ROW_BLOCK_BYTES):
+        """``name`` for a streaming writer: a vocab tensor (embedding, output layer) stored in chunks of at most
+        two blocks (as ernie45 writes it) as an iterator of row blocks, each read on demand, so memory is bounded
+        by a block, not by the largest tensor; any other tensor whole (:meth:`get`). (Stored in bigger chunks --
+        Megatron's own, one per TP shard -- each block's read would load a whole chunk again: read whole.)"""
+        item = self._by_hf.get(name)
+        if item is None or item.split is not Split.VOCAB or not isinstance(item.op, Identity) or len(item.mg) != 1:
+            return self.get(name)
+        key, shape = dist_key(item.mg[0])[0], self.shape(name)
+        step = max(1, row_block_bytes // (self.dtype(name).itemsize * math.prod(shape[1:])))
+        if step >= shape[0] or self.reader.largest_chunk_bytes(key) > 2 * row_block_bytes:
+            return self.get(name)
+        return (self.reader.read_rows(key, a, min(a + step, shape[0])) for a in range(0, shape[0], step))
+
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         t = self.get(name)
         out = t if dim is None else t.narrow(dim, start, (t.shape[dim] if stop is None else stop) - start).contiguous()
@@ -296,9 +313,6 @@ def open_source(
 def _mg_shapes(item: Item) -> tuple[tuple[int, ...], ...]:
     """Full Megatron shapes of an item."""
     return item.op.mg_shapes(item.hf_shapes)
-
-
-ROW_BLOCK_BYTES = 64 * 2**20  # the vocab tensors (the largest: 530 MB at 21B) are written in row blocks of this
 
 
 def _vocab_row_blocks(item: Item, source, shard_rows: int, i: int, gshape, dtype, row_block_bytes: int):
@@ -458,15 +472,17 @@ def write_megatron(source, dst: Path, layout: Layout, *, overwrite=False, progre
 
 
 def write_hf(source, dst: Path, *, overwrite=False, progress=True, max_shard_bytes: int = 2 * 2**30,
-             phases: Phases = NO_PHASES, fsync: bool = False) -> int:
-    """``fsync``: durable (files, directory and rename synced); ``phases``: where the time goes."""
+             phases: Phases = NO_PHASES, fsync: bool = False, row_block_bytes: int = ROW_BLOCK_BYTES) -> int:
+    """``fsync``: durable (files, directory and rename synced); ``phases``: where the time goes;
+    ``row_block_bytes``: a torch_dist source's vocab tensors are streamed in row blocks of this."""
     with phases("plan"):
         names = [n for it in source.plan.items for n in it.hf] + _carried(source)
         entries = [(n, tuple(source.shape(n)), source.dtype(n)) for n in names]
     total = sum(d.itemsize * math.prod(s) for _, s, d in entries)
     with (atomic_output(dst, overwrite=overwrite, phases=phases, fsync=fsync) as tmp,
           _progress(total, "-> HF safetensors", progress) as bar):  # fmt: skip
-        written = write_safetensors_streaming(tmp, entries, source.get, max_shard_bytes=max_shard_bytes,
+        produce = (lambda n: source.stream(n, row_block_bytes)) if isinstance(source, MegatronSource) else source.get
+        written = write_safetensors_streaming(tmp, entries, produce, max_shard_bytes=max_shard_bytes,
                                               on_tensor=bar.update, phases=phases, fsync=fsync)  # fmt: skip
         files = [*written, *([INDEX_NAME] if (tmp / INDEX_NAME).exists() else [])]
         (tmp / "config.json").write_text(json.dumps(source.cfg.to_hf(), indent=2, sort_keys=True) + "\n")

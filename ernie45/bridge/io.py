@@ -161,9 +161,10 @@ class HashingFile:
             return
         with self.phases("write"):
             self._f.flush()
-            if self._fsync:
+        if self._fsync:
+            with self.phases("fsync"):
                 os.fsync(self._f.fileno())
-            self._f.close()
+        self._f.close()
 
     def __enter__(self) -> "HashingFile":
         return self
@@ -775,9 +776,10 @@ def write_safetensors_streaming(
     """Write ``entries`` (in order) as safetensors shards + index, producing one tensor at a time.
 
     The safetensors header needs every shape and offset before the first byte of data; the plan knows them, so
-    each shard's header is written first and the tensors are streamed after it (peak memory: one tensor). The
-    files are standard safetensors (read back by ``safe_open`` in the round-trip tests). Returns ``{shard file:
-    {"bytes", "sha256"}}`` (in order), hashed while written.
+    each shard's header is written first and the tensors are streamed after it (peak memory: one tensor; a
+    ``produce`` that returns an iterator of row blocks -- their concatenation along dim 0 is the tensor -- bounds
+    it by a block). The files are standard safetensors (read back by ``safe_open`` in the round-trip tests).
+    Returns ``{shard file: {"bytes", "sha256"}}`` (in order), hashed while written.
     """
     shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
     size = 0
@@ -805,13 +807,27 @@ def write_safetensors_streaming(
             f.write(blob)
             for name, shape, dtype in shard:
                 with phases("op"):  # what the source does beyond reading (inverse ops); its reads time themselves
-                    t = produce(name)
-                if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                    raise CheckpointError(f"{name}: produced {list(t.shape)} {t.dtype}, planned {list(shape)} {dtype}")
-                with phases("serialise"):
-                    data = t.contiguous().view(torch.uint8).numpy() if t.numel() else b""
-                f.write(data)
-                on_tensor(t.numel() * t.element_size())
+                    produced = produce(name)
+                blocks = iter([produced]) if isinstance(produced, torch.Tensor) else produced
+                rows, want_rows = 0, shape[0] if len(shape) else 1  # a 0-d tensor: one "row"
+                while True:
+                    with phases("op"):
+                        t = next(blocks, None)
+                    if t is None:
+                        break
+                    got = t.shape[0] if t.dim() else 1
+                    if t.dim() != len(shape) or tuple(t.shape[1:]) != tuple(shape[1:]) or t.dtype != dtype or \
+                            rows + got > want_rows:
+                        raise CheckpointError(f"{name}: produced {list(t.shape)} {t.dtype} (rows from {rows}), "
+                                              f"planned {list(shape)} {dtype}")  # fmt: skip
+                    rows += got
+                    with phases("serialise"):
+                        data = t.contiguous().view(torch.uint8).numpy() if t.numel() else b""
+                    f.write(data)
+                    on_tensor(t.numel() * t.element_size())
+                    del t, data  # the block's memory goes before the next is read
+                if rows != want_rows:
+                    raise CheckpointError(f"{name}: produced {rows} rows, planned {list(shape)} {dtype}")
         records[fname] = f.record()
         total += offset
     if n > 1:

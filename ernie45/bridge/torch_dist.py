@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import math
 import pickle
 import re
 from pathlib import Path
@@ -384,12 +385,23 @@ class TorchDistReader:
 
     def read(self, key: str, index: int | None = None) -> torch.Tensor:
         """The whole tensor, or ``[index]`` along the first axis (one expert of a stacked tensor)."""
+        t = self.read_rows(key, *((index, index + 1) if index is not None else (0, None)))
+        return t[0] if index is not None else t
+
+    def largest_chunk_bytes(self, key: str) -> int:
+        """The largest stored chunk of ``key`` (what one DCP read of any part of it loads)."""
+        md = self._tensors[key]
+        return max((md.properties.dtype.itemsize * math.prod(c.sizes) for c in md.chunks), default=0)
+
+    def read_rows(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` along the first axis. DCP reads each stored chunk the rows overlap whole
+        (``torch.load``), so memory is the rows plus the largest such chunk."""
         if key not in self._tensors:
             raise CheckpointError(f"{self.path}: no tensor {key}")
         shape = self.shape(key)
         offsets, sizes = [0] * len(shape), list(shape)
-        if index is not None:
-            offsets[0], sizes[0] = index, 1
+        stop = shape[0] if stop is None else stop
+        offsets[0], sizes[0] = start, stop - start
         dest = torch.empty(sizes, dtype=self.dtype(key))
         if self.checksums is not None:
             with self.phases("hash input"):
@@ -404,4 +416,4 @@ class TorchDistReader:
                 raise
             inner = dcp_failure(e) or e
             raise CheckpointError(f"{self.path}: cannot read {key} ({type(inner).__name__}: {inner})") from None
-        return dest[0] if index is not None else dest
+        return dest
