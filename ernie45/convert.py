@@ -13,8 +13,14 @@ Nothing here builds a model or a process group. Every conversion is
 
 torch_dist checkpoints are layout-independent by design (global shapes; Megatron reshards on load), so the layout
 given for HF → Megatron decides the vocab padding (a multiple of TP), the chunking (one chunk per TP shard /
-expert, what each rank of that layout reads) and what is validated (heads, KV groups, experts and layers must
-divide). Tensors the model does not use (MTP) are carried under ``ernie45.carry.<hf name>`` and come back bit-exact.
+expert, what each rank of that layout reads; a vocab shard over :data:`ROW_BLOCK_BYTES` in row blocks, read back
+block by block, so memory is bounded by a block rather than by the 530 MB embedding) and what is validated (heads,
+KV groups, experts and layers must divide). Tensors the model does not use (MTP) are carried under
+``ernie45.carry.<hf name>`` and come back bit-exact.
+
+Speed (``ERNIE45_PHASES`` / ``benchmarks/convert.py`` say where the time goes): output checksums are hashed as the
+bytes are written, on a second thread beside the kernel's write; DCP's ``torch.save`` of each chunk skips the zip
+CRC32 that ``torch.load`` never checks (the sha256 covers it); ``--fsync`` syncs files, directory and rename.
 
 Trust: a destination that is, contains or lies inside the source (links resolved) is refused for every target; a
 source's stored shapes are checked against its config when it is opened; ernie45 records per-file sha256 checksums
