@@ -245,16 +245,25 @@ class MegatronSource:
         two blocks (as ernie45 writes it) as an iterator of row blocks, each read on demand, so memory is bounded
         by a block, not by the largest tensor; any other tensor whole (:meth:`get`). (Stored in bigger chunks --
         Megatron's own, one per TP shard -- each block's read would load a whole chunk again: read whole.)"""
-        item = self._by_hf.get(name)
-        if item is None or item.split is not Split.VOCAB or not isinstance(item.op, Identity) or len(item.mg) != 1:
-            return self.get(name)
-        key, shape = dist_key(item.mg[0])[0], self.shape(name)
+        key, shape = self._rows_key(name, row_block_bytes), self.shape(name)
         step = max(1, row_block_bytes // (self.dtype(name).itemsize * math.prod(shape[1:])))
-        if step >= shape[0] or self.reader.largest_chunk_bytes(key) > 2 * row_block_bytes:
+        if key is None or step >= shape[0]:
             return self.get(name)
         return (self.reader.read_rows(key, a, min(a + step, shape[0])) for a in range(0, shape[0], step))
 
+    def _rows_key(self, name: str, row_block_bytes: int = ROW_BLOCK_BYTES) -> str | None:
+        """The stored key whose rows are ``name``'s rows (a vocab tensor: Identity, one Megatron tensor, the
+        padding rows after the vocab) if it is stored in chunks of at most two blocks, else None."""
+        item = self._by_hf.get(name)
+        if item is None or item.split is not Split.VOCAB or not isinstance(item.op, Identity) or len(item.mg) != 1:
+            return None
+        key = dist_key(item.mg[0])[0]
+        return key if self.reader.largest_chunk_bytes(key) <= 2 * row_block_bytes else None
+
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        key = self._rows_key(name) if dim == 0 else None
+        if key is not None:  # a reshard's vocab blocks: only their rows, never the whole tensor
+            return self.reader.read_rows(key, start, self.shape(name)[0] if stop is None else stop)
         t = self.get(name)
         out = t if dim is None else t.narrow(dim, start, (t.shape[dim] if stop is None else stop) - start).contiguous()
         # The writer frees each chunk's storage once written; never hand it the cached tensor's own storage.

@@ -401,8 +401,12 @@ class TorchDistReader:
         shape = self.shape(key)
         offsets, sizes = [0] * len(shape), list(shape)
         stop = shape[0] if stop is None else stop
+        if not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"{key}: rows [{start}, {stop}) outside its {shape[0]}")
         offsets[0], sizes[0] = start, stop - start
         dest = torch.empty(sizes, dtype=self.dtype(key))
+        if dest.numel() == 0:
+            return dest
         if self.checksums is not None:
             with self.phases("hash input"):
                 for name in sorted(self._files_of.get(key, ())):
