@@ -90,6 +90,81 @@ def _grads_by_step(cfg, steps):
 # identity with transformers + AdamW
 
 
+def _aux_reference(hf_dir, samples, coef: float, *, steps: int, micro: int):
+    """transformers + AdamW with the aux loss, by the trainer's documented rule: one transformers forward per
+    micro-batch (its rows right-padded, ``attention_mask``, ``labels``, ``output_router_logits=True``), its ``loss``
+    (mean CE + coef · aux) weighted by the micro-batch's share of the step's loss tokens."""
+    import transformers
+
+    from train_worker import lr_at
+
+    o = ORACLE
+    model = transformers.Ernie4_5_MoeForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                                 attn_implementation="eager")  # fmt: skip
+    model.set_experts_implementation("eager")
+    model.router_aux_loss_coef = coef
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=o["weight_decay"]), dict(params=rest, weight_decay=0.0)],
+                            lr=o["lr"], eps=o["eps"])  # fmt: skip
+    losses, norms = [], []
+    G, N = o["global_batch"], len(samples)
+    for s in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(s, lr=o["lr"], min_lr=o["min_lr"], warmup=o["warmup"], total=steps, schedule=o["schedule"])
+        batch = [samples[(s * G + j) % N] for j in range(G)]
+        total = sum(int((b["labels"][1:] != -100).sum()) for b in batch)
+        opt.zero_grad()
+        ce = 0.0
+        for m in range(0, G, micro):
+            rows = batch[m : m + micro]
+            L = max(len(r["input_ids"]) for r in rows)
+            pad = torch.nn.functional.pad
+            ids = torch.stack([pad(r["input_ids"], (0, L - len(r["input_ids"]))) for r in rows])
+            labels = torch.stack([pad(r["labels"], (0, L - len(r["labels"])), value=-100) for r in rows])
+            mask = torch.stack([torch.arange(L) < len(r["input_ids"]) for r in rows]).long()
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+            n = int((labels[:, 1:] != -100).sum())
+            (out.loss * n / total).backward()
+            ce += (out.loss - coef * out.aux_loss).item() * n
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), o["clip"])))
+        losses.append(ce / total)
+        opt.step()
+    return losses, norms, model
+
+
+@pytest.mark.parametrize("recompute", [None, "full"])
+def test_aux_loss_training_equals_transformers_adamw(recompute, setup, gloo_world, tmp_path):
+    """``aux_loss_coeff`` > 0: 3 steps (2 micro-batches of 2 padded rows each) equal transformers' ``loss`` with
+    ``output_router_logits=True`` (its pooled load-balancing loss) + AdamW -- losses, grad norms, every weight. Full
+    recompute routes every layer twice (no-grad, then in the backward): the pooled counts must not double."""
+    from ernie45.train.trainer import train
+
+    _, ckpts, data = setup
+    steps, coef = 3, 0.5
+    config = _config(setup, "moe", tmp_path / "run", steps=steps, micro_batch=2, aux_loss_coeff=coef,
+                     recompute=recompute)
+    res = train(config)
+    samples = [hf_sample(r) for r in data["moe:records"]]
+    losses, norms, hf = _aux_reference(ckpts["moe"], samples, coef, steps=steps, micro=2)
+    _, _, plain = _aux_reference(ckpts["moe"], samples, 0.0, steps=steps, micro=2)
+    print(f"aux: losses {res.losses}\n  ref {losses}\n  grad norms {res.grad_norms} ref {norms}")
+    for a, b in zip(res.losses, losses, strict=True):
+        assert abs(a - b) <= RTOL * abs(b)
+    for a, b in zip(res.grad_norms, norms, strict=True):
+        assert abs(a - b) <= RTOL * b
+    hf.save_pretrained(tmp_path / "ref")
+    plain.save_pretrained(tmp_path / "plain")
+    mine, ref = read_hf_dir(config.save_hf), read_hf_dir(tmp_path / "ref")
+    assert sorted(mine) == sorted(ref)
+    worst, where = worst_relative(mine, ref)
+    print(f"  {len(mine)} weights after {steps} steps, worst relative diff {worst:.3g} ({where})")
+    assert worst <= RTOL, where
+    # the aux loss moved the weights by far more than the tolerance (a dead aux path would fail above)
+    assert worst_relative(ref, read_hf_dir(tmp_path / "plain"))[0] > 100 * RTOL
+
+
 @pytest.mark.parametrize("name", ["dense", "moe"])
 def test_text_training_equals_transformers_adamw(name, setup, gloo_world, tmp_path):
     from ernie45.config import load_config

@@ -358,7 +358,7 @@ def test_parameter_counts_equal_transformers_numel(family, overrides):
 # the router's auxiliary (load-balancing) loss
 
 
-def _aux_router_grads(tmp_path, layers: int, megatron):
+def _aux_router_grads(tmp_path, layers: int, megatron, aux_loss: bool = True):
     """Router-weight gradients of the auxiliary loss alone: transformers (``router_aux_loss_coef · aux_loss`` of
     ``output_router_logits=True``, its ``load_balancing_loss_func``) and Megatron-Core built with ``aux_loss=True``
     from the same checkpoint (a zero upstream gradient, so only the aux loss's own backward remains)."""
@@ -384,7 +384,7 @@ def _aux_router_grads(tmp_path, layers: int, megatron):
 
     megatron(Layout())
     get_moe_layer_wise_logging_tracker().clear()  # Megatron's per-layer loss log is process-global
-    (chunk,) = build_model(cfg, Layout(), tie_word_embeddings=cfg.tie_word_embeddings, aux_loss=True)
+    (chunk,) = build_model(cfg, Layout(), tie_word_embeddings=cfg.tie_word_embeddings, aux_loss=aux_loss)
     load_hf([chunk], cfg, Layout(), HFCheckpoint(tmp_path / f"aux{layers}"))
     chunk.train()
     S = ids.shape[1]
@@ -393,21 +393,22 @@ def _aux_router_grads(tmp_path, layers: int, megatron):
     return want, got
 
 
-def test_router_aux_loss_one_moe_layer_is_transformers_over_k(tmp_path, megatron):
-    """The aux path is live and computes transformers' Switch loss on the unbiased softmax and top-k -- up to
-    Megatron's normalisation of f_i by T·K where transformers' has T: with one MoE layer the gradients differ by
-    exactly K (a halved or biased router gradient would not)."""
+def test_router_aux_loss_one_moe_layer_equals_transformers(tmp_path, megatron):
+    """One MoE layer: transformers' Switch loss on the unbiased softmax and top-k (Megatron's own normalises f_i by
+    T·K, a factor K = 3 off; a biased top-k or a halved gradient would differ too)."""
     want, got = _aux_router_grads(tmp_path, 2, megatron)
     (L,) = want
     assert want[L].abs().max() > 0
-    torch.testing.assert_close(got[L] * 3, want[L], rtol=1e-5, atol=1e-9)  # K = 3
+    torch.testing.assert_close(got[L], want[L], rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known: Megatron's Switch loss is per layer with f_i normalised by T·K; transformers' load_balancing_loss_func "
-    "concatenates every MoE layer's router logits and normalises f_i by T alone (one MoE layer: exactly 1/K, see "
-    "above; three layers: per-layer gradient ratios 3.10 / 0.19 / 0.65). The fix belongs in megatron/router.py "
-    "(one cross-layer loss with transformers' normalisation); this marker goes with it"))  # fmt: skip
+def test_router_aux_loss_off_leaves_the_router_gradient_zero(tmp_path, megatron):
+    """Without ``aux_loss`` the zero upstream gradient stays zero at the router: nothing else feeds it."""
+    want, got = _aux_router_grads(tmp_path, 2, megatron, aux_loss=False)
+    (L,) = want
+    assert want[L].abs().max() > 0 and got[L].abs().max() == 0
+
+
 def test_router_aux_loss_gradient_equals_transformers(tmp_path, megatron):
     want, got = _aux_router_grads(tmp_path, 4, megatron)  # D S S S
     for L in want:

@@ -95,7 +95,9 @@ def transformer_config(
     recompute: str | None = None,
     aux_loss: bool = False,
 ) -> ErnieTransformerConfig:
-    """The Megatron config for ``cfg`` at ``layout``. ``recompute``: None, "selective" or "full"."""
+    """The Megatron config for ``cfg`` at ``layout``. ``recompute``: None, "selective" or "full".
+
+    ``aux_loss`` does not change the config (Megatron's own aux losses stay off): see :func:`build_model`."""
     if cfg.family == "vl":
         raise ConfigError("VL models are built by ernie45.megatron.vl_model, not as a plain GPTModel")
     if cfg.use_bias:
@@ -111,8 +113,9 @@ def transformer_config(
             moe_router_score_function="softmax",
             moe_router_pre_softmax=False,
             moe_router_dtype="fp32",
-            moe_router_load_balancing_type="aux_loss" if aux_loss else "none",
-            moe_aux_loss_coeff=cfg.router_aux_loss_coef if aux_loss else 0.0,
+            # Megatron's per-layer switch loss is not transformers' pooled one; build_model attaches that instead
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
             moe_token_dispatcher_type="allgather",
             moe_grouped_gemm=False,
             ernie_moe_norm_min=cfg.moe_norm_min,
@@ -186,10 +189,20 @@ def build_model(
 
     ``tie_word_embeddings`` overrides the config: transformers 5.23 loads an on-disk ``lm_head.weight`` untied even
     when the config says tied (spec §G), and the bridge mirrors that.
+
+    ``aux_loss``: transformers' load-balancing loss (``router_aux_loss_coef`` × ``load_balancing_loss_func``, pooled
+    over every MoE layer of a forward) through one ``ernie45.megatron.router.PooledAuxLoss`` on the chunk
+    (``chunk.pooled_aux``). Pooling needs every MoE layer and every token of a sequence in one process: refused with
+    pipeline stages (pp > 1) or sequence parallelism.
     """
     from megatron.core import parallel_state as ps
 
     layout.validate(cfg)
+    if aux_loss and cfg.is_moe and (layout.pp > 1 or sequence_parallel):
+        raise ConfigError(
+            "aux_loss: transformers' load-balancing loss pools every MoE layer and token of a forward; "
+            "it cannot be computed exactly with pipeline stages (pp > 1) or sequence parallelism (tp > 1 for MoE)"
+        )
     tc = transformer_config(
         cfg, layout, params_dtype=params_dtype, sequence_parallel=sequence_parallel, recompute=recompute, aux_loss=aux_loss
     )
@@ -212,6 +225,11 @@ def build_model(
                 vp_stage=vp,
             )
         )
+    if aux_loss and cfg.is_moe:
+        from .router import attach_pooled_aux_loss
+
+        (chunk,) = chunks  # pp == 1
+        attach_pooled_aux_loss(chunk, cfg.router_aux_loss_coef, cfg.moe_num_experts, cfg.moe_k)
     return chunks
 
 

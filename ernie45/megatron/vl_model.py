@@ -418,6 +418,10 @@ def build_vl_model(
     from megatron.core import parallel_state as ps
 
     layout.validate(cfg)
+    if aux_loss:
+        # transformers' VL loss writes each token's text-pool or vision-pool router logits into the same [T, E]
+        # columns and runs the text loss on that mix: not what the per-pool routers' PooledAuxLoss computes
+        raise ConfigError("aux_loss is not supported for VL models (transformers' VL aux loss mixes both pools' logits)")
     tc = vl_transformer_config(
         cfg, layout, params_dtype=params_dtype, sequence_parallel=sequence_parallel, recompute=recompute, aux_loss=aux_loss
     )

@@ -190,6 +190,16 @@ class TrainConfig:
                 raise TrainConfigError("vit / vit_lr_mult / resampler_lr_mult apply to VL models only")
             if not cfg.is_moe and (self.expert_bias_update_rate or self.aux_loss_coeff):
                 raise TrainConfigError("expert_bias_update_rate / aux_loss_coeff need a MoE model")
+            if self.aux_loss_coeff and cfg.family == "vl":
+                raise TrainConfigError(
+                    "aux_loss_coeff: transformers' VL aux loss mixes the text and vision pools' router logits; "
+                    "only the text MoE loss is implemented exactly"
+                )
+            if self.aux_loss_coeff and (self.pp > 1 or self.tp > 1):
+                raise TrainConfigError(
+                    f"aux_loss_coeff needs tp = pp = 1 (have tp={self.tp}, pp={self.pp}): transformers' aux loss pools "
+                    "every MoE layer and every token of a forward, which pipeline stages and sequence parallelism split"
+                )
         model_parallel = self.tp * self.pp
         if world_size % model_parallel or world_size % layout.world_size:
             raise TrainConfigError(
@@ -438,7 +448,8 @@ def add_arguments(p) -> None:
     g.add_argument("--resampler-lr-mult", type=float, default=S, help="VL: resampler learning-rate multiplier")
     g.add_argument("--expert-bias-update-rate", type=float, default=S,
                    help="aux-loss-free expert-bias update per pool (default 0: bias frozen)")
-    g.add_argument("--aux-loss-coeff", type=float, default=S, help="switch aux loss coefficient (default 0)")
+    g.add_argument("--aux-loss-coeff", type=float, default=S,
+                   help="transformers' load-balancing (aux) loss coefficient; text MoE at tp = pp = 1 (default 0)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora", type=int, default=S, metavar="RANK", help="train LoRA adapters of this rank")
     g.add_argument("--lora-alpha", type=float, default=S)

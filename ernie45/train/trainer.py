@@ -16,8 +16,14 @@ What comes from Megatron-Core (nothing here re-implements it):
 
 ERNIE-specific choices: routers compute in fp32 (``moe_router_dtype``); the expert bias is a buffer, frozen unless
 ``expert_bias_update_rate`` > 0 (then Megatron's sign update per router, i.e. per pool, from the global batch's
-measured load); ``aux_loss_coeff`` > 0 turns on Megatron's switch aux loss with that coefficient (Megatron scales it
-with the per-token normalisation like the LM loss). A vocabulary padded to a multiple of TP gets ``-inf`` logits on
+measured load). ``aux_loss_coeff`` = ``c`` > 0 adds transformers' load-balancing loss (text MoE, tp = pp = 1;
+``ernie45.megatron.router.PooledAuxLoss``: pooled over every MoE layer of one forward, unbiased top-k, padding
+excluded). The rule: each micro-batch ``m`` (on any DP rank) is one transformers forward of its rows, and the step
+minimises ``sum_m [ CE_sum(m) + c · n(m) · aux(m) ] / N`` with ``n(m)`` the loss tokens of ``m`` and ``N`` the global
+batch's -- i.e. each micro-batch's transformers loss ``CE_mean(m) + c · aux(m)`` weighted by its share of the loss
+tokens (one micro-batch of the whole batch: exactly transformers' ``loss``). The aux gradient enters through the
+routers (scaled by ``n(m)``, divided by ``N`` with the LM gradients in ``finalize_model_grads``); the loss the trainer
+reports stays the LM loss. A vocabulary padded to a multiple of TP gets ``-inf`` logits on
 the padded rows before the cross-entropy, so the loss is transformers' over the real vocabulary.
 
 Data: rows from ``ernie45.train.data`` (``TrainData.row(i)`` is a pure function of the index, so the checkpointed
@@ -288,8 +294,11 @@ def _to_device(batch, device: torch.device):
     return type(batch)(**moved)
 
 
-def _loss_func(mb, vocab_start: int, real_vocab: int, logits_BSV: torch.Tensor):
-    """Sum of the masked token losses of one micro-batch, its loss-token count, and both for logging."""
+def _loss_func(mb, vocab_start: int, real_vocab: int, pooled_aux, logits_BSV: torch.Tensor):
+    """Sum of the masked token losses of one micro-batch, its loss-token count, and both for logging.
+
+    ``pooled_aux`` (the chunk's PooledAuxLoss, or None): its gradient is scaled by this micro-batch's loss-token
+    count, like the summed LM loss it joins (see the module docstring)."""
     from megatron.core import tensor_parallel
 
     logits_SBV = logits_BSV.transpose(0, 1).float()
@@ -301,16 +310,21 @@ def _loss_func(mb, vocab_start: int, real_vocab: int, logits_BSV: torch.Tensor):
     mask_SB = mb.loss_mask.t().to(loss_SB.dtype)
     total = (loss_SB * mask_SB).sum()
     count = mask_SB.sum()
+    if pooled_aux is not None:
+        pooled_aux.scale = float(count)
     return total, count.to(torch.int), {"lm": torch.stack([total.detach(), count.detach()])}
 
 
-def _forward_step(cfg: ErnieConfig, vocab_start: int, data_iterator, model):
+def _forward_step(cfg: ErnieConfig, vocab_start: int, aux: bool, data_iterator, model):
     from ..megatron.packing import forward_packed
 
     mb = next(data_iterator)
     module = model.module  # the DDP wrapper's model (forward_packed calls into its parts)
+    pooled_aux = module.pooled_aux if aux else None
+    if pooled_aux is not None:
+        pooled_aux.set_real_tokens(mb.segment_ids >= 0)  # the padding tail is not routed in transformers
     out = forward_packed(module, mb, cfg)
-    return out, partial(_loss_func, mb, vocab_start, cfg.vocab_size)
+    return out, partial(_loss_func, mb, vocab_start, cfg.vocab_size, pooled_aux)
 
 
 def _run_schedule(model, micro, cfg, config: TrainConfig, *, forward_only: bool):
@@ -324,7 +338,7 @@ def _run_schedule(model, micro, cfg, config: TrainConfig, *, forward_only: bool)
     vocab_local = -(-cfg.vocab_size // config.tp)  # rows per TP rank of the padded vocab
     with cpu.cpu_mode():
         out = get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, cfg, tp_rank * vocab_local),
+            forward_step_func=partial(_forward_step, cfg, tp_rank * vocab_local, config.aux_loss_coeff > 0),
             data_iterator=[iter(micro) for _ in model] if len(model) > 1 else iter(micro),
             model=model if len(model) > 1 else model[0],
             num_microbatches=len(micro),
