@@ -407,6 +407,29 @@ def one_process(setup, gloo_world, tmp_path_factory):
     return out
 
 
+def test_aux_loss_two_process_equals_transformers(setup, gloo_world, tmp_path):
+    """The aux loss on 2 gloo processes, different rows on each rank (DP2; EP2, the experts split too): each rank's
+    micro-batch is its own transformers forward, so the step equals the 1-process rule's transformers + AdamW."""
+    steps, coef = 3, 0.5
+    jobs = [dict(name=name, config=_config(setup, "moe", tmp_path / name, steps=steps, micro_batch=2,
+                                           aux_loss_coeff=coef, **kw).to_mapping())
+            for name, kw in (("DP2", {}), ("EP2", dict(ep=2)))]  # fmt: skip
+    mp.spawn(worker, args=(free_port(), jobs, str(tmp_path)), nprocs=2, join=True)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert "error" not in results, results.get("error")
+    _, _, data = setup
+    samples = [hf_sample(r) for r in data["moe:records"]]
+    losses, _, hf = _aux_reference(setup[1]["moe"], samples, coef, steps=steps, micro=2)
+    hf.save_pretrained(tmp_path / "ref")
+    ref = read_hf_dir(tmp_path / "ref")
+    for name in ("DP2", "EP2"):
+        for a, b in zip(results[name]["losses"], losses, strict=True):
+            assert abs(a - b) <= RTOL * abs(b), (name, results[name]["losses"], losses)
+        worst, where = worst_relative(read_hf_dir(tmp_path / name / "hf"), ref)
+        print(f"aux {name}: worst relative weight diff {worst:.3g} ({where})")
+        assert worst <= RTOL, (name, where)
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_two_process_layout_equals_one_process(layout, two_process, one_process):
     root, results = two_process
