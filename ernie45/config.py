@@ -1,6 +1,6 @@
 """One frozen, validated config for every ERNIE 4.5 checkpoint flavour.
 
-HF ships four config layouts (spec §A):
+HF ships four config layouts (reference §A):
 
 * ``ernie4_5``         dense (0.3B), optional ``head_dim``;
 * ``ernie4_5_moe``     text MoE (21B, 300B), MoE pattern from ``moe_layer_{start,interval,end}_index``;
@@ -55,7 +55,7 @@ IGNORED_KEYS: dict[str, str] = {
     "use_rmsnorm": "always RMSNorm",
     "weight_share_add_bias": "Baidu training switch",
     "compression_ratio": "Baidu training switch",
-    "moe_capacity": "Baidu capacity can never overflow (spec §C.7)",
+    "moe_capacity": "Baidu capacity can never overflow (reference §C.7)",
     "moe_gate": "always top-k",
     "moe_use_aux_free": "bias is used for selection whenever present",
     "moe_multimodal_dispatch_use_allgather": "dispatch kernel choice",
@@ -72,7 +72,7 @@ IGNORED_KEYS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """The DFNRope ViT + resampler hyper-parameters (spec §A.3, §A.4, §D, §E)."""
+    """The DFNRope ViT + resampler hyper-parameters (reference §A.3, §A.4, §D, §E)."""
 
     depth: int
     hidden_size: int  # Cv, ViT width
@@ -193,7 +193,7 @@ class ErnieConfig:
 
     @property
     def shared_expert_intermediate_size(self) -> int:
-        # HF, Baidu and MB agree: the *text* expert width times the number of shared experts (spec §C.4, J.19).
+        # HF, Baidu and MB agree: the *text* expert width times the number of shared experts (reference §C.4, J.19).
         return self.moe_num_shared_experts * self.moe_intermediate_size[0] if self.is_moe else 0
 
     @property
@@ -372,7 +372,7 @@ def _special_ids(raw: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, int
 
 
 def _layer_rule(L: int, start: int, interval: int, end: int) -> tuple[str, ...]:
-    """HF text-MoE rule (spec §A.2): sparse iff (l+1) % interval == 0 and start <= l <= end."""
+    """HF text-MoE rule (reference §A.2): sparse iff (l+1) % interval == 0 and start <= l <= end."""
     if interval <= 0:
         raise ConfigError(f"moe_layer_interval must be positive, got {interval}")
     end = L - 1 if end == -1 else end
@@ -503,7 +503,7 @@ def _from_vl_nested(raw: Mapping[str, Any]) -> ErnieConfig:
     )
     cfg = ErnieConfig(
         family="vl",
-        # spec §A.3: the *top-level* tie_word_embeddings is the one the VL model honours
+        # reference §A.3: the *top-level* tie_word_embeddings is the one the VL model honours
         tie_word_embeddings=top.req("tie_word_embeddings", "bool"),
         mlp_layer_types=types,
         mrope_section=_mrope_section(text.get("rope_parameters"), common["head_dim"], None),
@@ -518,7 +518,7 @@ def _from_vl_nested(raw: Mapping[str, Any]) -> ErnieConfig:
 
 
 def _from_vl_flat(raw: Mapping[str, Any]) -> ErnieConfig:
-    """The Thinking model's custom layout (spec §A.4)."""
+    """The Thinking model's custom layout (reference §A.4)."""
     r = _Reader(raw)
     common = _lm_common(r, head_dim=None)
     L = common["num_hidden_layers"]
@@ -550,7 +550,7 @@ def _from_vl_flat(raw: Mapping[str, Any]) -> ErnieConfig:
         spatial_merge_size=r.opt("spatial_conv_size", vr.opt("spatial_merge_size", 2, "HF default", "size"), "HF conv",
                                  "size"),
         temporal_merge_size=r.opt("temporal_conv_size", 2, "HF conversion default", "size"),
-        # spec §A.4 / I.3 #14: the vision LayerNorm eps is 1e-6, never the LM's rms_norm_eps
+        # reference §A.4 / I.3 #14: the vision LayerNorm eps is 1e-6, never the LM's rms_norm_eps
         layer_norm_eps=vr.opt("rms_norm_eps", 1e-6, "HF conversion sets 1e-6 for the ViT", "positive"),
         rope_theta=10000.0,
     )

@@ -379,7 +379,7 @@ def image_inputs(image: str | Path, cfg, processor_dir: str | Path | None = None
 
 
 def image_block(cfg, grid_thw: torch.Tensor) -> list[int]:
-    """``START + placeholders + END`` for one image of ``grid_thw`` (``t·h·w / m²`` placeholders, spec §F.1)."""
+    """``START + placeholders + END`` for one image of ``grid_thw`` (``t·h·w / m²`` placeholders, reference §F.1)."""
     t, h, w = (int(v) for v in grid_thw.reshape(-1)[:3])
     m = cfg.vision.spatial_merge_size
     ids = cfg.special_ids

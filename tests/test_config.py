@@ -13,7 +13,7 @@ from ernie45.testing import tiny_hf_config
 def test_text_moe_layer_rule_uses_start_interval_and_end():
     raw = tiny_hf_config("moe", num_hidden_layers=8, moe_layer_start_index=2, moe_layer_interval=2, moe_layer_end_index=6)
     cfg = ErnieConfig.from_hf(raw)
-    # spec §A.2 example: L=8, start=2, interval=2, end=6 -> D D D S D S D D
+    # reference §A.2 example: L=8, start=2, interval=2, end=6 -> D D D S D S D D
     assert "".join(t[0].upper() for t in cfg.mlp_layer_types) == "DDDSDSDD"
 
 
@@ -78,7 +78,7 @@ def test_vl_nested_and_flat_thinking_layout_normalise_to_the_same_config():
     nested = ErnieConfig.from_hf(tiny_hf_config("vl"))
     t, v = tiny_hf_config("vl")["text_config"], tiny_hf_config("vl")["vision_config"]
     flat = {
-        # spec §A.4: everything at top level, list-valued MoE fields, DFNRope vision config, no eps/temporal size
+        # reference §A.4: everything at top level, list-valued MoE fields, DFNRope vision config, no eps/temporal size
         "model_type": "ernie4_5_moe_vl",
         **{k: t[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                               "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "use_bias",

@@ -228,7 +228,7 @@ def test_layout_spelled_out(ckpts, tmp_path):
 
 
 def test_tied_config_with_lm_head_on_disk_writes_output(ckpts, tmp_path):
-    """transformers 5.23 uses an on-disk lm_head.weight even when tied (spec §G): llama.cpp must get it too."""
+    """transformers 5.23 uses an on-disk lm_head.weight even when tied (reference §G): llama.cpp must get it too."""
     base = HFCheckpoint(ckpts["moe-tied"])
     head = torch.randn(base.shape("model.embed_tokens.weight"), generator=torch.Generator().manual_seed(5))
     report = _export(ckpts["moe-tied"], tmp_path / "m.gguf", EditedSource(base, add={"lm_head.weight": head}))

@@ -48,7 +48,7 @@ def test_op_round_trip_is_bit_exact(op, hf):
 
 
 def test_fused_qkv_matches_megatron_split():
-    """Megatron views linear_qkv output as [.., G, (R+2)·D] and splits [R·D, D, D] (spec §H.3)."""
+    """Megatron views linear_qkv output as [.., G, (R+2)·D] and splits [R·D, D, D] (reference §H.3)."""
     G, R, D, H = 2, 3, 4, 10
     q, k, v = _r(G * R * D, H), _r(G * D, H), _r(G * D, H)
     (qkv,) = FuseQKV(head_dim=D, heads_per_group=R).to_mg((q, k, v))

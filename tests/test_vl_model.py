@@ -202,7 +202,7 @@ def test_forward_matches_hf(case, hf_model, mg_model, cfg):
 
 
 def test_token_type_arrays_are_not_interchangeable(mg_model, cfg):
-    """RoPE types (start/end = text) and MoE types (start/end = vision) each matter (spec §J.7)."""
+    """RoPE types (start/end = text) and MoE types (start/end = vision) each matter (reference §J.7)."""
     batch = make_batch(cfg, CASES["one_image"], seed=5)
     with torch.no_grad():
         ref = mg_model(**batch)
@@ -284,7 +284,7 @@ def test_loss_and_grads_match_hf(freeze, world1, cfg, hf_model, hf_dir):
 # configs and names
 
 FLAT_TWIN = dict(
-    # spec §A.4, by hand: everything top level, list-valued MoE fields, DFNRope vision config
+    # reference §A.4, by hand: everything top level, list-valued MoE fields, DFNRope vision config
     model_type="ernie4_5_moe_vl",
     vocab_size=160,
     hidden_size=64,
@@ -463,7 +463,7 @@ def test_vl_table_reproduces_the_model_weights_and_round_trips(tmp_path, mg_mode
 
 
 def test_vl_table_flat_layout_uses_top_level_vision_keys(cfg):
-    """Baidu's original (flat, Thinking) files keep the ViT at top-level ``vision_model.*`` (spec §A.4, §G.3)."""
+    """Baidu's original (flat, Thinking) files keep the ViT at top-level ``vision_model.*`` (reference §A.4, §G.3)."""
     from ernie45.bridge.tables import expand
 
     flat = _flat_twin()

@@ -38,12 +38,12 @@ def _chunk(t: torch.Tensor, n: int, i: int, dim: int) -> torch.Tensor:
 
 
 def _gated(gate: torch.Tensor, up: torch.Tensor, n: int, i: int) -> torch.Tensor:
-    # TP/ETP shards of a SwiGLU fc1 are [gate_i; up_i], not a plain dim-0 chunk of [gate; up] (spec §H.4)
+    # TP/ETP shards of a SwiGLU fc1 are [gate_i; up_i], not a plain dim-0 chunk of [gate; up] (reference §H.4)
     return torch.cat([_chunk(gate, n, i, 0), _chunk(up, n, i, 0)])
 
 
 def _fused_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nkv: int) -> torch.Tensor:
-    # group-major [q x r, k, v] per KV group (spec §H.3)
+    # group-major [q x r, k, v] per KV group (reference §H.3)
     hd = k.shape[0] // nkv
     r = q.shape[0] // (nkv * hd)
     q_G = q.view(nkv, r * hd, -1)
@@ -192,7 +192,7 @@ def load_hf_into_vl(hf_model, chunks, cfg, *, check_hf_totality: bool = True) ->
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# inputs built the way the HF processor builds them (spec §F)
+# inputs built the way the HF processor builds them (reference §F)
 
 PATCH_ROW = 3 * 14 * 14  # 588
 
@@ -201,7 +201,7 @@ def make_batch(cfg, samples, *, seed: int = 0, pad_side: str = "left", force_mas
     """Processor-style inputs for ``samples``: lists of ("text", n) / ("image", (1,h,w)) / ("video", (t,h,w)).
 
     Text tokens are random non-special ids; each image becomes ``START + h·w/4 placeholders + END`` with ``h·w``
-    pixel rows of 588, each video ``START + t·h·w/8 placeholders + END`` with ``t·h·w`` rows (spec §F.1). Rows
+    pixel rows of 588, each video ``START + t·h·w/8 placeholders + END`` with ``t·h·w`` rows (reference §F.1). Rows
     shorter than the longest are padded with id 0 and attention_mask 0.
     """
     from ernie45.megatron.vl_model import token_type_ids

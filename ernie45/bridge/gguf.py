@@ -7,7 +7,7 @@ ships with llama.cpp): ``gguf.MODEL_ARCH``, ``gguf.MODEL_TENSORS``, ``gguf.TENSO
 ``Ernie4_5MoeModel``), as vendored by llama-cpp-python 0.3.36:
 
 * **No Q/K permutation.** llama.cpp runs ERNIE 4.5 with ``LLAMA_ROPE_TYPE_NORM``, which rotates adjacent pairs
-  ``(x[2i], x[2i+1])``: exactly HF ERNIE's interleaved (GPT-J) RoPE (spec §B.4). (The Llama converter permutes
+  ``(x[2i], x[2i+1])``: exactly HF ERNIE's interleaved (GPT-J) RoPE (reference §B.4). (The Llama converter permutes
   Q/K because HF Llama is half-split/NeoX; ERNIE's converter does not, and neither do we.)
 * **head_dim** travels as ``attention.key_length`` / ``value_length`` (0.3B: 128 with H = 1024, so ``H / nh`` would
   be wrong); ``rope.dimension_count`` = head_dim (llama.cpp asserts ``n_rot == head_dim`` for ERNIE).
@@ -15,11 +15,11 @@ ships with llama.cpp): ``gguf.MODEL_ARCH``, ``gguf.MODEL_TENSORS``, ``gguf.TENSO
   (numpy order; ggml ``ne`` is reversed), expert ``x`` at index ``x``.
 * **Router** ``blk.L.ffn_gate_inp.weight`` is ``[E, H]`` (no transpose for text checkpoints) and stays f32; the
   **selection bias** ``blk.L.exp_probs_b.bias`` is ``[E]`` (squeezed from the on-disk ``[1, E]``; llama.cpp declares
-  it ``{n_expert}``) and stays f32. llama.cpp's ERNIE MoE graph is HF's router (spec §C.2): softmax, bias added for
+  it ``{n_expert}``) and stays f32. llama.cpp's ERNIE MoE graph is HF's router (reference §C.2): softmax, bias added for
   the top-k choice only, unbiased weights gathered and renormalised (its clamp floor is 6.1e-5 instead of
   ``moe_norm_min``; a sum of k softmax probabilities never gets near either).
 * **Shared experts** ``blk.L.ffn_{gate,up,down}_shexp.weight`` with ``expert_shared_feed_forward_length`` =
-  ``moe_num_shared_experts · moe_intermediate_size`` (spec §C.4). Deliberate deviation: llama.cpp's converter
+  ``moe_num_shared_experts · moe_intermediate_size`` (reference §C.4). Deliberate deviation: llama.cpp's converter
   writes ``intermediate_size // num_key_value_heads``, which equals it for the 21B (12288 / 4 = 3072) by
   coincidence only; llama.cpp sizes the tensors from this key, so it must be the true width (checked: the
   converter's file for the tiny MoE test model fails to load in llama.cpp, ours loads and matches transformers).
@@ -30,7 +30,7 @@ ships with llama.cpp): ``gguf.MODEL_ARCH``, ``gguf.MODEL_TENSORS``, ``gguf.TENSO
   :class:`GGUFExportError` instead of producing a file llama.cpp would misread.
 * **Tied heads.** Without ``output.weight`` llama.cpp uses ``token_embd.weight`` for the head. A tied checkpoint
   with no ``lm_head.weight`` gets no ``output.weight``; an on-disk ``lm_head.weight`` is always written (transformers
-  5.23 loads it untied even when the config says tied, spec §G).
+  5.23 loads it untied even when the config says tied, reference §G).
 * **Biases.** llama.cpp's ERNIE graph uses no linear biases (it loads ``attn_output.bias`` but never applies it),
   so ``use_bias=True`` configs are refused. **VL** checkpoints are refused (no llama.cpp architecture for them).
 
@@ -44,7 +44,7 @@ Tensor types follow llama.cpp's converter: 1-D tensors, norms, the router and th
 everything else takes ``outtype``; a tensor whose rows cannot be cut into q8_0 blocks of 32 falls back to f16
 (reported, as the converter does).
 
-On-disk layouts (spec §G; ``L`` layer, ``X`` expert):
+On-disk layouts (reference §G; ``L`` layer, ``X`` expert):
 
 ====================================================================  ===============================================
 HF on-disk                                                            GGUF
@@ -395,7 +395,7 @@ def plan_gguf(
     allowed = set(gguf.MODEL_TENSORS[arch])
     keys = list(keys)
     present = set(keys)
-    # transformers 5.23 loads an on-disk lm_head.weight untied even when the config says tied (spec §G)
+    # transformers 5.23 loads an on-disk lm_head.weight untied even when the config says tied (reference §G)
     head = (not cfg.tie_word_embeddings) or "lm_head.weight" in present
     dims = _dims(cfg)
     E = dims["E"]

@@ -5,7 +5,7 @@ use the same answers, so a checkpoint written offline always lands where a live 
 
 * Layers: global ``decoder.layers.{L}`` ⇄ local ``decoder.layers.{L - stage_start}`` on the owning (pp, vp) chunk,
   as computed by Megatron's own offset functions (``Layout.layer_owner``).
-* Experts: global expert ``X`` lives on EP rank ``X // (E/ep)`` as local ``j = X % (E/ep)`` (spec §H.7), in each
+* Experts: global expert ``X`` lives on EP rank ``X // (E/ep)`` as local ``j = X % (E/ep)`` (reference §H.7), in each
   pool. SequentialMLP names carry ``local_experts.{j}``; TE GroupedMLP names carry ``linear_fc{1,2}.weight{j}``.
 * Embedding on the first chunk; final norm and untied head on the last. With a *tied* head and PP > 1 the last chunk
   holds a copy of the embedding as ``output_layer.weight`` (Megatron's shared embedding): loaded from the same

@@ -9,8 +9,8 @@ every HF input gives the i-th TP shard of the Megatron tensor, as Megatron lays 
 read only its own slices from disk (and lets export work shard by shard):
 
 * fused QKV is group-major (``[q×r, k, v]`` per KV group), so a dim-0 chunk holding whole KV groups is the fusion of
-  the chunks of q, k and v (spec §H.3);
-* ``linear_fc1`` of a TP rank is ``[gate_i; up_i]`` (spec §H.4) -- the concatenation of the chunks, *not* a chunk of
+  the chunks of q, k and v (reference §H.3);
+* ``linear_fc1`` of a TP rank is ``[gate_i; up_i]`` (reference §H.4) -- the concatenation of the chunks, *not* a chunk of
   the concatenation.
 
 Legend: ``H`` hidden, ``E`` experts, ``G`` KV groups (on this shard), ``R`` query heads per group, ``D`` head dim,
@@ -88,7 +88,7 @@ class Squeeze0(Op):
 
 @dataclass(frozen=True)
 class Transpose(Op):
-    """VL routers are stored ``[H, E]`` on disk and used ``[E, H]`` (spec §H.5)."""
+    """VL routers are stored ``[H, E]`` on disk and used ``[E, H]`` (reference §H.5)."""
 
     shardable_dims: tuple[int, ...] = ()
 
@@ -191,7 +191,7 @@ class SplitRows(Op):
 @dataclass(frozen=True)
 class RegroupQKV(Op):
     """HF ViT ``qkv [3·NH·D, …]`` (rows ``[Q | K | V]``) ⇄ Megatron ``linear_qkv`` (rows ``[q_h, k_h, v_h]`` per head,
-    spec §H.6). Weight ``[3C, C]`` and bias ``[3C]`` alike; ``hf_blocks=3`` makes TP shards read whole heads of each
+    reference §H.6). Weight ``[3C, C]`` and bias ``[3C]`` alike; ``hf_blocks=3`` makes TP shards read whole heads of each
     of Q, K and V."""
 
     head_dim: int = 0

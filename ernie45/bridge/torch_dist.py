@@ -1,7 +1,7 @@
 """Megatron-Core ``torch_dist`` checkpoints, written and read offline: one CPU process, no model, no process group.
 
 A ``torch_dist`` checkpoint *is* a PyTorch distributed checkpoint (DCP) with flat keys and global shapes, plus
-Megatron's ``metadata.json`` / ``common.pt`` (megatron-on-cpu §4). So this module drives PyTorch's own DCP machinery
+Megatron's ``metadata.json`` / ``common.pt`` (docs/megatron-on-cpu.md). So this module drives PyTorch's own DCP machinery
 with two small planners:
 
 * :class:`_LazySavePlanner` declares every chunk up front (key, offsets, sizes, dtype) and produces its data only

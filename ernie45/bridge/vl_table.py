@@ -1,9 +1,9 @@
 """HF on-disk ⇄ Megatron table of the ERNIE 4.5 VL MoE (``ernie4_5_vl_moe`` / flat ``ernie4_5_moe_vl``).
 
 Same :class:`~ernie45.bridge.tables.Row` format and ops as the text table; Megatron names are those of
-:class:`ernie45.megatron.vl_model.ErnieVLModel` (global layer / pool-local expert indices, spec §H.6).
+:class:`ernie45.megatron.vl_model.ErnieVLModel` (global layer / pool-local expert indices, reference §H.6).
 
-On-disk layout (spec §G.3)::
+On-disk layout (reference §G.3)::
 
     model.embed_tokens.weight, model.norm.weight, lm_head.weight (untied)           -> language_model.*
     model.layers.{L}.* attention, norms, dense MLP, shared experts                  -> as the text table, prefixed
@@ -65,7 +65,7 @@ def _language_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
     bias = Row(
         (hf + "moe_statics.e_score_correction_bias",),
         (mg + "text_moe_layer.router.expert_bias", mg + "vision_moe_layer.router.expert_bias"),
-        SplitRows(n_mg=2),  # row 0 text, row 1 vision (spec §C.2)
+        SplitRows(n_mg=2),  # row 0 text, row 1 vision (reference §C.2)
         Split.REPLICATED,
         "moe",
         lambda c: ((2, E),),
@@ -118,7 +118,7 @@ def _vision_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
 
 
 def _megatron_vit_rows(cfg: ErnieConfig) -> list[Row]:
-    """The TP-sharded Megatron-Core ViT (``megatron/vit.py``, spec §H.6 MG-ViT): blocks and final norm."""
+    """The TP-sharded Megatron-Core ViT (``megatron/vit.py``, reference §H.6 MG-ViT): blocks and final norm."""
     v = cfg.vision
     C, F = v.hidden_size, v.intermediate_size
     V, B = vision_prefix(cfg), "vision_model.decoder.layers.{B}."

@@ -1,7 +1,7 @@
 """Run-time shims that let Megatron-Core 0.16.1 run forward/backward on a CPU with gloo.
 
-Everything CPU-specific lives in this one module (see ``shared/docs/megatron-on-cpu.md`` for the evidence behind
-each shim). The model code never imports it; tests, the CLI and the benchmarks call :func:`install` before they build
+Everything CPU-specific lives in this one module (``docs/megatron-on-cpu.md`` says why each shim is needed).
+The model code never imports it; tests, the CLI and the benchmarks call :func:`install` before they build
 a model when no GPU is present. On a CUDA machine :func:`install` only applies S4, which is a Megatron 0.16.1 bug
 (not a CPU issue) and a no-op on later releases.
 

@@ -25,7 +25,7 @@ Positions
   which RoPE's relative form cancels (scores equal up to rounding).
 * position-driven models (VL, or text after ``packing.use_position_ids_rope``) slice the rotary angles of the
   *whole* cache (``q`` = the new slots, ``k`` = all slots), so each call passes the position history ``[.., B, L]``.
-  VL prefill positions are HF's ``get_rope_index`` (spec §F.4); a decode token continues at
+  VL prefill positions are HF's ``get_rope_index`` (reference §F.4); a decode token continues at
   ``max(prompt positions) + 1 + k`` on all three axes, i.e. HF's ``cache_len + rope_delta`` (§F.4).
 * text models after ``use_position_ids_rope`` use HF's positions exactly (``cumsum(mask) - 1``).
 
@@ -129,7 +129,7 @@ class KVCacheSession:
         moe_types_BP = None
         if self.vl:
             if moe_mm_token_type_ids is None and (pixel_values is not None or pixel_values_videos is not None):
-                raise ValueError("a multimodal prompt needs moe_mm_token_type_ids (processor output, spec §F.2)")
+                raise ValueError("a multimodal prompt needs moe_mm_token_type_ids (processor output, reference §F.2)")
             v = self.cfg.vision
             from .vl_model import vl_position_ids
 

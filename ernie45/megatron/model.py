@@ -2,14 +2,14 @@
 
 The model is Megatron's own GPTModel with Megatron's local layer specs, changed in exactly three places:
 
-* ``ErnieRMSNorm`` for every norm: HF's formula (fp32 statistics, cast back, *then* the weight multiply, spec §B.2)
+* ``ErnieRMSNorm`` for every norm: HF's formula (fp32 statistics, cast back, *then* the weight multiply, reference §B.2)
   and sequence-parallel capable (its parameters carry ``sequence_parallel``), which the torch norm of the local spec
-  refuses (megatron-on-cpu S8);
+  refuses (S8, docs/megatron-on-cpu.md);
 * ``ErnieTopKRouter`` in every MoE layer (softmax + selection-only expert bias, see ``router.py``);
 * the dense/MoE pattern comes from ``ErnieConfig.mlp_layer_types`` (``moe_layer_freq`` as a list).
 
 Everything else is configuration: GQA with the config's head_dim (``kv_channels``), interleaved RoPE with the
-config's θ (``rotary_interleaved=True``; HF's "rotate_half" is the interleaved one, spec §B.4), SwiGLU, shared experts
+config's θ (``rotary_interleaved=True``; HF's "rotate_half" is the interleaved one, reference §B.4), SwiGLU, shared experts
 of width ``n_shared · I_t``, tied or untied output head.
 """
 
@@ -188,7 +188,7 @@ def build_model(
     """Build this rank's model chunks (one per virtual pipeline stage). Process groups must exist.
 
     ``tie_word_embeddings`` overrides the config: transformers 5.23 loads an on-disk ``lm_head.weight`` untied even
-    when the config says tied (spec §G), and the bridge mirrors that.
+    when the config says tied (reference §G), and the bridge mirrors that.
 
     ``aux_loss``: transformers' load-balancing loss (``router_aux_loss_coef`` × ``load_balancing_loss_func``, pooled
     over every MoE layer of a forward) through one ``ernie45.megatron.router.PooledAuxLoss`` on the chunk

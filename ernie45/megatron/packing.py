@@ -8,7 +8,7 @@ What makes a packed sample equal to the same sample run alone
 * **attention**: a block-diagonal causal mask -- token ``i`` sees token ``j`` iff both belong to the same sample
   and ``j <= i``. Without it a sample attends to its predecessors (the test shows the logits then differ);
 * **positions** restart at 0 in every sample: 1-D ``arange`` for text models, and for the VL model the 3-D
-  positions HF's ``get_rope_index`` gives *that sample alone* (spec §F.4), concatenated;
+  positions HF's ``get_rope_index`` gives *that sample alone* (reference §F.4), concatenated;
 * **pool routing** (VL) is per token from the concatenated MoE token types; ERNIE has no capacity limit, so a
   token's experts never depend on its neighbours (text MoE likewise);
 * **labels** shift inside each sample only: the last token of a sample predicts nothing (``loss_mask`` 0), it must
@@ -32,7 +32,7 @@ Megatron's ``"rope"`` position type ignores ``position_ids``: it rotates by ``ar
 positions from ``cu_seqlens`` on the THD path). On the BSHD path the restart-at-0 positions must therefore reach
 RoPE another way: :func:`use_position_ids_rope` switches a text GPTModel to the position-driven rotary channel the VL
 model already uses (``"mrope"`` + ERNIE's 3-D rotary with every band on the T row, which *is* the 1-D interleaved RoPE
-bit for bit, spec §B.5(i)). That is a stand-in for a ``build_model`` option; see its docstring.
+bit for bit, reference §B.5(i)). That is a stand-in for a ``build_model`` option; see its docstring.
 
 The VL model's public ``forward`` takes a ``[B, S]`` padding mask, not an explicit 4-D mask, so packed VL rows go
 through :func:`vl_forward`, which performs the same three steps (embed + vision features, 3-D positions, language
@@ -209,7 +209,7 @@ def pack(
     A sample is a 1-D tensor of token ids, or a dict with ``input_ids`` and optionally HF-style ``labels``
     (unshifted, ``-100`` = no loss; default: every next token is a target). VL samples may carry the processor
     outputs of that sample alone: ``pixel_values``/``image_grid_thw``, ``pixel_values_videos``/``video_grid_thw``,
-    and the two token-type arrays (derived from the ids when absent, spec §F.2).
+    and the two token-type arrays (derived from the ids when absent, reference §F.2).
 
     ``pad_to_multiple_of`` pads the row (e.g. to the TP size for sequence parallelism); the padding tail is its
     own causal block, carries no loss and routes with the text pool, as HF routes padding.
@@ -241,7 +241,7 @@ def pack(
             continue
         given = {"mm_token_type_ids", "moe_mm_token_type_ids"} & set(sample)
         if len(given) == 1:
-            raise ValueError(f"sample {i}: give both token-type arrays or neither (spec §J.7); got only {given}")
+            raise ValueError(f"sample {i}: give both token-type arrays or neither (reference §J.7); got only {given}")
         if given:
             mm_S = _row(sample["mm_token_type_ids"], f"sample {i} mm_token_type_ids")
             moe_S = _row(sample["moe_mm_token_type_ids"], f"sample {i} moe_mm_token_type_ids")
@@ -333,7 +333,7 @@ def use_position_ids_rope(chunks, cfg: ErnieConfig) -> None:
     """Make text GPTModel chunks rotate by the caller's ``position_ids`` instead of ``arange(S)``.
 
     GPTModel's ``"mrope"`` type hands ``position_ids`` to ``rotary_pos_emb``; ERNIE's 3-D rotary with every band on
-    the T row (``mrope_section = (0, 0, head_dim/2)``) is then exactly the 1-D interleaved RoPE of spec §B.4 at those
+    the T row (``mrope_section = (0, 0, head_dim/2)``) is then exactly the 1-D interleaved RoPE of reference §B.4 at those
     positions: same inverse frequencies, same fp32 products (``test_packing`` checks bit equality with ``"rope"``).
     Nothing in the state dict changes (the rotary tables are non-persistent), so bridges and checkpoints are
     unaffected.

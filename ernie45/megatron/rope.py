@@ -1,4 +1,4 @@
-"""ERNIE 4.5 VL 3-D rotary embedding for the Megatron-Core language model (spec §B.5, §J.2).
+"""ERNIE 4.5 VL 3-D rotary embedding for the Megatron-Core language model (reference §B.5, §J.2).
 
 Legend (shape suffixes): ``B`` batch, ``S`` sequence, ``F`` rotary bands (= head_dim / 2), ``D`` head_dim,
 ``3`` the (T, H, W) position rows.
@@ -12,7 +12,7 @@ its angle from
 * ``f >= hw``             ->  the T row,
 
 always with the *unpermuted* inverse frequency ``inv[f] = θ^(-2f/D)``, and each band rotates the interleaved pair
-``(2f, 2f+1)`` (GPT-J style, like the 1-D text RoPE, spec §B.4). For text tokens ``T = H = W`` so it reduces
+``(2f, 2f+1)`` (GPT-J style, like the 1-D text RoPE, reference §B.4). For text tokens ``T = H = W`` so it reduces
 exactly to the 1-D interleaved RoPE.
 
 HF (``Ernie4_5_VLMoeTextRotaryEmbedding``) reaches the same angles by pre-permuting ``inv`` and re-interleaving
@@ -32,7 +32,7 @@ import torch
 
 __all__ = ["ErnieMultimodalRotaryEmbedding", "band_axes", "rope_inv_freq"]
 
-# rows of the position tensor, in HF's order (spec §F.4)
+# rows of the position tensor, in HF's order (reference §F.4)
 _T, _H, _W = 0, 1, 2
 
 

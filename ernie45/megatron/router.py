@@ -3,7 +3,7 @@
 Legend (shape suffixes): ``T`` tokens routed by this router, ``E`` experts in the pool, ``K`` top-k,
 ``B`` rows, ``S`` sequence (Megatron routes tokens in ``[S, B]`` order).
 
-ERNIE (HF ``Ernie4_5_MoeTopKRouter``, Baidu's original, spec §C.2)::
+ERNIE (HF ``Ernie4_5_MoeTopKRouter``, Baidu's original, reference §C.2)::
 
     p_TE   = softmax(x @ W^T)               fp32, over this pool's E experts
     idx_TK = topk(p_TE + bias_E, K)         the bias only *chooses* the experts ...

@@ -1,4 +1,4 @@
-"""The ERNIE 4.5 VL vision tower (DFNRope ViT, spec §D) and resampler (spec §E), reused from transformers.
+"""The ERNIE 4.5 VL vision tower (DFNRope ViT, reference §D) and resampler (reference §E), reused from transformers.
 
 Both modules are transformers' own (``Ernie4_5_VLMoeVisionTransformerPretrainedModel`` and
 ``Ernie4_5_VLMoeVariableResolutionResamplerModel``), replicated on every tensor-parallel rank of the first
@@ -8,8 +8,8 @@ Replicated parameters carry no ``tensor_model_parallel`` attribute, which is how
 dist-checkpointing recognise replicas; every TP rank sees the same pixels, so their gradients agree.
 
 Pixel contract: ``pixel_values`` are the **HF processor's output** (rescaled and CLIP-normalised rows of
-``C·p·p = 588``, block-major patch order, spec §D.1). Nothing is normalised here -- Megatron-Bridge normalises again
-inside its model (spec §I.3 #10), which would double-normalise processor output.
+``C·p·p = 588``, block-major patch order, reference §D.1). Nothing is normalised here -- Megatron-Bridge normalises again
+inside its model (reference §I.3 #10), which would double-normalise processor output.
 
 The HF configs are rebuilt from the normalised :class:`~ernie45.config.ErnieConfig`, so the nested and the flat
 (Thinking) layouts give the same modules. ``ErnieConfig.vit_impl="megatron"`` swaps the ViT for the TP-sharded

@@ -1,4 +1,4 @@
-"""The ERNIE 4.5 VL vision tower as a Megatron-Core ``TransformerBlock``: tensor-parallel, spec §D and §H.6 (MG-ViT).
+"""The ERNIE 4.5 VL vision tower as a Megatron-Core ``TransformerBlock``: tensor-parallel, reference §D and §H.6 (MG-ViT).
 
 The alternative to the replicated transformers ViT of ``vision.py`` (chosen by ``ErnieConfig.vit_impl``): the 32
 blocks of a 1280-wide ViT are 0.6 B parameters, which a TP group can shard like the language model instead of
@@ -11,12 +11,12 @@ replicating. Same mathematics as transformers' ``Ernie4_5_VLMoeVisionTransformer
 
 It is Megatron's local ViT layer spec (``ColumnParallelLinear`` fused QKV with per-head ``[q_h, k_h, v_h]`` rows,
 ``RowParallelLinear`` projections, torch ``LayerNorm``) with three settings that make it ERNIE's: biases on,
-``quick_gelu`` (``x·σ(1.702x)``, not GELU, spec §I.3 #11) and half-split RoPE (``rotary_interleaved=False``) fed with
+``quick_gelu`` (``x·σ(1.702x)``, not GELU, reference §I.3 #11) and half-split RoPE (``rotary_interleaved=False``) fed with
 ERNIE's 2-D angles. Attention is block-diagonal over frames through an explicit mask (the CPU path has no THD
 kernels; on GPU a ``PackedSeqParams`` with the same ``cu_seqlens`` is the drop-in).
 
 The FFN width is the config's ``intermediate_size`` (what transformers uses), not ``embed_dim·mlp_ratio`` as
-Megatron-Bridge does (spec §I.3 #15). The ViT lives whole on the first pipeline stage and never uses sequence
+Megatron-Bridge does (reference §I.3 #15). The ViT lives whole on the first pipeline stage and never uses sequence
 parallelism, so its Megatron config has PP = 1 and SP off whatever the language model's layout.
 
 Legend: ``N`` patch rows of the batch (Σ t·h·w), ``P`` pixel row (C_in·p²), ``C`` ViT width, ``D`` head dim.
@@ -65,7 +65,7 @@ def vit_transformer_config(cfg: ErnieConfig, layout: Layout, *, params_dtype: to
         add_bias_linear=True,
         add_qkv_bias=True,
         attention_softmax_in_fp32=True,
-        rotary_interleaved=False,  # half-split ("rotate_half") RoPE, spec §D.3
+        rotary_interleaved=False,  # half-split ("rotate_half") RoPE, reference §D.3
         bias_dropout_fusion=False,
         **engine_settings(params_dtype),
         tensor_model_parallel_size=layout.tp,
@@ -79,7 +79,7 @@ def vit_transformer_config(cfg: ErnieConfig, layout: Layout, *, params_dtype: to
 
 def vision_position_ids(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
     """``[N, 2]`` (row, column) of every patch in the full patch grid, block-major over ``merge``² blocks, repeated
-    for each frame: the order of the pixel rows (spec §D.1, §D.3)."""
+    for each frame: the order of the pixel rows (reference §D.1, §D.3)."""
     out = []
     for t, h, w in grid_thw.tolist():
         hpos, wpos = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
@@ -90,7 +90,7 @@ def vision_position_ids(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
 
 
 def frame_mask(grid_thw: torch.Tensor) -> torch.Tensor:
-    """``[1, 1, N, N]`` True = masked: each frame of each image / video attends only to itself (spec §D.4)."""
+    """``[1, 1, N, N]`` True = masked: each frame of each image / video attends only to itself (reference §D.4)."""
     seg_N = torch.repeat_interleave(
         torch.arange(int(grid_thw[:, 0].sum())), torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
     )
@@ -124,7 +124,7 @@ class ErnieMegatronViT(MegatronModule):
         self.decoder.set_input_tensor(input_tensor)
 
     def rotary_angles(self, grid_thw: torch.Tensor) -> torch.Tensor:
-        """``[N, 1, 1, D]`` angles ``[h·inv, w·inv, h·inv, w·inv]`` with ``inv`` over D/2 (spec §D.3), fp32."""
+        """``[N, 1, 1, D]`` angles ``[h·inv, w·inv, h·inv, w·inv]`` with ``inv`` over D/2 (reference §D.3), fp32."""
         half = self.head_dim // 2
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float) / half))
         hw_N2 = vision_position_ids(grid_thw, self.merge)

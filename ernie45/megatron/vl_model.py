@@ -1,6 +1,6 @@
 """ERNIE 4.5 VL MoE (``Ernie4_5_VLMoeForConditionalGeneration``) on Megatron-Core.
 
-Structure and parameter names (the bridge tables key off these, spec §H.6)::
+Structure and parameter names (the bridge tables key off these, reference §H.6)::
 
     ErnieVLModel
       vision_model      HF DFNRope ViT, replicated        (first pipeline stage only)   vision.py
@@ -17,14 +17,14 @@ Structure and parameter names (the bridge tables key off these, spec §H.6)::
 Forward (HF ``Ernie4_5_VLMoeModel.forward`` semantics):
 
 1. ``Embed(input_ids)``; image features (ViT + resampler on all images, ``image_grid_thw`` order) replace the rows
-   holding ``image_token_id``, video features the rows holding ``video_token_id`` (spec §F.3);
+   holding ``image_token_id``, video features the rows holding ``video_token_id`` (reference §F.3);
 2. 3-D positions from ``mm_token_type_ids`` + grids exactly like HF ``get_rope_index``, attention-mask aware
-   (spec §F.4), or the caller's ``position_ids``;
+   (reference §F.4), or the caller's ``position_ids``;
 3. the language model, with the **MoE** token types (``moe_mm_token_type_ids``: start/end tokens are vision here, text
-   for positions -- spec §J.7) carried explicitly to every MoE layer through Megatron's ``padding_mask`` channel
+   for positions -- reference §J.7) carried explicitly to every MoE layer through Megatron's ``padding_mask`` channel
    (documented in ``vl_moe.py``); padding positions travel as type ``-1``.
 
-Deliberate differences from Megatron-Bridge's ``Ernie45VLModel`` (spec §I.3): softmax+bias routing (#1), HF pixel
+Deliberate differences from Megatron-Bridge's ``Ernie45VLModel`` (reference §I.3): softmax+bias routing (#1), HF pixel
 contract without a second normalisation (#10), attention-mask-aware positions that honour given ``position_ids``
 (#11), an ``output_layer`` for untied heads (#12), and no module-level token-type global.
 """
@@ -139,7 +139,7 @@ def vl_block_spec(tc: ErnieTransformerConfig, cfg: ErnieConfig, *, pp_rank: int,
 
 
 def token_type_ids(input_ids: torch.Tensor, cfg: ErnieConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mm_token_type_ids, moe_mm_token_type_ids)`` exactly as the HF processor builds them (spec §F.2).
+    """``(mm_token_type_ids, moe_mm_token_type_ids)`` exactly as the HF processor builds them (reference §F.2).
 
     RoPE types: 1 on image placeholders, 2 on video placeholders, else 0. MoE types: the same, plus 1 on
     image start/end tokens and 2 on video start/end tokens.
@@ -168,7 +168,7 @@ def vl_position_ids(
 
     Per row, over the unpadded tokens, consecutive tokens of one RoPE type form a group: text groups count on from
     ``cur``; an image (video) group takes the next grid and enumerates ``(t, h/m, w/m)`` (``t/2`` for videos) in C order
-    offset by ``cur``, then ``cur += max(h, w)/m`` (spec §F.4). Padding gets 0. With no grids at all HF uses plain
+    offset by ``cur``, then ``cur += max(h, w)/m`` (reference §F.4). Padding gets 0. With no grids at all HF uses plain
     ``arange`` positions -- padding included -- and so does this.
     """
     B, S = input_ids.shape
@@ -176,7 +176,7 @@ def vl_position_ids(
     if image_grid_thw is None and video_grid_thw is None:
         return torch.arange(S, device=device).view(1, 1, S).expand(3, B, S)
     if mm_token_type_ids is None:
-        raise ValueError("image/video grids were given without mm_token_type_ids; 3-D positions need them (spec §F.2)")
+        raise ValueError("image/video grids were given without mm_token_type_ids; 3-D positions need them (reference §F.2)")
     m = spatial_merge_size
     grids = {
         1: iter([] if image_grid_thw is None else image_grid_thw.tolist()),

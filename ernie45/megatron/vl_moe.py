@@ -1,4 +1,4 @@
-"""ERNIE 4.5 VL dual-pool MoE block (HF ``Ernie4_5_VLMoeMoeBlock``, spec §C.6) as a Megatron-Core module.
+"""ERNIE 4.5 VL dual-pool MoE block (HF ``Ernie4_5_VLMoeMoeBlock``, reference §C.6) as a Megatron-Core module.
 
 Legend (shape suffixes): ``S`` local sequence (a sequence-parallel chunk under SP), ``B`` batch, ``D`` hidden,
 ``T`` local tokens ``S·B`` flattened in Megatron's ``[S, B]`` order, ``N`` tokens handed to one pool (after padding
@@ -24,8 +24,9 @@ tensor: ``0`` text, ``> 0`` vision, ``-1`` padding (routed with the text pool, a
 
 Padding and dummy rows are *not* handed to the pools as a Megatron padding mask yet: Megatron 0.16.1's
 ``TopKRouter._apply_expert_bias`` broadcasts ``routing_map [T, E] & ~padding_mask [T]`` and fails whenever the
-expert-bias path is on (ErnieTopKRouter turns it on). They only enter the routers' aux-loss statistics and token
-counts (training with ``aux_loss=True``); outputs are unaffected.
+expert-bias path is on (ErnieTopKRouter turns it on). They only enter the routers' token counts (the expert-load
+statistics and the aux-loss-free bias update); outputs are unaffected. (The VL model has no aux loss: transformers'
+mixes both pools' router logits into one statistic, which per-pool routers cannot reproduce.)
 
 Collectives
 -----------
@@ -33,7 +34,7 @@ Megatron's all-gather dispatcher gathers equally sized token sets over the exper
 pools makes the per-rank counts differ (different data per EP rank, different sequence chunks per TP rank under SP),
 so each pool's rows are padded with zero dummy rows to the group maximum, found by one
 ``all_reduce(MAX)`` of the two counts per layer. A pool that is empty on *every* rank is skipped on every rank; a
-pool empty only locally still runs its dummy rows, so the collectives line up (spec §I.1). This all-reduce is the
+pool empty only locally still runs its dummy rows, so the collectives line up (reference §I.1). This all-reduce is the
 only collective this module adds -- the split itself is the one thing Megatron cannot do for us.
 """
 

@@ -123,7 +123,7 @@ def lora_parts(module_name: str) -> tuple[str, ...]:
 
 
 def _row_parts(cfg: ErnieConfig, parts: tuple[str, ...], out_local: int) -> torch.Tensor:
-    """``part_O``: the part each output row of this shard belongs to (the weight's row layout, spec §H.3 / §H.4)."""
+    """``part_O``: the part each output row of this shard belongs to (the weight's row layout, reference §H.3 / §H.4)."""
     if parts == ("q", "k", "v"):  # group-major [q x R, k, v] per KV group; a TP shard holds whole groups
         D, R = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
         per_group = torch.cat([torch.zeros(R * D), torch.ones(D), torch.full((D,), 2.0)]).long()
