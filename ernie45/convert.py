@@ -63,7 +63,7 @@ from .bridge.layout import shard_bounds
 from .bridge.live import _read_hf_slices
 from .bridge.ops import ConcatGLU, Identity
 from .bridge.plan import Plan, PlanError, plan_from_hf
-from .bridge.tables import Item, Split, expand
+from .bridge.tables import Item, Split, expand, ignored_reason
 from .bridge.torch_dist import MEGATRON_METADATA, ChunkSpec, TorchDistReader, dist_key, extra_state_keys, write_dcp
 from .config import ErnieConfig, load_config
 from .errors import UsageError
@@ -150,12 +150,19 @@ class MegatronSource:
         if cfg.family == "vl" and any(k.startswith(MEGATRON_VIT_PREFIX) for k in keys):
             cfg = replace(cfg, vit_impl="megatron")  # saved from (or for) the Megatron-Core ViT
         self.cfg = cfg
-        self.tied = info.get("tied", "output_layer.weight" not in keys)
+        # Megatron's own checkpoints record no tie: a stored output layer (the names only an untied table has) says
+        head = {dist_key(m)[0] for it in expand(cfg, tied=False) for m in it.mg} - {
+            dist_key(m)[0] for it in expand(cfg, tied=True) for m in it.mg}  # fmt: skip
+        self.tied = info.get("tied", not head & keys)
         items = expand(self.cfg, tied=self.tied)
         self.plan = Plan(self.cfg, self.tied, items)
         expected = {dist_key(mg)[0] for it in items for mg in it.mg}
         self.carried = sorted(k[len(CARRY_PREFIX) :] for k in keys if k.startswith(CARRY_PREFIX))
-        unexpected = sorted(k for k in keys - expected if not k.startswith(CARRY_PREFIX))
+        # a training checkpoint's optimizer state (declared in the ignore table): read past, said in the notes
+        training_state = sorted(k for k in keys - expected if ignored_reason(k) is not None)
+        if training_state:
+            self.notes.append(f"{len(training_state)} optimizer-state tensors left out: {ignored_reason(training_state[0])}")
+        unexpected = sorted(k for k in keys - expected if not k.startswith(CARRY_PREFIX) and ignored_reason(k) is None)
         missing = sorted(expected - keys)
         wrong = self._wrong_shapes(items, keys)
         if missing or unexpected or wrong:
@@ -369,7 +376,7 @@ def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig, row_block_
             out.append(ChunkSpec(key, (*prefix, *offsets), (*lead, *sizes), gshape, dtype, produce))
 
         if isinstance(item.op, ConcatGLU):
-            # Megatron's own layout for [gate; up]: each half cut into TP pieces (spec §H.4)
+            # Megatron's own layout for [gate; up]: each half cut into TP pieces (reference §H.4)
             F = shape[0] // 2
             for half, src in enumerate(item.hf):
                 for i in range(n):

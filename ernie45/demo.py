@@ -7,18 +7,24 @@ For each embedded checkpoint (text MoE, dense, VL):
      expert-routing agreement per MoE layer and pool (VL: with an image in the prompt)
   4. HF -> GGUF and Megatron torch_dist -> GGUF (text families): tensors read back under HF names, bit-exact (f32);
      verified in llama.cpp too when llama-cpp-python is installed
+  5. ernie45 train (MoE; VL with images): ~20 steps of chat SFT on the shipped set at TP2·EP2 on 2 processes
+     (torchrun), the loss falling; the run's last torch_dist checkpoint (Megatron-Core) verified against its HF
+     export (transformers)
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .assets import embedded_checkpoint
+from .assets import embedded_checkpoint, sft_set
 from .bridge.io import HFCheckpoint
 
 __all__ = ["run_demo"]
@@ -48,6 +54,57 @@ def _demo_image(path: Path) -> Path:
     px[20:60, 30:70, 2] = 230
     Image.fromarray(px.numpy()).save(path)
     return path
+
+
+# what the training leg runs, per family: TP2·EP2 on 2 processes (etp 1: experts are not also split over TP)
+TRAIN_LEG = {
+    "tiny-ernie45-moe": dict(data="text", seq_length=128, global_batch=4),
+    "tiny-ernie45-vl": dict(data="vl", seq_length=256, global_batch=2),
+}
+TRAIN_STEPS = 20
+
+
+def _train_leg(name: str, src: Path, work: Path) -> bool:
+    """Fine-tune under torchrun at TP2·EP2, show the loss, verify the last checkpoint against its HF export."""
+    from .train.checkpoint import latest_step, step_dir
+    from .train.metrics import read_metrics
+    from .verify import verify
+
+    leg = TRAIN_LEG[name]
+    run, hf = work / f"{name}-run", work / f"{name}-run" / "hf"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "ernie45", "train", "--model", str(src), "--data", str(sft_set(leg["data"])), "--out", str(run),
+           "--tp", "2", "--ep", "2", "--etp", "1", "--steps", str(TRAIN_STEPS), "--seq-length", str(leg["seq_length"]),
+           "--global-batch", str(leg["global_batch"]), "--lr", "3e-3", "--warmup", "2", "--save-hf", str(hf),
+           "--overwrite", "--no-progress"]  # fmt: skip
+    _step(f"ernie45 train {name} on the shipped {leg['data']} chat set: {TRAIN_STEPS} steps, TP2·EP2, 2 processes")
+    t0 = time.time()
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # two processes on a small machine: no thread oversubscription
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"  FAILED (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        return False
+    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    shown = " ".join(f"{x:.2f}" for x in losses[:: max(1, len(losses) // 10)])
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    falling = last < first
+    print(f"  {len(losses)} steps in {time.time() - t0:.0f} s; loss {shown} ... {losses[-1]:.2f} "
+          f"(mean of the first 3 {first:.2f} -> last 3 {last:.2f}{'' if falling else ': NOT FALLING'})")  # fmt: skip
+    print(f"  run directory: metrics.jsonl, loss_lr.png, config.yaml, checkpoints/; HF export -> {hf.name}/")
+    _step("ernie45 verify: the run's last torch_dist checkpoint (Megatron-Core) vs its HF export (transformers)")
+    image = _demo_image(work / "demo.png") if name.endswith("-vl") else None
+    rep = verify(hf, step_dir(run, latest_step(run)), hf_config=hf / "config.json", image=image, atol=1e-4,
+                 tensor_atol=0.0, min_top1=1.0, min_routing=1.0)  # fmt: skip
+    print(rep.table())
+    return falling and rep.ok
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_demo(out_dir: Path | None = None, keep: bool = False) -> int:
@@ -111,6 +168,8 @@ def run_demo(out_dir: Path | None = None, keep: bool = False) -> int:
                     rep = verify(src, out, atol=1e-4, min_top1=1.0)
                     print(rep.table())
                     ok &= rep.ok
+            if name in TRAIN_LEG:
+                ok &= _train_leg(name, src, work)
         print(f"\n{'OK' if ok else 'FAILED'} in {time.time() - t0:.1f} s")
     finally:
         if not keep and out_dir is None:

@@ -1,21 +1,21 @@
 """What maps to what: HF on-disk safetensors names ⇄ Megatron-Core parameter names, as data.
 
 One table per format pair drives both directions. Each :class:`Row` says which HF tensors become which Megatron
-tensors through which reversible op (``ops.py``), how the Megatron tensor is sharded (:class:`Split`, spec §H.2),
+tensors through which reversible op (``ops.py``), how the Megatron tensor is sharded (:class:`Split`, reference §H.2),
 for which layers / experts it exists (``scope``) and the HF shapes the config implies.
 
 Megatron names here are *global*: full (unsharded) tensors, global layer index ``{L}``, global expert index
 ``{X}``, with the names of Megatron's local (non-TE) spec and SequentialMLP experts. Where each one lives on a
 given rank (PP stage, EP rank, local names, TP slice) is ``layout.py``'s job.
 
-On-disk layouts (spec §G):
+On-disk layouts (reference §G):
 
 * dense / text MoE: ``model.embed_tokens.weight``, ``model.layers.{L}.self_attn.{q,k,v,o}_proj.weight``,
   ``model.layers.{L}.{input,post_attention}_layernorm.weight``, dense ``model.layers.{L}.mlp.{gate,up,down}_proj``,
   MoE ``model.layers.{L}.mlp.gate.weight`` [E, H], ``model.layers.{L}.mlp.moe_statics.e_score_correction_bias``
   [1, E], ``model.layers.{L}.mlp.experts.{X}.{gate,up,down}_proj.weight``,
   ``model.layers.{L}.mlp.shared_experts.{gate,up,down}_proj.weight``, ``model.norm.weight``, ``lm_head.weight``
-  (untied only; a tied checkpoint *with* the key is loaded untied, as transformers 5.23 does, spec §G).
+  (untied only; a tied checkpoint *with* the key is loaded untied, as transformers 5.23 does, reference §G).
 """
 
 from __future__ import annotations
@@ -95,6 +95,10 @@ IGNORED: dict[str, str] = {
         "(transformers ignores it too, _keys_to_ignore_on_load_unexpected=['mtp']); the offline converter carries "
         "it through unchanged"
     ),
+    r"optimizer\.state\.(exp_avg|exp_avg_sq|fp32_param)\..+": (
+        "optimizer state of an `ernie45 train` checkpoint (Adam moments, fp32 master copies): training state, not "
+        "model weights; a conversion exports the model, and only `ernie45 train --resume` reads it"
+    ),
 }
 _IGNORED_RE = [(re.compile(p), why) for p, why in IGNORED.items()]
 
@@ -107,7 +111,7 @@ def ignored_reason(name: str) -> str | None:
 
 
 def effective_tie(cfg: ErnieConfig, hf_keys) -> bool:
-    """transformers 5.23 loads an on-disk ``lm_head.weight`` untied even if the config says tied (spec §G)."""
+    """transformers 5.23 loads an on-disk ``lm_head.weight`` untied even if the config says tied (reference §G)."""
     return cfg.tie_word_embeddings and "lm_head.weight" not in set(hf_keys)
 
 
