@@ -7,9 +7,10 @@ generator, so a parity test that passes has compared real numbers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -242,3 +243,32 @@ def grad_differences(
         diff = (g.float() - w.float()).abs().max().item()
         out[name] = 0.0 if diff <= atol else diff / max(w.abs().max().item(), 1e-12)
     return out
+
+
+@contextlib.contextmanager
+def worker_results(rank: int, out_root: str | Path, name: str = "results.json") -> Iterator[dict]:
+    """The envelope of a 2-process test worker: collect results, rank 0 writes them as JSON for the parent test.
+
+    A failure on either rank is written (with its traceback) and ends the process at once: its peer may be blocked
+    in a collective, and a hung worker would hang the test instead of failing it.
+    """
+    import os
+    import sys
+    import traceback
+
+    import torch.distributed as dist
+
+    results: dict = {}
+    path = Path(out_root, name)
+    try:
+        yield results
+    except Exception:
+        results["error"] = f"rank {rank}:\n{traceback.format_exc()}"
+        print(results["error"], file=sys.stderr, flush=True)
+        if rank == 0:
+            path.write_text(json.dumps(results, indent=2))
+        os._exit(1)
+    if rank == 0:
+        path.write_text(json.dumps(results, indent=2))
+    dist.barrier()
+    dist.destroy_process_group()

@@ -12,14 +12,13 @@ pickles cross the process boundary).
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from ernie45.testing import worker_results
 
 LAYOUTS = {
     # name: (Layout kwargs, families)
@@ -112,8 +111,7 @@ def worker(rank: int, port: int, ckpts: dict, out_root: str) -> None:
     from ernie45.megatron import parallel
     from ernie45.megatron.parallel import Layout
 
-    results = {}
-    try:
+    with worker_results(rank, out_root) as results:
         from ernie45.reference import load_reference
         from ernie45.testing import grad_differences, hf_loss_and_grads
 
@@ -152,16 +150,6 @@ def worker(rank: int, port: int, ckpts: dict, out_root: str) -> None:
                         grad_scale=max(g.abs().max().item() for g in ref_grads.values()),
                     )
                 parallel.destroy()
-    except Exception:
-        results["error"] = f"rank {rank}:\n{traceback.format_exc()}"
-        print(results["error"], file=sys.stderr, flush=True)
-        if rank == 0:
-            Path(out_root, "results.json").write_text(json.dumps(results, indent=2))
-        os._exit(1)  # the peer may be blocked in a collective; do not hang the test
-    if rank == 0:
-        Path(out_root, "results.json").write_text(json.dumps(results, indent=2))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def offline_worker(rank: int, port: int, mg_dir: str, hf_dir: str, ref_file: str, out_root: str) -> None:
@@ -174,12 +162,11 @@ def offline_worker(rank: int, port: int, mg_dir: str, hf_dir: str, ref_file: str
     from ernie45.config import load_config
     from ernie45.megatron import parallel
     from ernie45.megatron.model import build_model
-    from ernie45.megatron.run import forward_logits
     from ernie45.megatron.parallel import Layout
+    from ernie45.megatron.run import forward_logits
 
     ref = load_file(ref_file)
-    results = {}
-    try:
+    with worker_results(rank, out_root, "offline.json") as results:
         cfg = load_config(hf_dir)
         for name, kw in {"TP2": dict(tp=2), "EP2": dict(ep=2)}.items():
             layout = Layout(**kw)
@@ -197,13 +184,3 @@ def offline_worker(rank: int, port: int, mg_dir: str, hf_dir: str, ref_file: str
             dist.barrier()
             dist_checkpointing.save(chunks[0].sharded_state_dict(), str(saved))
             parallel.destroy()
-    except Exception:
-        results["error"] = f"rank {rank}:\n{traceback.format_exc()}"
-        print(results["error"], file=sys.stderr, flush=True)
-        if rank == 0:
-            Path(out_root, "offline.json").write_text(json.dumps(results))
-        os._exit(1)
-    if rank == 0:
-        Path(out_root, "offline.json").write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()

@@ -16,14 +16,14 @@ Rank 0 writes the numbers as JSON.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from ernie45.testing import worker_results
 
 # name: (sequence_parallel, recompute); TP2 throughout
 CASES = {
@@ -70,9 +70,10 @@ def _schedule(chunk, data, fwd, loss_fn):
 
 def _inputs(family, cfg):
     """(data, None) for text models; (data, (forward(chunk, data) -> per-token loss, loss reduction)) for VL."""
+    from vl_helpers import make_batch
+
     from ernie45.megatron.packing import forward_packed, pack
     from ernie45.megatron.vl_model import lm_labels, masked_token_mean
-    from vl_helpers import make_batch
 
     if family in ("dense", "moe"):
         g = torch.Generator().manual_seed(11)
@@ -152,8 +153,7 @@ def worker(rank: int, port: int, hf_dirs: dict, out_root: str) -> None:
     # them costs seconds per fresh process on 2 cores and changes no number, so these workers run them eagerly.
     torch._dynamo.config.disable = True
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    results = {}
-    try:
+    with worker_results(rank, out_root) as results:
         from ernie45.config import load_config
         from ernie45.megatron import parallel
         from ernie45.megatron.parallel import Layout
@@ -187,13 +187,3 @@ def worker(rank: int, port: int, hf_dirs: dict, out_root: str) -> None:
                     attention_calls_per_layer=calls,
                     ref_attention_calls_per_layer=ref_calls,
                 )
-    except Exception:
-        results = {"error": f"rank {rank}:\n{traceback.format_exc()}"}
-        print(results["error"], file=sys.stderr, flush=True)
-        if rank == 0:
-            Path(out_root, "results.json").write_text(json.dumps(results, indent=2))
-        os._exit(1)  # the peer may be blocked in a collective; do not hang the test
-    if rank == 0:
-        Path(out_root, "results.json").write_text(json.dumps(results, indent=2))
-    dist.barrier()
-    dist.destroy_process_group()

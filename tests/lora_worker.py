@@ -15,15 +15,14 @@ into fresh adapters: logits == the TP1 reference. Rank 0 writes the numbers as J
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import sys
-import traceback
 import zlib
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from ernie45.testing import worker_results
 
 LAYOUTS = {
     # name: (Layout kwargs, families)
@@ -152,10 +151,14 @@ def worker(rank: int, port: int, sources: dict, out_root: str, train_kwargs: dic
     from ernie45.config import load_config
     from ernie45.megatron import parallel
     from ernie45.megatron.parallel import Layout
-    from ernie45.train.lora import adapter_sharded_state_dict, apply_lora, load_adapter_state_dict, merge_lora
+    from ernie45.train.lora import (
+        adapter_sharded_state_dict,
+        apply_lora,
+        load_adapter_state_dict,
+        merge_lora,
+    )
 
-    results = {}
-    try:
+    with worker_results(rank, out_root) as results:
         for family, src in sources.items():
             cfg = load_config(src)
             if family == "vl-mgvit":
@@ -222,14 +225,4 @@ def worker(rank: int, port: int, sources: dict, out_root: str, train_kwargs: dic
             from ernie45.train.trainer import train
 
             results["train"] = dict(losses=train(TrainConfig.from_mapping(train_kwargs)).losses)
-    except Exception:
-        results["error"] = f"rank {rank}:\n{traceback.format_exc()}"
-        print(results["error"], file=sys.stderr, flush=True)
-        if rank == 0:
-            Path(out_root, "results.json").write_text(json.dumps(results, indent=2))
-        os._exit(1)  # the peer may be blocked in a collective; do not hang the test
-    if rank == 0:
-        Path(out_root, "results.json").write_text(json.dumps(results, indent=2))
-    dist.barrier()
-    dist.destroy_process_group()
 

@@ -15,13 +15,13 @@ import json
 import math
 import os
 import random
-import sys
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from ernie45.testing import worker_results
 
 # ----------------------------------------------------------------------------------------------------------------------
 # data
@@ -229,18 +229,7 @@ def worker(rank: int, port: int, jobs: list[dict], out_root: str) -> None:
     from ernie45.train.config import TrainConfig
     from ernie45.train.trainer import train
 
-    results = {}
-    try:
+    with worker_results(rank, out_root) as results:
         for job in jobs:
             res = train(TrainConfig.from_mapping(job["config"]))
             results[job["name"]] = dict(losses=res.losses, grad_norms=res.grad_norms)
-    except Exception:
-        results["error"] = f"rank {rank}:\n{traceback.format_exc()}"
-        print(results["error"], file=sys.stderr, flush=True)
-        if rank == 0:
-            Path(out_root, "results.json").write_text(json.dumps(results, indent=2))
-        os._exit(1)  # the peer may be blocked in a collective; do not hang the test
-    if rank == 0:
-        Path(out_root, "results.json").write_text(json.dumps(results, indent=2))
-    dist.barrier()
-    dist.destroy_process_group()
