@@ -272,3 +272,16 @@ def worker_results(rank: int, out_root: str | Path, name: str = "results.json") 
         path.write_text(json.dumps(results, indent=2))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def edited_copy(src: str | Path, dst: str | Path, edit) -> Path:
+    """A copy of a single-file HF checkpoint with ``edit(name, tensor) -> tensor`` applied to every tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    f = dst / "model.safetensors"
+    save_file({n: edit(n, t).contiguous() for n, t in load_file(f).items()}, f, metadata={"format": "pt"})
+    return dst

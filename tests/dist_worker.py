@@ -184,3 +184,24 @@ def offline_worker(rank: int, port: int, mg_dir: str, hf_dir: str, ref_file: str
             dist.barrier()
             dist_checkpointing.save(chunks[0].sharded_state_dict(), str(saved))
             parallel.destroy()
+
+
+def offline_load_diffs(hf_dir, mg_dir, out_root, *, seed: int) -> dict:
+    """Run :func:`offline_worker` on 2 gloo processes: transformers' logits on ``hf_dir`` for a seeded batch, then
+    Megatron's own ``dist_checkpointing.load`` of ``mg_dir`` at TP2 and at EP2; returns the worker's results."""
+    import json
+
+    import torch.multiprocessing as mp
+    from conftest import free_port
+    from safetensors.torch import save_file
+
+    from ernie45.reference import load_reference
+
+    ids = torch.randint(0, 160, (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        logits = load_reference(hf_dir)(input_ids=ids).logits
+    ref = Path(out_root, "ref.safetensors")
+    save_file({"input_ids": ids, "logits": logits.contiguous()}, ref)
+    mp.spawn(offline_worker, args=(free_port(), str(mg_dir), str(hf_dir), str(ref), str(out_root)), nprocs=2,
+             join=True)  # fmt: skip
+    return json.loads(Path(out_root, "offline.json").read_text())

@@ -12,14 +12,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ernie45.convert import convert
-from ernie45.testing import write_tiny_checkpoint
+from ernie45.testing import edited_copy, write_tiny_checkpoint
 from ernie45.cli import main
 from ernie45.verify import llama_cpp_available, verify
 
@@ -36,15 +35,6 @@ def ckpts(tmp_path_factory):
     convert(root / "mg", root / "back", to="hf", progress=False)
     convert(hf, root / "f32.gguf", to="gguf", progress=False)
     return dict(root=root, hf=hf, mg=root / "mg", back=root / "back", gguf=root / "f32.gguf")
-
-
-def _edited_copy(src, dst, edit):
-    """A copy of an HF checkpoint with ``edit(name, tensor) -> tensor`` applied to every tensor."""
-    shutil.copytree(src, dst)
-    f = dst / "model.safetensors"
-    tensors = load_file(f)
-    save_file({n: edit(n, t).contiguous() for n, t in tensors.items()}, f, metadata={"format": "pt"})
-    return dst
 
 
 def _cli(*argv) -> int:
@@ -91,7 +81,7 @@ def test_one_ulp_change_is_reported_by_name(ckpts, capsys):
         t[where] = torch.nextafter(t[where], torch.tensor(float("inf")))
         return t
 
-    bad = _edited_copy(ckpts["hf"], ckpts["root"] / "bad-ulp", one_ulp)
+    bad = edited_copy(ckpts["hf"], ckpts["root"] / "bad-ulp", one_ulp)
     before, after = (load_file(d / "model.safetensors")[CORRUPT] for d in (ckpts["hf"], bad))
     ulp = (after - before).abs().max().item()
     assert ulp > 0
@@ -109,7 +99,7 @@ def test_one_ulp_change_is_reported_by_name(ckpts, capsys):
 
 def test_dropped_expert_bias_shows_in_routing(ckpts):
     """A checkpoint without the (randomised) selection bias: routing agreement drops, --min-routing fails."""
-    nobias = _edited_copy(ckpts["hf"], ckpts["root"] / "nobias",
+    nobias = edited_copy(ckpts["hf"], ckpts["root"] / "nobias",
                           lambda n, t: torch.zeros_like(t) if n.endswith("e_score_correction_bias") else t)  # fmt: skip
     r = verify(ckpts["hf"], nobias, min_routing=1.0, atol=LOGIT_TOL)
     assert {d.name for d in r.tensors if d.status == "differs"} == {

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -25,17 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from ernie45.cli import main
 from ernie45.convert import convert
-from ernie45.testing import write_tiny_checkpoint
+from ernie45.testing import edited_copy, write_tiny_checkpoint
 from ernie45.verify import verify
-
-
-def _edited_copy(src, dst, edit):
-    """A copy of an HF checkpoint with ``edit(name, tensor) -> tensor`` applied to every tensor."""
-    shutil.copytree(src, dst)
-    f = dst / "model.safetensors"
-    tensors = load_file(f)
-    save_file({n: edit(n, t).contiguous() for n, t in tensors.items()}, f, metadata={"format": "pt"})
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +51,7 @@ def test_same_model_passes_under_the_default_fp32_thresholds(moe, capsys):
 
 
 def test_nan_logits_fail_without_any_threshold(moe, capsys):
-    nan = _edited_copy(moe["hf"], moe["root"] / "nan",
+    nan = edited_copy(moe["hf"], moe["root"] / "nan",
                        lambda n, t: torch.full_like(t, math.nan) if n == "model.norm.weight" else t)  # fmt: skip
     r = verify(moe["hf"], nan, tensors=False)
     assert not r.ok
@@ -86,7 +76,7 @@ def test_a_different_model_of_the_same_shape_fails_without_any_threshold(moe, ca
 
 
 def test_dropped_expert_bias_fails_without_any_threshold(moe):
-    nobias = _edited_copy(moe["hf"], moe["root"] / "nobias",
+    nobias = edited_copy(moe["hf"], moe["root"] / "nobias",
                           lambda n, t: torch.zeros_like(t) if n.endswith("e_score_correction_bias") else t)  # fmt: skip
     r = verify(moe["hf"], nobias, tensors=False)
     assert not r.ok and any(f.startswith("routing layer") for f in r.failures())
@@ -95,9 +85,9 @@ def test_dropped_expert_bias_fails_without_any_threshold(moe):
 def test_tensor_defaults_allow_storage_rounding_only(moe):
     """The default tensor bound is the rounding of the coarser storage type, relative to the tensor's scale: a bf16
     copy passes as tensors (its logits in fp32 do not: that needs --dtype bf16); a 0.1 % change does not."""
-    bf16 = _edited_copy(moe["hf"], moe["root"] / "bf16", lambda n, t: t.to(torch.bfloat16))
+    bf16 = edited_copy(moe["hf"], moe["root"] / "bf16", lambda n, t: t.to(torch.bfloat16))
     assert verify(moe["hf"], bf16, logits=False).ok
-    scaled = _edited_copy(moe["hf"], moe["root"] / "scaled",
+    scaled = edited_copy(moe["hf"], moe["root"] / "scaled",
                           lambda n, t: t * 1.001 if n == "model.layers.2.self_attn.o_proj.weight" else t)  # fmt: skip
     r = verify(moe["hf"], scaled, logits=False)
     assert [f.split(":")[0] for f in r.failures()] == ["tensor model.layers.2.self_attn.o_proj.weight"]
@@ -302,7 +292,7 @@ def test_bf16_agreement_dense_moe_vl(moe, vl, tmp_path, capsys):
     assert main(["verify", str(moe["hf"]), str(moe["mg"]), "--dtype", "bf16", "--no-tensors"]) == 0
     assert "bf16 defaults: cosine >= 0.99, top-1 >= 0.8, routing >= 0.8" in capsys.readouterr().out
     # and bf16 still tells a different model apart: the MoE without its expert bias fails the bf16 defaults
-    nobias = _edited_copy(moe["hf"], tmp_path / "nobias",
+    nobias = edited_copy(moe["hf"], tmp_path / "nobias",
                           lambda n, t: torch.zeros_like(t) if n.endswith("e_score_correction_bias") else t)  # fmt: skip
     assert not verify(moe["hf"], nobias, dtype="bf16", tensors=False, prompt_ids=ids).ok
 
