@@ -365,9 +365,11 @@ def _global_loss(sums: torch.Tensor) -> float:
 
 def _routers_reset(chunks) -> None:
     """Zero the routers' token counts (Megatron does it in finalize_model_grads only when it updates the bias)."""
+    from ..megatron.router import ErnieTopKRouter
+
     for c in chunks:
         for m in c.modules():
-            if hasattr(m, "local_tokens_per_expert") and isinstance(m.local_tokens_per_expert, torch.Tensor):
+            if isinstance(m, ErnieTopKRouter):  # every ERNIE router registers the count buffer (router.py)
                 m.local_tokens_per_expert.zero_()
 
 
