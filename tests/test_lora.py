@@ -377,32 +377,25 @@ def _peft_adamw(ck, init_dir, samples, common):
     from peft.utils import get_peft_model_state_dict
 
     from ernie45.reference import load_reference
-    from train_worker import _hf_forward_loss, lr_at
+    from train_worker import adamw_steps, lr_at
 
     model = PeftModel.from_pretrained(load_reference(ck), str(init_dir), is_trainable=True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=common["lr"], betas=(0.9, 0.999), eps=common["adam_eps"],
                             weight_decay=common["weight_decay"])  # fmt: skip
-    steps, G = common["steps"], common["global_batch"]
-    losses, grads = [], {}
-    for s in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(s, lr=common["lr"], min_lr=common["min_lr"], warmup=common["warmup"], total=steps,
-                            schedule=common["schedule"])  # fmt: skip
-        batch = [samples[(s * G + j) % len(samples)] for j in range(G)]
-        targets = sum(int((b["labels"][1:] != -100).sum()) for b in batch)
-        opt.zero_grad()
-        total = 0.0
-        for sample in batch:
-            loss, _ = _hf_forward_loss(model, sample)
-            (loss / targets).backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(params, common["clip_grad"])
-        if s == 0:
-            grads = {k.replace(".default", ""): v.grad.clone() for k, v in model.named_parameters() if v.requires_grad}
-        losses.append(total / targets)
-        opt.step()
+    steps, grads = common["steps"], {}
+
+    def after_clip(step):
+        if step == 1:
+            grads.update({k.replace(".default", ""): v.grad.clone() for k, v in model.named_parameters()
+                          if v.requires_grad})  # fmt: skip
+
+    losses, _ = adamw_steps(
+        model, opt, samples, steps=steps, global_batch=common["global_batch"], clip=common["clip_grad"],
+        after_clip=after_clip, lr_of=lambda s, g: lr_at(s, lr=common["lr"], min_lr=common["min_lr"],
+                                                        warmup=common["warmup"], total=steps, schedule=common["schedule"]),
+    )  # fmt: skip
     return losses, grads, {k.replace(".default", ""): v for k, v in get_peft_model_state_dict(model).items()}
 
 

@@ -135,11 +135,31 @@ def reference_training(hf_dir, samples, *, steps, global_batch, lr, min_lr=0.0, 
         groups.setdefault((mult, wd), []).append(p)
     param_groups = [dict(params=ps, weight_decay=wd, mult=m) for (m, wd), ps in groups.items()]
     opt = torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps)
-    out = dict(losses=[], grad_norms=[], grads={})
-    N = len(samples)
+    out = dict(grads={})
+
+    def after_clip(step):
+        if step in grads_at:
+            out["grads"][step] = _on_disk(model, Path(out_dir) / f"grads-{step}", lambda p: p.grad)
+
+    out["losses"], out["grad_norms"] = adamw_steps(
+        model, opt, samples, steps=steps, global_batch=global_batch, clip=clip, after_clip=after_clip,
+        lr_of=lambda s, g: lr_at(s, lr=lr * g["mult"], min_lr=min_lr * g["mult"], warmup=warmup, total=steps,
+                                 schedule=schedule),
+    )  # fmt: skip
+    out["weights"] = _on_disk(model, Path(out_dir) / "weights", lambda p: p.detach())
+    return out
+
+
+def adamw_steps(model, opt, samples, *, steps, global_batch, lr_of, clip, after_clip=None):
+    """The oracle's step loop: step ``s`` takes samples ``s·G .. s·G+G-1`` (mod N), sums each sample's token loss
+    over the global batch's target count (transformers' causal-LM loss on the whole batch), clips the global grad
+    norm of the trainable parameters, then ``opt.step()``. ``lr_of(s, group)`` sets each group's LR;
+    ``after_clip(step)`` (1-based) sees the clipped grads. Returns (losses, grad norms before clipping)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses, norms, N = [], [], len(samples)
     for s in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(s, lr=lr * g["mult"], min_lr=min_lr * g["mult"], warmup=warmup, total=steps, schedule=schedule)
+            g["lr"] = lr_of(s, g)
         batch = [samples[(s * global_batch + j) % N] for j in range(global_batch)]
         total_targets = sum(int((b["labels"][1:] != -100).sum()) for b in batch)
         opt.zero_grad()
@@ -148,14 +168,12 @@ def reference_training(hf_dir, samples, *, steps, global_batch, lr, min_lr=0.0, 
             loss, _ = _hf_forward_loss(model, sample)
             (loss / total_targets).backward()
             loss_sum += loss.item()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        out["losses"].append(loss_sum / total_targets)
-        out["grad_norms"].append(float(norm))
-        if s + 1 in grads_at:
-            out["grads"][s + 1] = _on_disk(model, Path(out_dir) / f"grads-{s + 1}", lambda p: p.grad)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip)))
+        losses.append(loss_sum / total_targets)
+        if after_clip is not None:
+            after_clip(s + 1)
         opt.step()
-    out["weights"] = _on_disk(model, Path(out_dir) / "weights", lambda p: p.detach())
-    return out
+    return losses, norms
 
 
 def _on_disk(model, path: Path, pick) -> dict[str, torch.Tensor]:
