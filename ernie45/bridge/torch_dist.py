@@ -774,7 +774,7 @@ def write_megatron(source, dst: Path, layout: Layout, *, overwrite=False, progre
         data_files = [f.name for f in tmp.iterdir()]
         (tmp / "config.json").write_text(json.dumps(source.cfg.to_hf(), indent=2, sort_keys=True) + "\n")
         info = dict(
-            format="ernie45 torch_dist", version=1, family=source.cfg.family, tied=source.plan.tied,
+            format="ernie45 torch_dist", version=1, family=source.cfg.family, tied=source.tied,
             layout=asdict(layout), vocab_size=source.cfg.vocab_size, carried=source.carried, vit=source.cfg.vit_impl,
             local_spec="megatron-core local spec, SequentialMLP experts",
             checksums=record_checksums(tmp, data_files, known=written, phases=phases),
