@@ -142,15 +142,15 @@ def generate(
     """
     import torch
 
-    from .convert import open_source
-    from .inspect import detect_format
+    from .bridge.source import open_source
 
     ckpt = Path(ckpt)
     if backend not in BACKENDS:
         raise GenerateError(f"backend must be one of {BACKENDS}, not {backend!r}")
     if max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    fmt = detect_format(ckpt)
+    source = open_source(ckpt, hf_config=hf_config)
+    fmt = source.format
     if backend == "auto":
         backend = {"hf": "transformers", "megatron": "megatron", "gguf": "llama.cpp"}[fmt]
     allowed = {"hf": ("transformers", "megatron"), "megatron": ("megatron",), "gguf": ("llama.cpp",)}[fmt]
@@ -166,7 +166,7 @@ def generate(
         ids = [int(i) for i in prompt]
     if not ids:
         raise GenerateError("the prompt is empty")
-    cfg = open_source(ckpt, hf_config=hf_config).cfg
+    cfg = source.cfg
     if min(ids) < 0 or max(ids) >= cfg.vocab_size:
         raise GenerateError(f"prompt token ids must lie in [0, {cfg.vocab_size})")
     check_text_ids(ids, cfg, "prompt")

@@ -5,31 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .bridge.io import CheckpointError, HFCheckpoint
-from .bridge.plan import plan_from_hf
-from .config import load_config
+from .bridge.source import detect_format, open_source
+from .bridge.torch_dist import inspect_torch_dist
 
-__all__ = ["detect_format", "inspect_path"]
-
-
-def detect_format(path: str | Path) -> str:
-    """'hf' (config.json + safetensors), 'megatron' (torch_dist), 'gguf', or 'peft' (a PEFT LoRA adapter)."""
-    path = Path(path)
-    if path.is_file():
-        with open(path, "rb") as f:
-            if f.read(4) == b"GGUF":
-                return "gguf"
-        raise CheckpointError(f"{path}: not a GGUF file (no GGUF magic) and not a checkpoint directory")
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{path}: not a regular file or a directory (a FIFO or device?)")
-    # any trace of DCP / Megatron makes it a torch_dist (an incomplete one is then reported as such, not as HF)
-    if (path / ".metadata").exists() or (path / "metadata.json").exists() or any(path.glob("*.distcp")):
-        return "megatron"
-    if (path / "config.json").is_file():
-        return "hf"
-    if (path / "adapter_config.json").is_file():  # ernie45 train --save-peft, or any peft save_pretrained
-        return "peft"
-    raise CheckpointError(f"{path}: not an HF directory (config.json), a Megatron torch_dist directory or a GGUF file")
+__all__ = ["inspect_path", "model_facts"]
 
 
 def _human(n: float) -> str:
@@ -102,30 +81,31 @@ def gguf_summary(path: str | Path) -> dict:
 
 def inspect_path(path: str | Path) -> dict:
     fmt = detect_format(path)
-    if fmt == "gguf":
+    if fmt == "gguf":  # the file as llama.cpp sees it, also one that is no ERNIE (no HF-named source)
         return gguf_summary(path)
     if fmt == "peft":
         from .train.peft_export import describe_adapter_dir
 
         return describe_adapter_dir(path)
-    if fmt != "hf":
-        from .convert import inspect_torch_dist
-
-        return inspect_torch_dist(path)
-    cfg = load_config(path)
-    ckpt = HFCheckpoint(path)
-    plan = plan_from_hf(cfg, ckpt.shapes(), dtypes=ckpt.dtypes(), where=str(path))
-    dtypes = Counter(str(ckpt.dtype(n)).replace("torch.", "") for n in ckpt.keys())
+    source = open_source(path)
+    cfg = source.cfg
+    if source.format == "megatron":
+        out = {"format": "megatron-core torch_dist", **model_facts(cfg, tied=source.tied)}
+        if cfg.family == "vl":
+            out["vision"] += f"; {'Megatron-Core (TP-sharded)' if cfg.vit_impl == 'megatron' else 'transformers'} ViT"
+        out.update(inspect_torch_dist(source))
+        return out
+    dtypes = Counter(source.storage_type(n) for n in source.keys())
     unusual = []
-    if cfg.tie_word_embeddings and not plan.tied:
+    if cfg.tie_word_embeddings and not source.tied:
         unusual.append("config says tied but lm_head.weight is stored: loaded untied (as transformers does)")
-    info = {"format": "hf safetensors", **model_facts(cfg, tied=plan.tied)}
+    info = {"format": "hf safetensors", **model_facts(cfg, tied=source.tied)}
     info.update({
-        "tensors": len(ckpt.keys()),
+        "tensors": len(source.keys()),
         "dtypes": dict(dtypes),
         "size on disk": f"{sum(f.stat().st_size for f in Path(path).glob('*.safetensors')) / 2**20:.1f} MiB",
-        "mtp tensors": sum(1 for n, _ in plan.ignored if "mtp" in n),
-        "checksums": (f"ok ({ckpt.checksums.check_all()} files match what ernie45 recorded)" if ckpt.checksums
+        "mtp tensors": sum(1 for n in source.carried if "mtp" in n),
+        "checksums": (f"ok ({source.checksums.check_all()} files match what ernie45 recorded)" if source.checksums
                       else "none recorded (not written by ernie45)"),
         "unusual": unusual or "nothing",
     })  # fmt: skip

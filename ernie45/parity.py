@@ -91,7 +91,7 @@ def check_parity(
 ) -> ParityReport:
     """Load ``hf_dir`` into Megatron (TP1) and into transformers, both in ``dtype``; compare logits and expert
     choices on ``batch`` x ``seq`` seeded random text ids."""
-    from .convert import HFSource
+    from .bridge.source import HFSource
     from .verify import Batch, MegatronRuntime, TransformersRuntime, _routing_agreement, logits_diff, random_text_ids
 
     source = HFSource(hf_dir)

@@ -264,15 +264,13 @@ def route_stats(
     """Expert load per MoE layer and pool over the prompts (and images); writes CSVs and a PNG to ``out_dir``."""
     import torch
 
-    from .convert import HFSource, MegatronSource
-    from .inspect import detect_format
+    from .bridge.source import open_source
 
     ckpt = Path(ckpt)
-    fmt = detect_format(ckpt)
-    if fmt == "gguf":
+    source = open_source(ckpt, hf_config=hf_config)
+    if source.format == "gguf":
         raise RouteStatsError(f"{ckpt}: llama.cpp does not expose its expert choice; run route-stats on the HF or "
                               "torch_dist checkpoint the GGUF came from")  # fmt: skip
-    source = HFSource(ckpt) if fmt == "hf" else MegatronSource(ckpt, hf_config=hf_config)
     cfg = source.cfg
     if not cfg.is_moe:
         raise RouteStatsError(f"{ckpt}: a {cfg.family} model has no experts to route to")

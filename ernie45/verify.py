@@ -4,7 +4,7 @@ torch_dist directory or a GGUF file.
 Three levels, each reported with exact numbers (table or JSON):
 
 1. **Tensors.** All three formats are read as HF-named tensors (HF: the files; torch_dist: ``MegatronSource``, the
-   bridge table's inverse ops; GGUF: :class:`GGUFView`, the GGUF table's inverse ops, lazily). Every name is
+   bridge table's inverse ops; GGUF: ``GGUFSource``, the GGUF table's inverse ops, lazily: ``bridge.source``). Every name is
    "bit-exact" (same dtype, same bytes), "exact" (same values, different dtype: e.g. a bf16 tensor read back from
    an F32 GGUF), or differs by a max |Δ|. Names present on one side only are errors, except tensors a format drops
    by design (GGUF has no MTP tensors), which are listed with the reason.
@@ -52,8 +52,6 @@ __all__ = [
     "VerifyReport",
     "TensorDiff",
     "LogitsDiff",
-    "GGUFView",
-    "open_view",
     "compare_tensors",
     "Batch",
     "PoolRouting",
@@ -80,111 +78,6 @@ __all__ = [
 
 class VerifyError(InputError):
     """A verification that cannot be set up (names the checkpoint / tensor / option)."""
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# tensor views under HF names
-
-
-class GGUFView:
-    """A GGUF file as HF-named tensors, read lazily (one GGUF tensor at a time) through the GGUF table's inverse ops.
-
-    F32 / F16 / BF16 tensors come back in that dtype, bit for bit; quantised ones (Q8_0, ...) dequantised to f32.
-    (``bridge.gguf.read_gguf_as_hf`` does the same eagerly, f32 for everything.)
-    """
-
-    format = "gguf"
-
-    def __init__(self, path: str | Path) -> None:
-        # the GGUF table's name patterns (bridge.gguf keeps them private; read_gguf_as_hf uses the same)
-        from .bridge.gguf import SqueezeRow, StackExperts, gguf_name_patterns
-
-        from .bridge.gguf import open_gguf
-
-        self.path = Path(path)
-        self.reader = open_gguf(path)  # header counts, checksum and shapes checked before anything is read
-        patterns = gguf_name_patterns()
-        self._where: dict[str, tuple[int, int]] = {}  # HF name -> (GGUF tensor index, position in op output)
-        self._shape: dict[str, tuple[int, ...]] = {}
-        self._op: dict[int, object] = {}  # GGUF tensor index -> its row's op
-        unknown = []
-        for i, t in enumerate(self.reader.tensors):
-            hit = [(m, row) for pat, row in patterns if (m := pat.fullmatch(t.name))]
-            if len(hit) != 1:
-                unknown.append(t.name)
-                continue
-            m, row = hit[0]
-            layer = int(m["L"]) if "L" in m.groupdict() else None
-            shape = tuple(int(d) for d in reversed(t.shape))  # ggml ne -> numpy order
-            self._op[i] = row.op
-            if isinstance(row.op, StackExperts):
-                for x in range(shape[0]):
-                    name = row.hf.format(L=layer, X=x)
-                    self._where[name], self._shape[name] = (i, x), shape[1:]
-            else:
-                name = row.hf.format(L=layer)
-                self._where[name] = (i, 0)
-                self._shape[name] = (1, *shape) if isinstance(row.op, SqueezeRow) else shape
-        if unknown:
-            raise VerifyError(f"{path}: {len(unknown)} GGUF tensor(s) match no row of the GGUF table: {unknown[:10]}")
-        self._cache: tuple[int, tuple[torch.Tensor, ...]] | None = None
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._shape[name]
-
-    def gguf_type(self, name: str) -> str:
-        return self.reader.tensors[self._where[name][0]].tensor_type.name
-
-    def weight_type(self) -> str:
-        """The file's lossiest tensor type (``F32`` < ``F16`` < ``BF16`` < ``Q8_0`` < anything else): what its
-        logits are judged by (:data:`DEFAULT_THRESHOLDS`)."""
-        return max((t.tensor_type.name for t in self.reader.tensors), key=_gguf_rank, default="F32")
-
-    def get(self, name: str) -> torch.Tensor:
-        import gguf
-        import numpy as np
-        import torch
-        from gguf import GGMLQuantizationType as QT
-
-        if name not in self._where:
-            raise VerifyError(f"{self.path}: no tensor {name} (under HF names)")
-        i, pos = self._where[name]
-        if self._cache is None or self._cache[0] != i:
-            t = self.reader.tensors[i]
-            shape = tuple(int(d) for d in reversed(t.shape))
-            if t.tensor_type == QT.F32:
-                x = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(shape))
-            elif t.tensor_type == QT.F16:
-                x = torch.from_numpy(np.array(t.data).view(np.float16).reshape(shape))
-            elif t.tensor_type == QT.BF16:
-                x = torch.from_numpy(np.array(t.data).view(np.int16).reshape(shape)).view(torch.bfloat16)
-            else:
-                deq = gguf.quants.dequantize(t.data, t.tensor_type)
-                x = torch.from_numpy(np.array(deq, dtype=np.float32).reshape(shape))
-            self._cache = (i, self._op[i].to_hf(x))
-        return self._cache[1][pos].contiguous()
-
-
-def open_view(path: str | Path, *, hf_config: str | Path | None = None):
-    """``(format, view)``: the checkpoint at ``path`` as HF-named tensors (``keys()``, ``shape(n)``, ``get(n)``)."""
-    from .convert import HFSource, MegatronSource
-    from .inspect import detect_format
-
-    fmt = detect_format(path)
-    if fmt == "hf":
-        return fmt, HFSource(path)
-    if fmt == "megatron":
-        return fmt, MegatronSource(path, hf_config=hf_config)
-    return fmt, GGUFView(path)
-
-
-def _dtype_name(view, name: str) -> str:
-    if isinstance(view, GGUFView):
-        return f"gguf {view.gguf_type(name)}"
-    return str(view.dtype(name)).replace("torch.", "")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -279,14 +172,14 @@ def compare_tensors(view_a, view_b, fmt_a: str, fmt_b: str) -> list[TensorDiff]:
         if name not in keys_b:
             why = _dropped_reason(fmt_b, name)
             status = "dropped-b" if why else "only-a"
-            out.append(TensorDiff(name, status, dtype_a=_dtype_name(view_a, name), note=why or ""))
+            out.append(TensorDiff(name, status, dtype_a=view_a.storage_type(name), note=why or ""))
             continue
         if name not in keys_a:
             why = _dropped_reason(fmt_a, name)
             status = "dropped-a" if why else "only-b"
-            out.append(TensorDiff(name, status, dtype_b=_dtype_name(view_b, name), note=why or ""))
+            out.append(TensorDiff(name, status, dtype_b=view_b.storage_type(name), note=why or ""))
             continue
-        da, db = _dtype_name(view_a, name), _dtype_name(view_b, name)
+        da, db = view_a.storage_type(name), view_b.storage_type(name)
         sa, sb = tuple(view_a.shape(name)), tuple(view_b.shape(name))
         if sa != sb:
             out.append(TensorDiff(name, "shape", dtype_a=da, dtype_b=db, note=f"{list(sa)} vs {list(sb)}"))
@@ -563,12 +456,11 @@ class MegatronRuntime(Runtime):
         from megatron.core.transformer.moe.router import TopKRouter
 
         from .bridge.live import load_hf
-        from .bridge.tables import effective_tie
         from .megatron.parallel import Layout
 
         self.cfg = cfg = source.cfg
         self.dtype = params_dtype = getattr(torch, DTYPES[dtype])
-        tied = source.tied if hasattr(source, "tied") else effective_tie(cfg, source.keys())
+        tied = source.tied
         self._owned = _megatron_groups()
         try:
             torch.manual_seed(0)  # initial values are overwritten by load_hf; seeded so a run is repeatable anyway
@@ -701,21 +593,18 @@ def open_runtime(path: str | Path, *, hf_runtime: str = "transformers", hf_confi
                  vision_attn_implementation: str = "eager", dtype: str = "fp32") -> Runtime:  # fmt: skip
     """The runtime for a checkpoint: HF → ``hf_runtime`` ("transformers" | "megatron"), torch_dist → Megatron,
     GGUF → llama.cpp (fp32 only); ``dtype`` "fp32" | "bf16" for the first two."""
-    from .inspect import detect_format
+    from .bridge.source import open_source
 
     if hf_runtime not in ("transformers", "megatron"):
         raise VerifyError(f"hf_runtime must be 'transformers' or 'megatron', not {hf_runtime!r}")
     if dtype not in DTYPES:
         raise VerifyError(f"dtype must be one of {list(DTYPES)}, not {dtype!r}")
-    fmt = detect_format(path)
-    if fmt == "gguf":
+    source = open_source(path, hf_config=hf_config)
+    if source.format == "gguf":
         if dtype != "fp32":
             raise VerifyError(f"{path}: llama.cpp runs a GGUF at its own tensor types; dtype {dtype} is not offered")
         return LlamaCppRuntime(path)
-    from .convert import HFSource, MegatronSource
-
-    source = HFSource(path) if fmt == "hf" else MegatronSource(path, hf_config=hf_config)
-    if fmt == "hf" and hf_runtime == "transformers":
+    if source.format == "hf" and hf_runtime == "transformers":
         return TransformersRuntime(path, source.cfg, dtype=dtype)
     return MegatronRuntime(source, vision_attn_implementation=vision_attn_implementation, dtype=dtype)
 
@@ -727,7 +616,7 @@ def open_runtime(path: str | Path, *, hf_runtime: str = "transformers", hf_confi
 TABLE_MAX_TENSORS = 20  # non-structural differences listed in the table (JSON always has every tensor)
 
 # What "the same model" means when no threshold is given, by what is compared (``--dtype``, or the GGUF side's
-# weight type: :meth:`GGUFView.weight_type`). ``atol``: logits max |Δ|; ``min_cosine``: cosine similarity of the
+# weight type: ``GGUFSource.weight_type``). ``atol``: logits max |Δ|; ``min_cosine``: cosine similarity of the
 # two sides' logits, each flattened to one vector (``[B·S·V]``); ``min_top1``: share of tokens with the same
 # argmax; ``min_routing``: share of a pool's tokens with the same set of experts, in every MoE layer and pool.
 # None: not judged by default. A given threshold replaces its default; NaN or inf logits always fail.
@@ -1016,11 +905,13 @@ def verify(
     """
     if dtype not in DTYPES:
         raise VerifyError(f"dtype must be one of {list(DTYPES)}, not {dtype!r}")
-    fmt_a, view_a = open_view(a, hf_config=hf_config)
-    fmt_b, view_b = open_view(b, hf_config=hf_config)
+    from .bridge.source import open_source
+
+    view_a, view_b = open_source(a, hf_config=hf_config), open_source(b, hf_config=hf_config)
+    fmt_a, fmt_b = view_a.format, view_b.format
     thresholds = dict(atol=atol, tensor_atol=tensor_atol, min_cosine=min_cosine, min_top1=min_top1,
                       min_routing=min_routing)  # fmt: skip
-    ggufs = [v for v in (view_a, view_b) if isinstance(v, GGUFView)]
+    ggufs = [v for v in (view_a, view_b) if v.format == "gguf"]
     if ggufs and dtype != "fp32":
         raise VerifyError(f"--dtype {dtype}: llama.cpp runs a GGUF at its own tensor types; compare it at fp32")
     key = f"gguf {max((v.weight_type() for v in ggufs), key=_gguf_rank)}" if ggufs else dtype
@@ -1028,7 +919,7 @@ def verify(
                           defaults_key=key if key in DEFAULT_THRESHOLDS else None)  # fmt: skip
     if report.defaults_key is None:
         report.notes.append(f"no default logits thresholds for {key}: give --atol / --min-cosine / --min-top1")
-    cfgs = [v.cfg for v in (view_a, view_b) if hasattr(v, "cfg")]
+    cfgs = [v.cfg for v in (view_a, view_b) if v.cfg is not None]
     shape_of = [(c.family, c.vocab_size, c.mlp_layer_types) for c in cfgs]
     different = len(cfgs) == 2 and shape_of[0] != shape_of[1]
     if different:

@@ -148,7 +148,7 @@ def test_offline_vl_keys_equal_live_model_with_either_vit(grid_ckpts, tmp_path, 
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     from ernie45.config import load_config
-    from ernie45.convert import MegatronSource
+    from ernie45.bridge.torch_dist import MegatronSource
     from ernie45.megatron.parallel import Layout
     from ernie45.megatron.vl_model import build_vl_model
 

@@ -102,7 +102,8 @@ def test_vocab_written_in_row_blocks_loads_with_megatron_at_two_layouts(tiny_ckp
     transformers' on the HF source; PyTorch's reader sees the same tensor as the one-chunk-per-shard write."""
     from dist_worker import offline_load_diffs
 
-    from ernie45.convert import HFSource, write_megatron
+    from ernie45.bridge.source import HFSource
+    from ernie45.bridge.torch_dist import write_megatron
     from ernie45.megatron.parallel import Layout
 
     hf_dir = tiny_ckpts["moe-tied"]
@@ -124,7 +125,9 @@ def test_vocab_written_in_row_blocks_loads_with_megatron_at_two_layouts(tiny_ckp
 
 
 def test_torch_dist_to_hf_streams_the_vocab_in_row_blocks_bit_exact(tiny_ckpts, tmp_path):
-    from ernie45.convert import HFSource, MegatronSource, write_hf, write_megatron
+    from ernie45.bridge.source import HFSource
+    from ernie45.bridge.torch_dist import MegatronSource, write_megatron
+    from ernie45.convert import write_hf
     from ernie45.megatron.parallel import Layout
 
     hf_dir = tiny_ckpts["moe"]  # untied: embedding and output layer both stream
@@ -144,7 +147,9 @@ def test_reshard_of_row_blocked_vocab_reads_only_rows_bit_exact(tiny_ckpts, tmp_
     """A reshard (TP2 -> TP1·EP2 -> HF) whose vocab tensors are stored in row blocks reads them row range by row range
     (``TorchDistReader.read_rows``), never whole: the round trip is bit-exact."""
     from ernie45.bridge.torch_dist import TorchDistReader
-    from ernie45.convert import HFSource, MegatronSource, write_hf, write_megatron
+    from ernie45.bridge.source import HFSource
+    from ernie45.bridge.torch_dist import MegatronSource, write_megatron
+    from ernie45.convert import write_hf
     from ernie45.megatron.parallel import Layout
 
     hf_dir = tiny_ckpts["moe"]

@@ -208,7 +208,7 @@ import gguf
 from torch.distributed.checkpoint.planner import WriteItemType
 
 import ernie45.bridge.torch_dist as torch_dist
-import ernie45.convert as convert
+import ernie45.bridge.io as bridge_io
 
 resolve_data = torch_dist._LazySavePlanner.resolve_data
 
@@ -220,7 +220,7 @@ def counted_resolve_data(self, item):
 
 
 torch_dist._LazySavePlanner.resolve_data = counted_resolve_data
-streaming = convert.write_safetensors_streaming
+streaming = bridge_io.write_safetensors_streaming
 
 
 def counted_streaming(out_dir, entries, produce, **kw):
@@ -231,7 +231,7 @@ def counted_streaming(out_dir, entries, produce, **kw):
     return streaming(out_dir, entries, produce_counted, **kw)
 
 
-convert.write_safetensors_streaming = counted_streaming
+bridge_io.write_safetensors_streaming = counted_streaming
 write_tensor_data = gguf.GGUFWriter.write_tensor_data
 
 

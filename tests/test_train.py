@@ -81,7 +81,8 @@ def _grads_by_step(cfg, steps):
     def on_step(step, chunks):
         if step in steps:
             # clone: the grads live in Megatron's grad buffer, which the next step zeroes and refills
-            grads[step] = gather_hf(chunks, cfg, Layout(), getter=lambda p: None if p.grad is None else p.grad.clone())
+            grads[step] = gather_hf(chunks, cfg, Layout(), tied=cfg.tie_word_embeddings,
+                                    getter=lambda p: None if p.grad is None else p.grad.clone())
 
     return grads, on_step
 

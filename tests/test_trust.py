@@ -286,7 +286,8 @@ def _as_hf_cache(src: Path, cache: Path, *, link_tokenizer_to: Path | None = Non
 @pytest.fixture(scope="module")
 def sharded(made, tmp_path_factory):
     """An HF checkpoint in several shards with an index (as the released ones are), tokenizer included."""
-    from ernie45.convert import MegatronSource, write_hf
+    from ernie45.bridge.torch_dist import MegatronSource
+    from ernie45.convert import write_hf
 
     out = tmp_path_factory.mktemp("sharded") / "hf"
     write_hf(MegatronSource(made["mg"]), out, progress=False, max_shard_bytes=300_000)

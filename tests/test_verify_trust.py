@@ -242,7 +242,7 @@ def test_bf16_runtimes_are_bf16_with_fp32_routers(moe):
     from megatron.core.transformer.moe.router import TopKRouter
 
     from ernie45.config import load_config
-    from ernie45.convert import MegatronSource
+    from ernie45.bridge.torch_dist import MegatronSource
     from ernie45.verify import MegatronRuntime, TransformersRuntime
 
     def dtypes(named):

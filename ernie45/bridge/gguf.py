@@ -911,3 +911,121 @@ def describe_gguf(path: str | Path) -> dict[str, Any]:
         else "MISMATCH: the file is corrupted or was modified"
     )  # fmt: skip
     return {"metadata": meta, "tensors": tensors, "checksum": checksum}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a GGUF file as a source of HF-named tensors (``bridge.source``), lazily, through the same table
+
+# what :meth:`GGUFSource.get` returns for each stored type: the float types as they are, bit for bit; anything
+# quantised dequantised to f32
+_TORCH_DTYPE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class GGUFSource:
+    """A GGUF file as HF-named tensors (a ``bridge.source.Source``), read lazily (one GGUF tensor at a time)
+    through the GGUF table's inverse ops.
+
+    F32 / F16 / BF16 tensors come back in that dtype, bit for bit; quantised ones (Q8_0, ...) dequantised to f32
+    (:func:`read_gguf_as_hf` does the same eagerly, f32 for everything). A GGUF holds no ERNIE config: ``cfg`` and
+    ``plan`` are None; the head is tied when the file has no output tensor (llama.cpp's rule).
+    """
+
+    format = "gguf"
+    cfg = None
+    plan = None
+    checksums = None  # the file carries its own (ernie45.sha256), checked by open_gguf when it is opened
+
+    def __init__(self, path: str | Path) -> None:
+        from .io import CheckpointError
+
+        self.path = Path(path)
+        self.reader = open_gguf(path)  # header counts, checksum and shapes checked before anything is read
+        self._where: dict[str, tuple[int, int]] = {}  # HF name -> (GGUF tensor index, position in op output)
+        self._shape: dict[str, tuple[int, ...]] = {}
+        self._op: dict[int, GGUFOp] = {}  # GGUF tensor index -> its row's op
+        unknown = []
+        patterns = gguf_name_patterns()
+        for i, t in enumerate(self.reader.tensors):
+            hit = [(m, row) for pat, row in patterns if (m := pat.fullmatch(t.name))]
+            if len(hit) != 1:
+                unknown.append(t.name)
+                continue
+            m, row = hit[0]
+            layer = int(m["L"]) if "L" in m.groupdict() else None
+            shape = tuple(int(d) for d in reversed(t.shape))  # ggml ne -> numpy order
+            self._op[i] = row.op
+            if isinstance(row.op, StackExperts):
+                for x in range(shape[0]):
+                    name = row.hf.format(L=layer, X=x)
+                    self._where[name], self._shape[name] = (i, x), shape[1:]
+            else:
+                name = row.hf.format(L=layer)
+                self._where[name] = (i, 0)
+                self._shape[name] = (1, *shape) if isinstance(row.op, SqueezeRow) else shape
+        if unknown:
+            raise CheckpointError(f"{path}: {len(unknown)} GGUF tensor(s) match no row of the GGUF table: {unknown[:10]}")
+        self.tied = "lm_head.weight" not in self._where
+        self.carried: list[str] = []  # a GGUF drops what llama.cpp does not use (GGUF_IGNORED), it carries nothing
+        self.notes: list[str] = []
+        self._cache: tuple[int, tuple[torch.Tensor, ...]] | None = None
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shape)
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {n: self.dtype(n) for n in self._where}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shape[name]
+
+    def gguf_type(self, name: str) -> str:
+        return self.reader.tensors[self._where[name][0]].tensor_type.name
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _TORCH_DTYPE.get(self.gguf_type(name), torch.float32)
+
+    def storage_type(self, name: str) -> str:
+        return f"gguf {self.gguf_type(name)}"
+
+    def weight_type(self) -> str:
+        """The file's lossiest tensor type (``F32`` < ``F16`` < ``BF16`` < ``Q8_0`` < anything else): what its
+        logits are judged by (``verify.DEFAULT_THRESHOLDS``)."""
+        rank = {"F32": 0, "F16": 1, "BF16": 2, "Q8_0": 3}
+        return max((t.tensor_type.name for t in self.reader.tensors), key=lambda n: rank.get(n, 4), default="F32")
+
+    def get(self, name: str) -> torch.Tensor:
+        from .io import CheckpointError
+
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: no tensor {name} (under HF names)")
+        i, pos = self._where[name]
+        if self._cache is None or self._cache[0] != i:
+            t = self.reader.tensors[i]
+            shape = tuple(int(d) for d in reversed(t.shape))
+            if t.tensor_type == QT.F32:
+                x = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(shape))
+            elif t.tensor_type == QT.F16:
+                x = torch.from_numpy(np.array(t.data).view(np.float16).reshape(shape))
+            elif t.tensor_type == QT.BF16:
+                x = torch.from_numpy(np.array(t.data).view(np.int16).reshape(shape)).view(torch.bfloat16)
+            else:
+                deq = gguf.quants.dequantize(t.data, t.tensor_type)
+                x = torch.from_numpy(np.array(deq, dtype=np.float32).reshape(shape))
+            self._cache = (i, self._op[i].to_hf(x))
+        return self._cache[1][pos].contiguous()
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        t = self.get(name)
+        return t if dim is None else t.narrow(dim, start, (t.shape[dim] if stop is None else stop) - start).contiguous()
+
+    def stream(self, name: str, row_block_bytes: int) -> torch.Tensor:
+        return self.get(name)
+
+    def side_files(self) -> list[Path]:
+        return []  # the vocabulary and everything llama.cpp needs are inside the file
+
+    def source_files(self) -> list[Path]:
+        return [self.path]

@@ -11,7 +11,11 @@
 * :func:`refuse_overlap`: a destination that is, contains or lies inside a source is refused.
 * :class:`Phases`: opt-in accounting of where a conversion's wall time goes (``ERNIE45_PHASES``, read by
   ``convert``); :data:`NO_PHASES` when off.
-* :class:`HFWriter` streams tensors into size-bounded shards with an index, inside a temporary directory that
+* :func:`read_hf_slices`: one TP / expert-TP shard of a table item's HF inputs, read as slices (what a rank loads,
+  what a torch_dist chunk holds).
+* :func:`write_safetensors_streaming` streams tensors into size-bounded shards with an index, each hashed while
+  written; :func:`write_hf_files` adds ``config.json`` and the ``ernie45.json`` checksum record -- the one HF writer
+  of the offline converter and of the live exporter. Both write inside a temporary directory that
   :func:`atomic_output` renames into place only when everything was written (:func:`atomic_file` for one file, the
   GGUF): one protocol for both (stale temporaries of killed runs removed, the umask followed, OS errors and a full
   disk reported naming the destination).
@@ -36,13 +40,17 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from ..config import ErnieConfig
 from ..errors import InputError
+from .layout import shard_bounds
+from .tables import Item, Split
 
 __all__ = [
-    "CheckpointError", "HFCheckpoint", "HFWriter", "atomic_output", "write_safetensors_streaming", "SIDE_FILES",
-    "atomic_file", "Checksums", "Phases", "NO_PHASES", "HashingFile", "record_checksums", "refuse_overlap", "side_files_of", "regular_file", "read_json", "INFO_NAME",
+    "CheckpointError", "HFCheckpoint", "atomic_output", "write_safetensors_streaming", "write_hf_files", "SIDE_FILES",
+    "atomic_file", "Checksums", "Phases", "NO_PHASES", "HashingFile", "record_checksums", "refuse_overlap",
+    "side_files_of", "copy_side_files", "regular_file", "read_json", "read_hf_slices", "progress_bar", "INFO_NAME",
+    "INDEX_NAME",
 ]  # fmt: skip
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -540,51 +548,6 @@ def _data_offsets(f: Path) -> dict[str, tuple[int, int]]:
     return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
 
 
-class HFWriter:
-    """Writes tensors into ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_bytes`` + an index."""
-
-    def __init__(self, out_dir: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
-        self.out_dir = Path(out_dir)
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
-        self._total = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in s for s in self._shards):
-            raise CheckpointError(f"tensor {name} written twice")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.detach().contiguous()
-        self._pending_bytes += nbytes
-        self._total += nbytes
-
-    def _flush(self) -> None:
-        idx = len(self._shards)
-        save_file(self._pending, str(self.out_dir / f"_shard{idx:05d}.safetensors"), metadata={"format": "pt"})
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
-
-    def close(self) -> list[str]:
-        """Finish: name the shards, write the index (when sharded). Returns the file names."""
-        if self._pending or not self._shards:
-            self._flush()
-        n = len(self._shards)
-        if n == 1:
-            names = ["model.safetensors"]
-        else:
-            names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for i, final in enumerate(names):
-            os.replace(self.out_dir / f"_shard{i:05d}.safetensors", self.out_dir / final)
-        if n > 1:
-            weight_map = {t: names[i] for i, shard in enumerate(self._shards) for t in shard}
-            index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return names
-
-
 def _temp_stem(dst: Path) -> str:
     """The part of ``dst``'s name its temporaries carry: short enough that ``.{stem}.tmp-<pid>-<random>.partial``
     fits in a file name (255 bytes) whatever the length of a valid ``dst`` name."""
@@ -835,3 +798,66 @@ def write_safetensors_streaming(
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return records
+
+
+def write_hf_files(
+    out_dir: Path,
+    config: dict,
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+    produce: Callable[[str], torch.Tensor],
+    *,
+    max_shard_bytes: int = 2 * 2**30,
+    on_tensor: Callable[[int], None] = lambda n: None,
+    phases: Phases = NO_PHASES,
+    fsync: bool = False,
+) -> None:
+    """An HF checkpoint's files into ``out_dir`` (an :func:`atomic_output` temporary): the weights
+    (:func:`write_safetensors_streaming`, in ``entries`` order), ``config.json`` (``config``, the HF dict) and the
+    ``ernie45.json`` record of every weight file's sha256 (transformers ignores it; ernie45 checks the weights
+    against it when it reads them back)."""
+    written = write_safetensors_streaming(out_dir, entries, produce, max_shard_bytes=max_shard_bytes,
+                                          on_tensor=on_tensor, phases=phases, fsync=fsync)  # fmt: skip
+    files = [*written, *([INDEX_NAME] if (out_dir / INDEX_NAME).exists() else [])]
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    info = dict(format="ernie45 hf", version=1, checksums=record_checksums(out_dir, files, known=written, phases=phases))
+    (out_dir / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def copy_side_files(files: Iterable[Path], out_dir: Path) -> None:
+    """Copy a checkpoint's side files (:func:`side_files_of`: checked regular files inside the checkpoint or its
+    HF cache) into ``out_dir``; its ``config.json`` is the writer's own. A JSON side file (tokenizer, processor)
+    that does not parse is named, not carried along."""
+    for f in files:
+        if f.name == "config.json":
+            continue
+        if f.suffix == ".json":
+            read_json(f, f"JSON side file ({f.name})")
+        shutil.copyfile(f, out_dir / f.name)
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A byte-counting tqdm bar (``enabled=False``: silent) for a writer's ``on_tensor`` / ``on_chunk``."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, leave=False)
+
+
+def read_hf_slices(ckpt, item: Item, index: int, count: int, cfg: ErnieConfig) -> tuple[torch.Tensor, ...]:
+    """This shard's slice of every HF input of ``item`` (a padded vocab gets zero rows). ``ckpt``: any HF-named
+    source with ``read(name, dim, start, stop)`` (:class:`HFCheckpoint`, a ``bridge.source`` source)."""
+    out = []
+    for name, shape in zip(item.hf, item.hf_shapes):
+        dim = item.split.dim
+        if dim is None:
+            out.append(ckpt.read(name))
+            continue
+        pad_to = -(-shape[0] // count) * count if item.split is Split.VOCAB else None
+        blocks = item.op.hf_blocks
+        size = shape[dim] // blocks
+        a, b, pad = shard_bounds(item.split, size, count, index, pad_to=pad_to)
+        parts = [ckpt.read(name, dim=dim, start=j * size + a, stop=j * size + b) for j in range(blocks)]
+        t = parts[0] if blocks == 1 else torch.cat(parts, dim=dim)
+        if pad:
+            t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))], dim=0)
+        out.append(t)
+    return tuple(out)

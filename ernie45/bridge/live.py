@@ -6,13 +6,16 @@ table's op to those slices and copies the result into its parameters. Strict: th
 
 :func:`gather_hf` / :func:`export_hf` — every rank turns its primary shards back into HF slices (the op's inverse),
 rank 0 collects them with point-to-point sends, concatenates the slices and writes sharded safetensors with an
-index, ``config.json`` and the source's tokenizer/processor files.
+index, ``config.json``, the ``ernie45.json`` checksum record (``bridge.io.write_hf_files``, the offline
+converter's writer) and the source's tokenizer/processor files.
+
+The head's tie is the source's (``bridge.source``: ``source.tied``, decided once when the checkpoint is opened):
+build the model with it and export with it. It is a required argument of the export, never the config's value,
+because a checkpoint whose config says tied may store ``lm_head.weight`` (transformers then loads it untied).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable
@@ -22,7 +25,7 @@ import torch.distributed as dist
 
 from ..config import ErnieConfig
 from ..megatron.parallel import Layout
-from .io import HFCheckpoint, HFWriter, atomic_output
+from .io import HFCheckpoint, atomic_output, copy_side_files, read_hf_slices, side_files_of, write_hf_files
 from .layout import Placement, from_grouped_name, placements, shard_bounds
 from .plan import Plan, PlanError, plan_from_hf
 from .tables import Item, Split, expand
@@ -88,31 +91,11 @@ def _check_names(targets: dict, tensors: dict, chunk_index: int) -> None:
         raise PlanError("\n".join(lines))
 
 
-def _read_hf_slices(ckpt: HFCheckpoint, item: Item, index: int, count: int, cfg: ErnieConfig) -> tuple[torch.Tensor, ...]:
-    """This shard's slice of every HF input of ``item`` (a padded vocab gets zero rows)."""
-    out = []
-    for name, shape in zip(item.hf, item.hf_shapes):
-        dim = item.split.dim
-        if dim is None:
-            out.append(ckpt.read(name))
-            continue
-        pad_to = -(-shape[0] // count) * count if item.split is Split.VOCAB else None
-        blocks = item.op.hf_blocks
-        size = shape[dim] // blocks
-        a, b, pad = shard_bounds(item.split, size, count, index, pad_to=pad_to)
-        parts = [ckpt.read(name, dim=dim, start=j * size + a, stop=j * size + b) for j in range(blocks)]
-        t = parts[0] if blocks == 1 else torch.cat(parts, dim=dim)
-        if pad:
-            t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))], dim=0)
-        out.append(t)
-    return tuple(out)
-
-
 def load_hf(chunks: list[torch.nn.Module], cfg: ErnieConfig, layout: Layout, source) -> Plan:
     """Load HF-named tensors into this rank's model chunks. Returns the plan (with the ignored tensors).
 
-    ``source`` is an HF directory, an :class:`HFCheckpoint`, or any HF-named view with ``path``, ``shapes()``,
-    ``dtypes()`` and ``read(name, dim, start, stop)`` (e.g. ``ernie45.convert.MegatronSource`` over a torch_dist checkpoint).
+    ``source`` is an HF directory, an :class:`HFCheckpoint`, or any HF-named source with ``path``, ``shapes()``,
+    ``dtypes()`` and ``read(name, dim, start, stop)`` (``ernie45.bridge.source.open_source``: HF or torch_dist).
     """
     ckpt = HFCheckpoint(source) if isinstance(source, (str, Path)) else source
     plan = plan_from_hf(cfg, ckpt.shapes(), dtypes=ckpt.dtypes(), where=str(ckpt.path))
@@ -126,7 +109,7 @@ def load_hf(chunks: list[torch.nn.Module], cfg: ErnieConfig, layout: Layout, sou
             key = id(item)
             if key not in done:
                 index, count = coords.shard(item.split)
-                done[key] = item.op.to_mg(_read_hf_slices(ckpt, item, index, count, cfg))
+                done[key] = item.op.to_mg(read_hf_slices(ckpt, item, index, count, cfg))
             value, param = done[key][k], tensors[local]
             if tuple(value.shape) != tuple(param.shape):
                 raise PlanError(f"{local}: model shard has shape {list(param.shape)}, checkpoint gives {list(value.shape)}")
@@ -175,16 +158,16 @@ def gather_hf(
     cfg: ErnieConfig,
     layout: Layout,
     *,
-    tied: bool | None = None,
+    tied: bool,
     getter: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     dst: int = 0,
 ) -> dict[str, torch.Tensor] | None:
     """Full HF-named tensors of a live model on rank ``dst`` (None elsewhere).
 
     ``getter`` picks what to export from each parameter (``lambda p: p.grad`` gathers gradients; a None result
-    skips that tensor). Without a getter every tensor of the plan must arrive. ``tied`` defaults to the config's.
+    skips that tensor). Without a getter every tensor of the plan must arrive. ``tied``: the model's head tie, as
+    it was built (``source.tied``).
     """
-    tied = cfg.tie_word_embeddings if tied is None else tied
     require_all = getter is None
     getter = getter or (lambda t: t)
     coords = RankCoords()
@@ -240,25 +223,22 @@ def export_hf(
     layout: Layout,
     out_dir: str | Path,
     *,
-    tied: bool | None = None,
+    tied: bool,
     dtype: torch.dtype | None = None,
     side_files_from: str | Path | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path | None:
-    """Write the live model as an HF checkpoint (rank 0 writes; every rank must call)."""
+    """Write the live model as an HF checkpoint (rank 0 writes; every rank must call). ``tied``: as for
+    :func:`gather_hf`; ``side_files_from``: a checkpoint directory whose tokenizer / processor files travel along."""
     state = gather_hf(chunks, cfg, layout, tied=tied)
     if state is None:
         return None
     out_dir = Path(out_dir)
+    entries = [(n, tuple(state[n].shape), state[n].dtype if dtype is None else dtype) for n in sorted(state)]
     with atomic_output(out_dir, overwrite=overwrite) as tmp:
-        writer = HFWriter(tmp, max_shard_bytes=max_shard_bytes)
-        for name in sorted(state):
-            writer.add(name, state[name] if dtype is None else state[name].to(dtype))
-        writer.close()
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2, sort_keys=True) + "\n")
+        write_hf_files(tmp, cfg.to_hf(), entries, lambda n: state[n] if dtype is None else state[n].to(dtype),
+                       max_shard_bytes=max_shard_bytes)  # fmt: skip
         if side_files_from is not None:
-            for f in HFCheckpoint(side_files_from).side_files():
-                shutil.copy2(f, tmp / f.name)
+            copy_side_files(side_files_of(Path(side_files_from)), tmp)
     return out_dir
-

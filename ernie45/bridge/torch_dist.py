@@ -1,5 +1,16 @@
 """Megatron-Core ``torch_dist`` checkpoints, written and read offline: one CPU process, no model, no process group.
 
+Everything torch_dist lives here, as everything GGUF lives in ``gguf.py``: the DCP writer and reader, the source
+(:class:`MegatronSource`: a torch_dist directory as HF-named tensors), the chunk plan (:func:`plan_megatron`: one
+chunk per TP / expert-TP shard, per expert, gate/up apart, big vocab shards in row blocks) and the writer
+(:func:`write_megatron`: DCP files, ``metadata.json``, ``common.pt``, ``ernie45.json``).
+
+torch_dist checkpoints are layout-independent by design (global shapes; Megatron reshards on load), so the layout
+given for a write decides the vocab padding (a multiple of TP), the chunking (what each rank of that layout reads;
+a vocab shard over :data:`ROW_BLOCK_BYTES` in row blocks, read back block by block, so memory is bounded by a
+block rather than by the 530 MB embedding) and what is validated (heads, KV groups, experts and layers must
+divide). Tensors the model does not use (MTP) are carried under ``ernie45.carry.<hf name>``.
+
 A ``torch_dist`` checkpoint *is* a PyTorch distributed checkpoint (DCP) with flat keys and global shapes, plus
 Megatron's ``metadata.json`` / ``common.pt`` (docs/megatron-on-cpu.md). So this module drives PyTorch's own DCP machinery
 with two small planners:
@@ -26,9 +37,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import math
 import pickle
 import re
+from collections import Counter
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -48,10 +62,40 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from ..config import ErnieConfig, load_config
 from ..errors import dcp_failure
-from .io import NO_PHASES, Checksums, CheckpointError, HashingFile, Phases, read_json, regular_file
+from ..megatron.parallel import Layout
+from .io import (
+    INFO_NAME,
+    NO_PHASES,
+    Checksums,
+    CheckpointError,
+    HashingFile,
+    Phases,
+    atomic_output,
+    copy_side_files,
+    progress_bar,
+    read_hf_slices,
+    read_json,
+    record_checksums,
+    regular_file,
+    side_files_of,
+)
+from .layout import shard_bounds
+from .ops import ConcatGLU, Identity
+from .plan import Plan, PlanError
+from .tables import Item, Split, expand, ignored_reason
 
-__all__ = ["dist_key", "extra_state_keys", "ChunkSpec", "write_dcp", "TorchDistReader", "MEGATRON_METADATA"]
+__all__ = [
+    "dist_key", "extra_state_keys", "ChunkSpec", "write_dcp", "TorchDistReader", "MEGATRON_METADATA", "MegatronSource",
+    "plan_megatron", "write_megatron", "inspect_torch_dist", "CARRY_PREFIX", "ROW_BLOCK_BYTES",
+]  # fmt: skip
+
+CARRY_PREFIX = "ernie45.carry."
+MEGATRON_VIT_PREFIX = "vision_model.decoder.layers."
+# the vocab tensors (the largest: 530 MB at 21B) are written and read in row blocks of at most this: memory is
+# bounded by a block, not by the largest tensor
+ROW_BLOCK_BYTES = 64 * 2**20
 
 MEGATRON_METADATA = {
     "sharded_backend": "torch_dist",
@@ -421,3 +465,333 @@ class TorchDistReader:
             inner = dcp_failure(e) or e
             raise CheckpointError(f"{self.path}: cannot read {key} ({type(inner).__name__}: {inner})") from None
         return dest
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a torch_dist checkpoint as a source of HF-named tensors
+
+
+class MegatronSource:
+    """A torch_dist checkpoint seen as HF-named tensors (through the bridge table, inverse ops): a
+    ``bridge.source.Source``. Each HF tensor is materialised on demand from its Megatron tensor(s) (one expert of a
+    stacked tensor at a time), so Megatron → HF, Megatron → Megatron (reshard) and Megatron → GGUF all stream.
+
+    The head's tie: ``ernie45.json``'s record, or for Megatron's own checkpoints (which record none) whether the
+    names only an untied table has are stored. Tensors outside the model (MTP) are stored under
+    ``ernie45.carry.<hf name>`` (:attr:`carried`) and come back bit-exact.
+    """
+
+    format = "megatron"
+
+    def __init__(self, path: str | Path, *, hf_config: str | Path | None = None, phases: Phases = NO_PHASES) -> None:
+        self.path = Path(path)
+        cfg_path = Path(hf_config) if hf_config else self.path
+        if not (cfg_path / "config.json").is_file() and not cfg_path.is_file():
+            raise CheckpointError(f"{self.path}: no config.json; pass the HF config with --hf-config")
+        self.config_path = cfg_path if cfg_path.is_file() else cfg_path / "config.json"
+        cfg = load_config(cfg_path)
+        # what ernie45 wrote beside the checkpoint (layout, tied, checksums, ...); empty for Megatron's own
+        self.info = info = _read_info(self.path / INFO_NAME)
+        self.checksums = Checksums(self.path, info.get("checksums") if info else None, info_file=self.path / INFO_NAME)
+        with phases("hash input"):
+            self.checksums.check(".metadata")  # before it is unpickled
+        self.reader = TorchDistReader(path, checksums=self.checksums, phases=phases)
+        self.notes = [self.checksums.note] if self.checksums.note else []
+        keys = set(self.reader.keys())
+        if cfg.family == "vl" and any(k.startswith(MEGATRON_VIT_PREFIX) for k in keys):
+            cfg = replace(cfg, vit_impl="megatron")  # saved from (or for) the Megatron-Core ViT
+        self.cfg = cfg
+        # Megatron's own checkpoints record no tie: a stored output layer (the names only an untied table has) says
+        head = {dist_key(m)[0] for it in expand(cfg, tied=False) for m in it.mg} - {
+            dist_key(m)[0] for it in expand(cfg, tied=True) for m in it.mg}  # fmt: skip
+        self.tied = info.get("tied", not head & keys)
+        items = expand(self.cfg, tied=self.tied)
+        self.plan = Plan(self.cfg, self.tied, items)
+        expected = {dist_key(mg)[0] for it in items for mg in it.mg}
+        self.carried = sorted(k[len(CARRY_PREFIX) :] for k in keys if k.startswith(CARRY_PREFIX))
+        # a training checkpoint's optimizer state (declared in the ignore table): read past, said in the notes
+        training_state = sorted(k for k in keys - expected if ignored_reason(k) is not None)
+        if training_state:
+            self.notes.append(f"{len(training_state)} optimizer-state tensors left out: {ignored_reason(training_state[0])}")
+        unexpected = sorted(k for k in keys - expected if not k.startswith(CARRY_PREFIX) and ignored_reason(k) is None)
+        missing = sorted(expected - keys)
+        wrong = self._wrong_shapes(items, keys)
+        if missing or unexpected or wrong:
+            raise PlanError(
+                f"{self.path} does not match its config {self.config_path} ({self.cfg.family}, "
+                f"{self.cfg.num_hidden_layers} layers, vocab {self.cfg.vocab_size}):\n"
+                + "".join(f"  missing: {k}\n" for k in missing)
+                + "".join(f"  unexpected: {k}\n" for k in unexpected)
+                + "".join(f"  {line}\n" for line in wrong)
+            )
+        self._by_hf = {n: it for it in items for n in it.hf}
+        self._cache: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def _wrong_shapes(self, items: list[Item], keys: set[str]) -> list[str]:
+        """Every stored shape against the one the config implies, at open (not halfway through a write).
+
+        The vocab rows may exceed ``vocab_size`` only by padding: for a checkpoint ernie45 wrote, exactly the
+        padding to a multiple of the TP it records; for Megatron's own, a padding Megatron makes (to a multiple of
+        ``tp`` or ``128·tp``). A config that says fewer rows than that is refused, never trimmed.
+        """
+        V, out = self.cfg.vocab_size, []
+        if self.info and self.info.get("vocab_size") != V:
+            out.append(f"vocab: {self.config_path.name} says vocab_size {V}, {INFO_NAME} records "
+                       f"{self.info.get('vocab_size')}")  # fmt: skip
+        for item in items:
+            for mg, shape in zip(item.mg, _mg_shapes(item)):
+                key, x = dist_key(mg)
+                if key not in keys:
+                    continue
+                stored = self.reader.shape(key)
+                want = (self.cfg.moe_num_experts, *shape) if x is not None else tuple(shape)
+                if item.split is Split.VOCAB and len(stored) == len(want) and stored[1:] == want[1:]:
+                    if stored[0] in self._vocab_rows(V):
+                        continue
+                    out.append(f"wrong shape: {key}: {stored[0]} rows, not vocab_size {V} padded as "
+                               f"{'its recorded layout pads it' if self.info else 'Megatron pads it'}")  # fmt: skip
+                elif tuple(stored) != want:
+                    out.append(f"wrong shape: {key}: stored {list(stored)}, config implies {list(want)}")
+        return sorted(set(out))
+
+    def _vocab_rows(self, V: int) -> set[int]:
+        if self.info:
+            tp = self.info["layout"]["tp"]
+            return {-(-V // tp) * tp}
+        return {-(-V // m) * m for tp in range(1, 1025) for m in (tp, 128 * tp)}
+
+    def source_files(self) -> list[Path]:
+        return [self.path, self.config_path, *self.side_files()]
+
+    def storage_type(self, name: str) -> str:
+        return str(self.dtype(name)).replace("torch.", "")
+
+    def keys(self) -> list[str]:
+        return list(self._by_hf) + self.carried
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: self.shape(n) for n in self.keys()}
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {n: self.dtype(n) for n in self.keys()}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._by_hf:
+            it = self._by_hf[name]
+            return tuple(it.hf_shapes[it.hf.index(name)])
+        return self.reader.shape(CARRY_PREFIX + name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        if name in self._by_hf:
+            return self.reader.dtype(dist_key(self._by_hf[name].mg[0])[0])
+        return self.reader.dtype(CARRY_PREFIX + name)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._by_hf:
+            return self.reader.read(CARRY_PREFIX + name)
+        item = self._by_hf[name]
+        if self._cache is None or self._cache[0] != id(item):  # q/k/v, gate/up come from one Megatron tensor
+            mg = []
+            for m in item.mg:
+                key, x = dist_key(m)
+                t = self.reader.read(key, x)
+                if item.split is Split.VOCAB:
+                    t = t[: item.hf_shapes[0][0]]  # drop the rows padding the vocab to a multiple of TP
+                mg.append(t)
+            self._cache = (id(item), dict(zip(item.hf, item.op.to_hf(tuple(mg)))))
+        return self._cache[1][name]
+
+    def stream(self, name: str, row_block_bytes: int = ROW_BLOCK_BYTES):
+        """``name`` for a streaming writer: a vocab tensor (embedding, output layer) stored in chunks of at most
+        two blocks (as ernie45 writes it) as an iterator of row blocks, each read on demand, so memory is bounded
+        by a block, not by the largest tensor; any other tensor whole (:meth:`get`). (Stored in bigger chunks --
+        Megatron's own, one per TP shard -- each block's read would load a whole chunk again: read whole.)"""
+        key, shape = self._rows_key(name, row_block_bytes), self.shape(name)
+        step = max(1, row_block_bytes // (self.dtype(name).itemsize * math.prod(shape[1:])))
+        if key is None or step >= shape[0]:
+            return self.get(name)
+        return (self.reader.read_rows(key, a, min(a + step, shape[0])) for a in range(0, shape[0], step))
+
+    def _rows_key(self, name: str, row_block_bytes: int = ROW_BLOCK_BYTES) -> str | None:
+        """The stored key whose rows are ``name``'s rows (a vocab tensor: Identity, one Megatron tensor, the
+        padding rows after the vocab) if it is stored in chunks of at most two blocks, else None."""
+        item = self._by_hf.get(name)
+        if item is None or item.split is not Split.VOCAB or not isinstance(item.op, Identity) or len(item.mg) != 1:
+            return None
+        key = dist_key(item.mg[0])[0]
+        return key if self.reader.largest_chunk_bytes(key) <= 2 * row_block_bytes else None
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        key = self._rows_key(name) if dim == 0 else None
+        if key is not None:  # a reshard's vocab blocks: only their rows, never the whole tensor
+            return self.reader.read_rows(key, start, self.shape(name)[0] if stop is None else stop)
+        t = self.get(name)
+        out = t if dim is None else t.narrow(dim, start, (t.shape[dim] if stop is None else stop) - start).contiguous()
+        # The writer frees each chunk's storage once written; never hand it the cached tensor's own storage.
+        return out.clone() if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else out
+
+    def side_files(self) -> list[Path]:
+        return side_files_of(self.path)
+
+
+def _read_info(path: Path) -> dict:
+    """``ernie45.json`` of a torch_dist ernie45 wrote (``{}`` when absent: Megatron's own checkpoints), checked."""
+    if not path.exists():
+        return {}
+    info = read_json(path, f"ernie45 record ({INFO_NAME})")
+    problems = []
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: not an ernie45 record (a JSON object)")
+    if info.get("format") != "ernie45 torch_dist":
+        problems.append(f"format {info.get('format')!r} is not 'ernie45 torch_dist'")
+    if not isinstance(info.get("tied"), bool):
+        problems.append("tied must be true or false")
+    if not isinstance(info.get("vocab_size"), int) or isinstance(info.get("vocab_size"), bool):
+        problems.append("vocab_size must be an integer")
+    if not (isinstance(info.get("carried", []), list) and all(isinstance(n, str) for n in info.get("carried", []))):
+        problems.append("carried must be a list of tensor names")
+    try:
+        Layout(**info["layout"])
+    except (KeyError, TypeError, ValueError) as e:
+        problems.append(f"layout must be a layout ({type(e).__name__}: {e})")
+    if problems:
+        raise CheckpointError(f"{path}: malformed ernie45 record: {'; '.join(problems)}")
+    return info
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# planning and writing a torch_dist checkpoint from any source
+
+
+def _mg_shapes(item: Item) -> tuple[tuple[int, ...], ...]:
+    """Full Megatron shapes of an item."""
+    return item.op.mg_shapes(item.hf_shapes)
+
+
+def _vocab_row_blocks(item: Item, source, shard_rows: int, i: int, gshape, dtype, row_block_bytes: int):
+    """TP shard ``i`` of a vocab tensor (embedding, output layer) as DCP chunks of at most ``row_block_bytes``,
+    each read from its own HF rows (the padding rows past the vocab are zeros): memory is bounded by a block,
+    not by the largest tensor. Megatron's loader (DCP) assembles any chunking; one chunk per shard is the rest's."""
+    rows_V, row_bytes = item.hf_shapes[0][0], dtype.itemsize * math.prod(gshape[1:])
+    step = max(1, row_block_bytes // row_bytes)
+    key = dist_key(item.mg[0])[0]
+    out = []
+    for g0 in range(i * shard_rows, (i + 1) * shard_rows, step):
+        g1 = min(g0 + step, (i + 1) * shard_rows)
+
+        def produce(g0=g0, g1=g1):
+            real = source.read(item.hf[0], 0, min(g0, rows_V), min(g1, rows_V))
+            pad = (g1 - g0) - real.shape[0]
+            return torch.cat([real, real.new_zeros((pad, *gshape[1:]))]) if pad else real
+
+        out.append(ChunkSpec(key, (g0, *([0] * (len(gshape) - 1))), (g1 - g0, *gshape[1:]), gshape, dtype, produce))
+    return out
+
+
+def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig, row_block_bytes: int = ROW_BLOCK_BYTES
+                ) -> list[ChunkSpec]:  # fmt: skip
+    """The torch_dist chunks of one item: one per TP (or expert-TP) shard, per expert, gate/up apart; a vocab
+    shard larger than ``row_block_bytes`` in row blocks."""
+    n = 1 if item.split is Split.REPLICATED else (layout.expert_tp if item.split.is_expert else layout.tp)
+    dtype = source.dtype(item.hf[0])
+    out = []
+    for k, (mg, shape) in enumerate(zip(item.mg, _mg_shapes(item))):
+        key, x = dist_key(mg)
+        if item.split is Split.VOCAB:
+            shape = (-(-shape[0] // n) * n, *shape[1:])
+        prefix = () if x is None else (x,)
+        gshape = shape if x is None else (cfg.moe_num_experts, *shape)
+        lead = (1,) * len(prefix)
+
+        def spec(offsets, sizes, produce):
+            out.append(ChunkSpec(key, (*prefix, *offsets), (*lead, *sizes), gshape, dtype, produce))
+
+        if isinstance(item.op, ConcatGLU):
+            # Megatron's own layout for [gate; up]: each half cut into TP pieces (reference §H.4)
+            F = shape[0] // 2
+            for half, src in enumerate(item.hf):
+                for i in range(n):
+                    a, b, _ = shard_bounds(item.split, F, n, i)
+                    offsets = (half * F + a, *([0] * (len(shape) - 1)))
+                    sizes = (b - a, *shape[1:])
+                    spec(offsets, sizes, lambda src=src, a=a, b=b, lead=lead: source.read(src, 0, a, b).reshape(*lead, b - a, *shape[1:]))
+            continue
+        dim = item.split.dim
+        for i in range(n):
+            sizes = list(shape)
+            offsets = [0] * len(shape)
+            if dim is not None:
+                per = shape[dim] // n
+                offsets[dim], sizes[dim] = i * per, per
+
+            def produce(i=i, k=k, n=n, sizes=tuple(sizes), lead=lead):
+                t = item.op.to_mg(read_hf_slices(source, item, i, n, cfg))[k]
+                return t.reshape(*lead, *sizes)
+
+            if (item.split is Split.VOCAB and isinstance(item.op, Identity) and len(item.hf) == 1
+                    and dtype.itemsize * math.prod(sizes) > row_block_bytes):  # fmt: skip
+                out += _vocab_row_blocks(item, source, sizes[0], i, gshape, dtype, row_block_bytes)
+                continue
+            spec(tuple(offsets), tuple(sizes), produce)
+    return out
+
+
+def plan_megatron(source, layout: Layout, *, row_block_bytes: int = ROW_BLOCK_BYTES
+                  ) -> tuple[list[ChunkSpec], dict[str, bytes]]:  # fmt: skip
+    cfg = source.cfg
+    layout.validate(cfg)
+    chunks: list[ChunkSpec] = []
+    for item in source.plan.items:
+        chunks += _chunks_for(item, source, layout, cfg, row_block_bytes)
+    for name in source.carried:
+        shape = tuple(source.shape(name))
+        chunks.append(ChunkSpec(CARRY_PREFIX + name, (0,) * len(shape), shape, shape, source.dtype(name),
+                                lambda name=name: source.get(name)))
+    # The local spec's linears carry an (empty) TE-style _extra_state; Megatron stores each ShardedObject as the
+    # torch.save of a one-element list ([None] here), which is what its loader unwraps.
+    buf = io.BytesIO()
+    torch.save([None], buf)
+    objects = {k: buf.getvalue() for k in extra_state_keys(source.plan.mg_names, cfg.moe_num_experts)}
+    return chunks, objects
+
+
+def write_megatron(source, dst: Path, layout: Layout, *, overwrite=False, progress=True, phases: Phases = NO_PHASES,
+                   fsync: bool = False, row_block_bytes: int = ROW_BLOCK_BYTES) -> int:
+    """``source`` (any HF-named ``bridge.source.Source`` but a GGUF) as a torch_dist checkpoint at ``dst``, for
+    ``layout``: the DCP files (every chunk declared before any byte moves, then pulled one at a time), Megatron's
+    ``metadata.json`` and ``common.pt``, ``config.json``, ``ernie45.json`` (tie, layout, carried tensors,
+    checksums) and the source's side files. ``fsync``: durable (files, directory and rename synced); ``phases``:
+    where the time goes; ``row_block_bytes``: the largest chunk a vocab tensor is written in (memory is bounded by
+    it)."""
+    with phases("plan"):
+        chunks, objects = plan_megatron(source, layout, row_block_bytes=row_block_bytes)
+    total = sum(c.nbytes for c in chunks)
+    with (atomic_output(dst, overwrite=overwrite, phases=phases, fsync=fsync) as tmp,
+          progress_bar(total, "HF -> torch_dist", progress) as bar):  # fmt: skip
+        written = write_dcp(tmp, chunks, objects, on_chunk=bar.update, phases=phases, fsync=fsync)
+        (tmp / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+        torch.save({}, tmp / "common.pt")  # Megatron's common (non-sharded) state: nothing for a bare conversion
+        data_files = [f.name for f in tmp.iterdir()]
+        (tmp / "config.json").write_text(json.dumps(source.cfg.to_hf(), indent=2, sort_keys=True) + "\n")
+        info = dict(
+            format="ernie45 torch_dist", version=1, family=source.cfg.family, tied=source.tied,
+            layout=asdict(layout), vocab_size=source.cfg.vocab_size, carried=source.carried, vit=source.cfg.vit_impl,
+            local_spec="megatron-core local spec, SequentialMLP experts",
+            checksums=record_checksums(tmp, data_files, known=written, phases=phases),
+        )  # fmt: skip
+        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        copy_side_files(source.side_files(), tmp)
+    return total
+
+
+def inspect_torch_dist(src: MegatronSource) -> dict:
+    """The torch_dist lines of ``ernie45 inspect`` (the config-derived ones are ``inspect.model_facts``)."""
+    layout = src.info.get("layout")
+    return {
+        "written for layout": str(Layout(**layout)) if layout else "unknown (not written by ernie45); loads at any",
+        "tensors": len(src.reader.keys()),
+        "dtypes": dict(Counter(str(src.reader.dtype(k)).replace("torch.", "") for k in src.reader.keys())),
+        "size on disk": f"{sum(f.stat().st_size for f in src.path.glob('*.distcp')) / 2**20:.1f} MiB",
+        "mtp tensors": sum(1 for n in src.carried if "mtp" in n),
+        "checksums": src.checksums.note or f"ok ({src.checksums.check_all()} files match what ernie45 recorded)",
+    }

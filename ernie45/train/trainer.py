@@ -110,25 +110,14 @@ class ModelSource:
 
 
 def open_model_source(config: TrainConfig) -> ModelSource:
-    from ..inspect import detect_format
+    from ..bridge.source import open_source
 
     path = Path(config.model)
-    fmt = detect_format(path)
-    if fmt == "hf":
-        from ..bridge.io import HFCheckpoint
-        from ..bridge.tables import effective_tie
-        from ..config import load_config
-
-        cfg = load_config(path)
-        ckpt = HFCheckpoint(path)
-        tied, shapes, side = effective_tie(cfg, ckpt.keys()), ckpt.shapes(), tuple(ckpt.side_files())
-    elif fmt == "megatron":
-        from ..convert import MegatronSource
-
-        src = MegatronSource(path, hf_config=config.hf_config)
-        cfg, tied, shapes, side = src.cfg, src.tied, src.shapes(), tuple(src.side_files())
-    else:
+    src = open_source(path, hf_config=config.hf_config)
+    fmt = src.format
+    if fmt == "gguf":
         raise TrainConfigError(f"--model {path}: a {fmt} file cannot be trained; give an HF or torch_dist directory")
+    cfg, tied, shapes, side = src.cfg, src.tied, src.shapes(), tuple(src.side_files())
     if cfg.family == "vl" and config.vit is not None:
         if fmt == "megatron" and config.vit != cfg.vit_impl:
             raise TrainConfigError(f"--model {path} holds the {cfg.vit_impl!r} ViT; --vit {config.vit} needs an HF source")
