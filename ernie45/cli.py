@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("checkpoint", type=Path, help="HF checkpoint directory (config.json + *.safetensors)")
     q.add_argument("--batch", type=int, default=2)
     q.add_argument("--seq", type=int, default=16)
-    q.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+    q.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                    help="what both sides compute in (routers and expert bias stay fp32); sets the defaults: fp32 "
                         "logits max |Δ| 1e-4, top-1 and routing 100 %%; bf16 cosine 0.99, top-1 and routing 80 %%")
     q.add_argument("--atol", type=float, default=None,
@@ -228,16 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import prepare
 
     for name, add_arguments, run, help_, example in (
-        ("verify", _verify_arguments, _lazy("ernie45.verify"), "compare two checkpoints (HF / torch_dist / GGUF): tensors, logits, routing per pool",
+        ("verify", _verify_arguments, _lazy("ernie45.verify"),
+         "compare two checkpoints (HF / torch_dist / GGUF): tensors, logits, routing per pool",
          "ernie45 verify ./hf ./mcore --atol 1e-4 --min-routing 1\n  ernie45 verify ./hf ./model.gguf --prompt 'Hello'"),
-        ("route-stats", _route_stats_arguments, _lazy("ernie45.route_stats"), "expert load per MoE layer and pool: CSV + PNG heatmap + imbalance",
+        ("route-stats", _route_stats_arguments, _lazy("ernie45.route_stats"),
+         "expert load per MoE layer and pool: CSV + PNG heatmap + imbalance",
          "ernie45 route-stats ./ERNIE-4.5-21B-A3B-PT --prompts prompts.txt --out stats/"),
-        ("generate", _generate_arguments, _lazy("ernie45.generate"), "greedy sample from any checkpoint format (KV cache)",
+        ("generate", _generate_arguments, _lazy("ernie45.generate"),
+         "greedy sample from any checkpoint format (KV cache)",
          "ernie45 generate ./mcore --prompt 'The capital of France is' --max-new-tokens 8"),
-        ("prepare-data", prepare.add_arguments, prepare.run, "tokenise JSONL text into a Megatron IndexedDataset (.bin/.idx) for pre-training",
+        ("prepare-data", prepare.add_arguments, prepare.run,
+         "tokenise JSONL text into a Megatron IndexedDataset (.bin/.idx) for pre-training",
          "ernie45 prepare-data corpus.jsonl more.jsonl --tokenizer ./ERNIE-4.5-0.3B-PT --out data/corpus\n"
          "  ernie45 train --model ./ERNIE-4.5-0.3B-PT --data data/corpus --out run/   # then train on it"),
-        ("train", train_config.add_arguments, train_config.run, "train (SFT / continued pre-training, text and VL) on Megatron-Core at any layout",
+        ("train", train_config.add_arguments, train_config.run,
+         "train (SFT / continued pre-training, text and VL) on Megatron-Core at any layout",
          train_config.EXAMPLES.strip()),
     ):  # fmt: skip
         s = sub.add_parser(name, help=help_, epilog=f"example:\n  {example}",

@@ -60,6 +60,7 @@ import torch
 
 from ..config import ErnieConfig
 from ..errors import InputError
+from ..inputs import PromptError, image_inputs
 from ..megatron.packing import IGNORE_INDEX, PackedBatch, pack
 
 __all__ = ["DataSpec", "DataError", "TrainData", "open_train_data", "collate", "read_jsonl", "load_tokenizer",
@@ -283,8 +284,6 @@ class _ChatRenderer:
         return parts
 
     def _image(self, ref: Any, where: str, base: Path) -> _Image:
-        from ..inputs import PromptError, image_inputs
-
         if not isinstance(ref, str) or not ref:
             raise DataError(f"{where}: an image part needs 'image': a local file path")
         if "://" in ref:
@@ -513,8 +512,6 @@ class _JsonlSource:
 
 def _pixels(s: _Sample, cfg: ErnieConfig, processor_dir: Optional[Path]) -> dict[str, torch.Tensor]:
     """Pixel values of a sample's images, computed when its row is built (they are large; the grid was kept)."""
-    from ..inputs import PromptError, image_inputs
-
     pixels, grids = [], []
     for img in s.images:
         try:
