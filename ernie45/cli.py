@@ -9,11 +9,17 @@
     ernie45 generate CKPT --prompt TEXT                  # greedy sample
     ernie45 prepare-data FILE.jsonl --tokenizer CKPT --out PREFIX   # text -> Megatron IndexedDataset
     ernie45 train --model CKPT --data FILE --out RUN_DIR [--tp N --ep N ...]   # fine-tune on Megatron-Core
+
+Building the parser imports no torch, transformers or Megatron: each command's module is imported when that command
+runs (:func:`_lazy`), so ``--help`` is instant and the verb modules import torch at their top. The flags of
+``verify``, ``generate`` and ``route-stats`` are declared here for that reason; ``train`` and ``prepare-data`` keep
+theirs beside their (torch-free) configs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import warnings
@@ -22,6 +28,17 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 EXIT_BAD_INPUT = 2
+DTYPES = ("fp32", "bf16")  # runtime.DTYPES' keys: what a comparison computes in
+GENERATE_BACKENDS = ("auto", "transformers", "megatron", "llama.cpp")  # generate.BACKENDS
+
+
+def _lazy(module: str):
+    """``module.run(args)``, the module imported only when the command runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(module).run(args)
+
+    return run
 
 
 def _cmd_parity(args: argparse.Namespace) -> int:
@@ -82,6 +99,67 @@ EXAMPLES = """examples:
 """
 
 
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", type=Path, help="HF directory, Megatron torch_dist directory or GGUF file")
+    p.add_argument("b", type=Path, help="the checkpoint to compare with A (any of the three formats)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="prompt text, tokenized with the checkpoint's tokenizer; repeat for more rows")
+    p.add_argument("--prompt-ids", action="append", default=None, metavar="IDS",
+                   help='a row of whitespace-separated token ids, e.g. "1 17 42"; repeat for more rows (equal '
+                        "lengths). Default: 2 rows of 16 seeded random ids")  # fmt: skip
+    p.add_argument("--image", type=Path, default=None, help="an image file for VL checkpoints (inserted mid-prompt)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                   help="what both sides compute in (routers and expert bias stay fp32, as in transformers); "
+                        "sets the default thresholds (docs/verify.md has them and the measurements behind them)")
+    p.add_argument("--atol", type=float, default=None,
+                   help="fail (exit 1) above this logits max |Δ| (default: 1e-4 at fp32 and for an F32 GGUF, "
+                        "else not judged)")  # fmt: skip
+    p.add_argument("--tensor-atol", type=float, default=None,
+                   help="fail above this max |Δ| of any tensor (0: equal values; default: the rounding of the "
+                        "coarser storage type, eps x max |x|, Q8_0 max |x| / 127)")  # fmt: skip
+    p.add_argument("--min-cosine", type=float, default=None,
+                   help="fail below this cosine similarity of the logits (default: bf16 0.99, GGUF F16 0.9999, "
+                        "BF16 0.995, Q8_0 0.99; fp32 not judged)")  # fmt: skip
+    p.add_argument("--min-top1", type=float, default=None,
+                   help="fail below this top-1 agreement, 0..1 (default: fp32 / F32 GGUF 1, bf16 0.8, GGUF F16 "
+                        "0.95, BF16 0.9, Q8_0 0.75)")  # fmt: skip
+    p.add_argument("--min-routing", type=float, default=None,
+                   help="fail below this routing agreement in any MoE layer / pool, 0..1 (default: fp32 1, "
+                        "bf16 0.8; not observable with a GGUF side)")  # fmt: skip
+    p.add_argument("--no-tensors", action="store_true", help="skip the tensor comparison")
+    p.add_argument("--no-logits", action="store_true", help="skip logits and routing (tensors only)")
+    p.add_argument("--hf-runtime", choices=["transformers", "megatron"], default="transformers",
+                   help="what runs an HF directory (default: transformers, the reference)")  # fmt: skip
+    p.add_argument("--hf-config", type=Path, default=None, help="config.json for a torch_dist directory without one")
+    p.add_argument("--all-tensors", action="store_true", help="list bit-exact tensors too")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _route_stats_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", type=Path, help="MoE checkpoint: HF directory or Megatron torch_dist directory")
+    p.add_argument("--prompts", type=Path, required=True,
+                   help="text file, one prompt per line (token ids if the checkpoint has no tokenizer)")  # fmt: skip
+    p.add_argument("--images", type=Path, default=None, help="VL: directory of images; image k goes before prompt k")
+    p.add_argument("--out", type=Path, required=True, help="output directory for the CSVs and the PNG")
+    p.add_argument("--hf-config", type=Path, default=None, help="config.json for a torch_dist directory without one")
+    p.add_argument("--title", default=None, help="figure title")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", type=Path, help="HF directory, Megatron torch_dist directory or GGUF file")
+    p.add_argument("--prompt", required=True,
+                   help="prompt text (token ids, whitespace-separated, if the checkpoint has no tokenizer)")
+    p.add_argument("--image", type=Path, default=None, help="an image file for VL checkpoints")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate at most (default 16)")
+    p.add_argument("--backend", choices=GENERATE_BACKENDS, default="auto",
+                   help="auto: transformers for HF, megatron for torch_dist, llama.cpp for GGUF")  # fmt: skip
+    p.add_argument("--hf-config", type=Path, default=None, help="config.json for a torch_dist directory without one")
+    p.add_argument("--no-eos-stop", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--no-kv-cache", action="store_true", help="megatron: recompute the whole sequence for each token")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ernie45",
@@ -132,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("checkpoint", type=Path, help="HF checkpoint directory (config.json + *.safetensors)")
     q.add_argument("--batch", type=int, default=2)
     q.add_argument("--seq", type=int, default=16)
-    q.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+    q.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                    help="what both sides compute in (routers and expert bias stay fp32); sets the defaults: fp32 "
                         "logits max |Δ| 1e-4, top-1 and routing 100 %%; bf16 cosine 0.99, top-1 and routing 80 %%")
     q.add_argument("--atol", type=float, default=None,
@@ -146,27 +224,31 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_inspect)
 
-    from . import generate, route_stats, verify
     from .train import config as train_config
     from .train import prepare
 
-    for name, mod, help_, example in (
-        ("verify", verify, "compare two checkpoints (HF / torch_dist / GGUF): tensors, logits, routing per pool",
+    for name, add_arguments, run, help_, example in (
+        ("verify", _verify_arguments, _lazy("ernie45.verify"),
+         "compare two checkpoints (HF / torch_dist / GGUF): tensors, logits, routing per pool",
          "ernie45 verify ./hf ./mcore --atol 1e-4 --min-routing 1\n  ernie45 verify ./hf ./model.gguf --prompt 'Hello'"),
-        ("route-stats", route_stats, "expert load per MoE layer and pool: CSV + PNG heatmap + imbalance",
+        ("route-stats", _route_stats_arguments, _lazy("ernie45.route_stats"),
+         "expert load per MoE layer and pool: CSV + PNG heatmap + imbalance",
          "ernie45 route-stats ./ERNIE-4.5-21B-A3B-PT --prompts prompts.txt --out stats/"),
-        ("generate", generate, "greedy sample from any checkpoint format (KV cache)",
+        ("generate", _generate_arguments, _lazy("ernie45.generate"),
+         "greedy sample from any checkpoint format (KV cache)",
          "ernie45 generate ./mcore --prompt 'The capital of France is' --max-new-tokens 8"),
-        ("prepare-data", prepare, "tokenise JSONL text into a Megatron IndexedDataset (.bin/.idx) for pre-training",
+        ("prepare-data", prepare.add_arguments, prepare.run,
+         "tokenise JSONL text into a Megatron IndexedDataset (.bin/.idx) for pre-training",
          "ernie45 prepare-data corpus.jsonl more.jsonl --tokenizer ./ERNIE-4.5-0.3B-PT --out data/corpus\n"
          "  ernie45 train --model ./ERNIE-4.5-0.3B-PT --data data/corpus --out run/   # then train on it"),
-        ("train", train_config, "train (SFT / continued pre-training, text and VL) on Megatron-Core at any layout",
+        ("train", train_config.add_arguments, train_config.run,
+         "train (SFT / continued pre-training, text and VL) on Megatron-Core at any layout",
          train_config.EXAMPLES.strip()),
     ):  # fmt: skip
         s = sub.add_parser(name, help=help_, epilog=f"example:\n  {example}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        mod.add_arguments(s)
-        s.set_defaults(func=mod.run)
+        add_arguments(s)
+        s.set_defaults(func=run)
     return p
 
 

@@ -112,7 +112,8 @@ def run_demo(out_dir: Path | None = None, keep: bool = False) -> int:
     from .config import load_config
     from .convert import convert
     from .parity import check_parity
-    from .verify import llama_cpp_available, verify
+    from .runtime import llama_cpp_available
+    from .verify import verify
 
     t0 = time.time()
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="ernie45-demo-"))

@@ -28,26 +28,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Generator
 
-from .verify import (
+import torch
+
+from .errors import InputError
+from .inputs import (
     Batch,
-    LlamaCppRuntime,
-    MegatronRuntime,
-    VerifyError,
     check_text_ids,
     declared_token_ids,
     image_block,
     image_inputs,
-    open_runtime,
     tokenizer_for,
     vision_special_ids,
 )
+from .runtime import LlamaCppRuntime, MegatronRuntime, open_runtime
 
-__all__ = ["GenerateError", "Generation", "generate", "add_arguments", "run"]
+__all__ = ["GenerateError", "Generation", "generate", "run"]
 
 BACKENDS = ("auto", "transformers", "megatron", "llama.cpp")
 
 
-class GenerateError(VerifyError):
+class GenerateError(InputError):
     """A prompt, image or backend that cannot be used with this checkpoint."""
 
 
@@ -140,8 +140,6 @@ def generate(
     ``kv_cache`` (Megatron backend): decode through Megatron-Core's KV cache; ``False`` recomputes the whole sequence
     for every token (as the transformers backend always does).
     """
-    import torch
-
     from .bridge.source import open_source
 
     ckpt = Path(ckpt)
@@ -200,8 +198,6 @@ def generate(
 
 def _recomputed_logits(rt, batch: Batch) -> Generator[torch.Tensor, int, None]:
     """Last-position logits ``[V]`` of the whole sequence, recomputed after each token sent in (any runtime)."""
-    import torch
-
     seq = batch.input_ids[0].tolist()
     while True:
         logits, _ = rt.forward(Batch(torch.tensor([seq]), batch.pixel_values, batch.image_grid_thw), routing=False)
@@ -211,8 +207,6 @@ def _recomputed_logits(rt, batch: Batch) -> Generator[torch.Tensor, int, None]:
 def _cached_logits(rt: MegatronRuntime, batch: Batch, max_new_tokens: int) -> Generator[torch.Tensor, int, None]:
     """The same through Megatron-Core's static KV cache (``megatron/inference.py``): prefill once, then one step per
     token."""
-    import torch
-
     from .megatron.inference import KVCacheSession
 
     cfg, ids = rt.cfg, batch.input_ids
@@ -229,20 +223,6 @@ def _cached_logits(rt: MegatronRuntime, batch: Batch, max_new_tokens: int) -> Ge
     while True:
         nxt = yield logits.float()
         logits = session.step(torch.tensor([nxt]))[0]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="HF directory, Megatron torch_dist directory or GGUF file")
-    p.add_argument("--prompt", required=True,
-                   help="prompt text (token ids, whitespace-separated, if the checkpoint has no tokenizer)")
-    p.add_argument("--image", type=Path, default=None, help="an image file for VL checkpoints")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate at most (default 16)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto: transformers for HF, megatron for torch_dist, llama.cpp for GGUF")  # fmt: skip
-    p.add_argument("--hf-config", type=Path, default=None, help="config.json for a torch_dist directory without one")
-    p.add_argument("--no-eos-stop", action="store_true", help="always generate --max-new-tokens tokens")
-    p.add_argument("--no-kv-cache", action="store_true", help="megatron: recompute the whole sequence for each token")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def run(args: argparse.Namespace) -> int:

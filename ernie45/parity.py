@@ -1,21 +1,22 @@
 """Parity of a Megatron-Core ERNIE (loaded through the bridge) against transformers, on one process.
 
 Used by ``ernie45 parity`` and the demo: exact numbers (max |Δ|, cosine, top-1, routing), not a cosine alone.
-Both sides are :mod:`ernie45.verify` runtimes -- Megatron-Core at TP1 from the HF directory through the bridge, and
-transformers (flat Thinking VL configs translated, ``reference.transformers_config``) -- in ``dtype`` (fp32, or
-bf16 with the routers and expert bias in fp32 as transformers keeps them), on seeded random text ids (VL: text
-tokens only, so only the text pool routes; ``ernie45 verify --image`` covers the vision pool). A report is judged
-with the same defaults as ``verify`` (``verify.DEFAULT_THRESHOLDS``).
+A parity check is one :func:`ernie45.verify.verify` of the HF directory with itself, logits and routing only:
+transformers (flat Thinking VL configs translated, ``reference.transformers_config``) against Megatron-Core at TP1
+loaded through the bridge, in ``dtype`` (fp32, or bf16 with the routers and expert bias in fp32 as transformers
+keeps them), on seeded random text ids (VL: text tokens only, so only the text pool routes; ``ernie45 verify
+--image`` covers the vision pool). A report is judged with the same defaults as ``verify``
+(``verify.DEFAULT_THRESHOLDS``).
 """
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["ParityReport", "check_parity", "ensure_single_process_group"]
+from .verify import DEFAULT_THRESHOLDS, verify
+
+__all__ = ["ParityReport", "check_parity"]
 
 
 @dataclass
@@ -37,8 +38,6 @@ class ParityReport:
     def failures(self, atol: float | None = None) -> list[str]:
         """Why the two sides are not the same model at this dtype (``verify``'s defaults; ``atol`` replaces the
         logits max |Δ| default)."""
-        from .verify import DEFAULT_THRESHOLDS
-
         t = dict(DEFAULT_THRESHOLDS[self.dtype])
         if atol is not None:
             t["atol"] = atol
@@ -72,48 +71,32 @@ class ParityReport:
         return asdict(self)
 
 
-def ensure_single_process_group() -> None:
-    """A 1-process gloo world (Megatron needs process groups even at TP=PP=EP=1)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-
-
 def check_parity(
     hf_dir: str | Path, *, batch: int = 2, seq: int = 16, seed: int = 0, dtype: str = "fp32"
 ) -> ParityReport:
-    """Load ``hf_dir`` into Megatron (TP1) and into transformers, both in ``dtype``; compare logits and expert
-    choices on ``batch`` x ``seq`` seeded random text ids."""
+    """Run ``hf_dir`` in transformers and in Megatron (TP1), both in ``dtype``; compare logits and expert choices
+    on ``batch`` x ``seq`` seeded random text ids."""
     from .bridge.source import HFSource
-    from .verify import Batch, MegatronRuntime, TransformersRuntime, _routing_agreement, logits_diff, random_text_ids
+    from .inputs import random_text_ids
 
     source = HFSource(hf_dir)
     cfg = source.cfg
-    ids = Batch(random_text_ids(cfg, cfg.vocab_size, batch, seq, seed=seed))
-    with MegatronRuntime(source, dtype=dtype) as mg:  # one model in memory at a time
-        out, mg_routing = mg.forward(ids)
-        ignored = [n for n, _ in mg.plan.ignored]
-    with TransformersRuntime(hf_dir, cfg, dtype=dtype) as hf:
-        ref, hf_routing = hf.forward(ids)
-    g = logits_diff(out, ref)  # side A Megatron, B transformers: max |logit| of the reference below
-    routing = {L: pools["text"]["agreement"] for L, pools in _routing_agreement(mg_routing, hf_routing).items()}
+    ids = random_text_ids(cfg, cfg.vocab_size, batch, seq, seed=seed)
+    # A is the reference: the logits' scale is transformers' max |logit|
+    report = verify(hf_dir, hf_dir, prompt_ids=ids, tensors=False, hf_runtime=("transformers", "megatron"),
+                    dtype=dtype)  # fmt: skip
+    g = report.logits
+    ignored = source.plan.ignored
     return ParityReport(
         checkpoint=str(hf_dir),
         family=cfg.family,
         tokens=g.tokens,
         logits_max_abs_diff=g.max_abs,
         logits_mean_abs_diff=g.mean_abs,
-        logits_scale=ref.abs().max().item(),
+        logits_scale=g.scale,
         top1_agreement=g.top1_agreement,
-        routing=routing,
-        ignored=ignored,
+        routing={L: pools["text"]["agreement"] for L, pools in report.routing.items()},
+        ignored=[n for n, _ in ignored],
         dtype=dtype,
         cosine=g.cosine,
         cosine_worst_token=g.cosine_worst_token,

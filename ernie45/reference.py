@@ -1,4 +1,5 @@
-"""The reference: real transformers, with its routers' choices recorded (parity tests, ``ernie45 parity``, verify).
+"""The reference: real transformers (parity tests, ``ernie45 parity``, verify; ``runtime.capture_routing`` records its
+routers' choices).
 
 transformers reads ``config.json`` itself wherever it can, so the reference stays independent of how ernie45
 reads configs. The one layout it cannot read is the flat Thinking config (``model_type: ernie4_5_moe_vl``, Baidu's
@@ -9,35 +10,11 @@ from the normalised :class:`~ernie45.config.ErnieConfig` -- field by field, noth
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-__all__ = ["FLAT_VL", "hf_routing", "transformers_config", "load_reference", "megatron_map_to_hf_order"]
+__all__ = ["FLAT_VL", "transformers_config", "load_reference"]
 
 FLAT_VL = "ernie4_5_moe_vl"  # the Thinking model's flat layout (config.py: _from_vl_flat)
-
-
-@contextlib.contextmanager
-def hf_routing(model):
-    """Record every HF router's chosen experts as a bool map ``[B·S, E]`` keyed by layer index."""
-    maps: dict[int, torch.Tensor] = {}
-    handles = []
-    for name, mod in model.named_modules():
-        # the text-MoE router class; VL routers are recorded by the VL tests
-        if type(mod).__name__ == "Ernie4_5_MoeTopKRouter":
-            layer = int(name.split("layers.")[1].split(".")[0])
-
-            def hook(_m, _inp, out, layer=layer, E=mod.num_experts):
-                _logits, _weights, idx_TK = out
-                maps[layer] = torch.zeros(idx_TK.shape[0], E, dtype=torch.bool).scatter(1, idx_TK, True)
-
-            handles.append(mod.register_forward_hook(hook))
-    try:
-        yield maps
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def transformers_config(cfg):
@@ -110,7 +87,3 @@ def load_reference(path, *, dtype: torch.dtype = torch.float32, cfg=None):
         model.set_experts_implementation("eager")
     return model.eval()
 
-
-def megatron_map_to_hf_order(map_SB_E: torch.Tensor, B: int, S: int) -> torch.Tensor:
-    """Megatron routes tokens in [S, B] order, HF in [B, S] order."""
-    return map_SB_E.view(S, B, -1).transpose(0, 1).reshape(B * S, -1)

@@ -1,8 +1,8 @@
 """``ernie45 route-stats CKPT PROMPTS``: how a MoE checkpoint spreads tokens over its experts, per layer and pool.
 
 The checkpoint (HF directory or Megatron torch_dist directory) runs in Megatron-Core at TP1, loaded through the
-bridge; every router's choice is captured (``verify.MegatronRuntime``, the same capture ``ernie45 verify``
-compares with transformers). A GGUF cannot be used: llama.cpp does not expose its expert choice.
+bridge; every router's choice is captured (``runtime.capture_routing``, the same capture ``ernie45 verify``
+compares with transformers'). A GGUF cannot be used: llama.cpp does not expose its expert choice.
 
 Inputs
   * ``PROMPTS``: a text file, one prompt per non-empty line, each run as its own sequence. Lines are tokenized with
@@ -35,24 +35,26 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .verify import (
+import torch
+
+from .errors import InputError
+from .inputs import (
     Batch,
-    MegatronRuntime,
-    VerifyError,
     check_text_ids,
     declared_token_ids,
     image_block,
     image_inputs,
     tokenizer_for,
 )
+from .runtime import MegatronRuntime
 
-__all__ = ["RouteStatsError", "RouteStats", "route_stats", "read_prompts", "add_arguments", "run"]
+__all__ = ["RouteStatsError", "RouteStats", "route_stats", "read_prompts", "run"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CSV_NAME, IMBALANCE_NAME, PNG_NAME = "route_stats.csv", "route_imbalance.csv", "route_stats.png"
 
 
-class RouteStatsError(VerifyError):
+class RouteStatsError(InputError):
     """Inputs route-stats cannot use (names the file / line)."""
 
 
@@ -141,8 +143,6 @@ def _images(images_dir: str | Path) -> list[Path]:
 
 
 def _sequences(cfg, prompts: list[list[int]], images: list[Path], ckpt: Path, bos: set[int], where: str) -> list[Batch]:
-    import torch
-
     for i, ids in enumerate(prompts):
         check_text_ids(ids, cfg, f"{where}: prompt {i + 1}")
         if ids and (min(ids) < 0 or max(ids) >= cfg.vocab_size):
@@ -262,8 +262,6 @@ def route_stats(
     title: str | None = None,
 ) -> RouteStats:
     """Expert load per MoE layer and pool over the prompts (and images); writes CSVs and a PNG to ``out_dir``."""
-    import torch
-
     from .bridge.source import open_source
 
     ckpt = Path(ckpt)
@@ -305,17 +303,6 @@ def route_stats(
     written.append(_write_png(stats, out / PNG_NAME, title or f"expert load: {ckpt.name}"))
     stats.files = [str(p) for p in written]
     return stats
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="MoE checkpoint: HF directory or Megatron torch_dist directory")
-    p.add_argument("--prompts", type=Path, required=True,
-                   help="text file, one prompt per line (token ids if the checkpoint has no tokenizer)")  # fmt: skip
-    p.add_argument("--images", type=Path, default=None, help="VL: directory of images; image k goes before prompt k")
-    p.add_argument("--out", type=Path, required=True, help="output directory for the CSVs and the PNG")
-    p.add_argument("--hf-config", type=Path, default=None, help="config.json for a torch_dist directory without one")
-    p.add_argument("--title", default=None, help="figure title")
-    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
 
 
 def run(args: argparse.Namespace) -> int:

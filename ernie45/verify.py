@@ -25,26 +25,26 @@ routing 100 %; looser for bf16 and per GGUF weight type; tensors within the roun
 ``--min-routing``) replaces its default, and fails when it cannot be checked (e.g. ``--min-routing`` with a GGUF
 side), where an unchecked default is only a note. docs/verify.md has the measurements behind the defaults.
 
-The runtimes (:func:`open_runtime`, :class:`Batch`, the routing captures) are shared by ``route_stats.py`` and
-``generate.py``. torch and every heavy library are imported inside the functions that use them, so building the CLI
-parser (``add_arguments``) stays instant. Memory: logits are compared by loading A, running it, freeing it, then
-B -- one fp32 model at a time.
+The runtimes that produce the logits and expert choices, and the inputs they take, are ``ernie45.runtime`` and
+``ernie45.inputs`` (shared with ``parity``, ``generate`` and ``route-stats``); this module compares and reports.
+Memory: logits are compared by loading A, running it, freeing it, then B -- one fp32 model at a time.
 
-Legend: ``B`` batch, ``S`` sequence, ``V`` vocab, ``E`` experts per pool, ``K`` top-k, ``N`` tokens of one pool.
+Legend: ``B`` batch, ``S`` sequence, ``V`` vocab, ``E`` experts per pool.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json as jsonlib
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+
+import torch
 
 from .errors import InputError
+from .inputs import prompt_batch, tokenizer_for
+from .runtime import DTYPES, LLAMA_CPP_HINT, Routing, llama_cpp_available, open_runtime
 
 __all__ = [
     "VerifyError",
@@ -53,25 +53,10 @@ __all__ = [
     "TensorDiff",
     "LogitsDiff",
     "compare_tensors",
-    "Batch",
-    "PoolRouting",
-    "Runtime",
-    "TransformersRuntime",
-    "MegatronRuntime",
-    "LlamaCppRuntime",
-    "open_runtime",
-    "llama_cpp_available",
-    "tokenizer_for",
-    "declared_token_ids",
-    "image_inputs",
-    "image_block",
-    "vision_special_ids",
-    "check_text_ids",
-    "random_text_ids",
     "logits_diff",
+    "routing_agreement",
     "DEFAULT_THRESHOLDS",
     "STORAGE_REL",
-    "add_arguments",
     "run",
 ]
 
@@ -132,8 +117,6 @@ class TensorDiff:
 
 
 def _bytes_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
-    import torch
-
     return torch.equal(x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8))
 
 
@@ -194,422 +177,6 @@ def compare_tensors(view_a, view_b, fmt_a: str, fmt_b: str) -> list[TensorDiff]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# inputs
-
-
-@dataclass
-class Batch:
-    """Token ids ``[B, S]`` (no padding: all rows the same length) and, for VL models, one image's processor outputs."""
-
-    input_ids: torch.Tensor
-    pixel_values: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        import torch
-
-        if self.input_ids.dim() != 2:
-            raise VerifyError(f"input_ids must be [B, S], got shape {list(self.input_ids.shape)}")
-        self.input_ids = self.input_ids.to(torch.long)
-
-
-def tokenizer_for(path: str | Path):
-    """The checkpoint's ``transformers.AutoTokenizer`` if it ships tokenizer files, else None."""
-    path = Path(path)
-    files = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
-    if not path.is_dir() or not any((path / f).is_file() for f in files):
-        return None
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(str(path))
-
-
-def declared_token_ids(path: str | Path, key: str) -> set[int]:
-    """``key`` ("eos_token_id", "bos_token_id") from ``generation_config.json``, else ``config.json`` (top level or
-    ``text_config``); an int or a list there. Empty when neither names it."""
-    for name in ("generation_config.json", "config.json"):
-        f = Path(path) / name
-        if not f.is_file():
-            continue
-        raw = jsonlib.loads(f.read_text())
-        for d in (raw, raw.get("text_config") or {}):
-            v = d.get(key)
-            if v is not None:
-                return {int(x) for x in v} if isinstance(v, list) else {int(v)}
-    return set()
-
-
-def image_inputs(image: str | Path, cfg, processor_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(pixel_values [N, C·p·p], image_grid_thw [1, 3])`` for one image file, as the HF processor makes them.
-
-    The checkpoint's own image processor (``preprocessor_config.json``) when it ships one; otherwise transformers'
-    ERNIE 4.5 VL image processor with its defaults (CLIP mean/std, 56² .. 14²·4·1280 pixels) and the config's
-    patch / merge sizes.
-    """
-    from PIL import Image
-
-    if cfg.family != "vl":
-        raise VerifyError(f"an image needs a VL checkpoint; this one is {cfg.family}")
-    path = Path(image)
-    if not path.is_file():
-        raise VerifyError(f"{path}: no such image file")
-    try:
-        img = Image.open(path).convert("RGB")
-    except OSError as e:
-        raise VerifyError(f"{path}: not an image PIL can read ({e})") from None
-    if processor_dir is not None and (Path(processor_dir) / "preprocessor_config.json").is_file():
-        import transformers
-
-        proc = transformers.AutoImageProcessor.from_pretrained(str(processor_dir))
-    else:
-        from transformers.models.ernie4_5_vl_moe import image_processing_pil_ernie4_5_vl_moe as pil_processing
-
-        proc = pil_processing.Ernie4_5_VLMoeImageProcessorPil(
-            patch_size=cfg.vision.patch_size, merge_size=cfg.vision.spatial_merge_size
-        )
-    out = proc(images=[img], return_tensors="pt")
-    return out["pixel_values"].float(), out["image_grid_thw"]
-
-
-def image_block(cfg, grid_thw: torch.Tensor) -> list[int]:
-    """``START + placeholders + END`` for one image of ``grid_thw`` (``t·h·w / m²`` placeholders, reference §F.1)."""
-    t, h, w = (int(v) for v in grid_thw.reshape(-1)[:3])
-    m = cfg.vision.spatial_merge_size
-    ids = cfg.special_ids
-    n = t * h * w // (m * m)
-    return [ids["image_start_token_id"]] + [ids["image_token_id"]] * n + [ids["image_end_token_id"]]
-
-
-def vision_special_ids(cfg) -> list[int]:
-    """The image/video ids a VL config reserves (a text prompt must not contain them)."""
-    if cfg is None or cfg.family != "vl":
-        return []
-    return sorted({v for k, v in cfg.special_ids.items() if v is not None and ("image" in k or "video" in k)})
-
-
-def check_text_ids(ids: list[int], cfg, where: str) -> None:
-    """Refuse text token ids a VL config reserves for images/videos: they would be taken for vision tokens."""
-    reserved = set(vision_special_ids(cfg))
-    bad = sorted({i for i in ids if i in reserved})
-    if bad:
-        names = {v: k for k, v in cfg.special_ids.items()}
-        raise VerifyError(
-            f"{where}: text token id(s) {bad} are this VL config's {[names[b] for b in bad]}; the tokenizer and "
-            "config.json disagree (or the prompt ids are wrong)"
-        )
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# routing records
-
-
-@dataclass
-class PoolRouting:
-    """One MoE layer's pool: which tokens it routed (``mask_BS``) and the experts each chose (``chosen_BSE``)."""
-
-    mask_BS: torch.Tensor
-    chosen_BSE: torch.Tensor
-
-
-Routing = dict[tuple[int, str], PoolRouting]
-
-
-def _pool_routing(mask_BS: torch.Tensor, rows: torch.Tensor, order: str, E: int) -> PoolRouting:
-    """Rows of a router's output (one per token of the pool, in ``order`` "BS" or "SB") -> :class:`PoolRouting`."""
-    import torch
-
-    B, S = mask_BS.shape
-    if order == "BS":
-        where = mask_BS.nonzero()
-    else:  # Megatron flattens [S, B]
-        where = mask_BS.t().nonzero().flip(1)
-    rows = rows[: where.shape[0]]  # Megatron's VL pools may append dummy rows (EP/ETP > 1 only)
-    if rows.shape[0] != where.shape[0]:
-        raise VerifyError(f"a router produced {rows.shape[0]} rows for {where.shape[0]} tokens of its pool")
-    if rows.dtype != torch.bool:  # top-k indices [N, K]
-        rows = torch.zeros(rows.shape[0], E, dtype=torch.bool).scatter(1, rows, True)
-    chosen = torch.zeros(B, S, E, dtype=torch.bool)
-    chosen[where[:, 0], where[:, 1]] = rows
-    return PoolRouting(mask_BS.clone(), chosen)
-
-
-@contextlib.contextmanager
-def _hooks(pairs) -> Iterator[None]:
-    """Register ``(module, hook)`` forward hooks for the duration of the block."""
-    handles = [m.register_forward_hook(h) for m, h in pairs]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _vl_types(cfg, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    from .megatron.vl_model import token_type_ids
-
-    return token_type_ids(batch.input_ids, cfg)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# runtimes
-
-
-class Runtime:
-    """A model that maps a :class:`Batch` to logits ``[B, S, V]`` and (where observable) routing."""
-
-    name = ""
-    routing_observable = True
-    cfg = None
-
-    def forward(self, batch: Batch, *, routing: bool = True) -> tuple[torch.Tensor, Routing | None]:
-        """Logits ``[B, S, V]`` (fp32) and, when ``routing`` and observable, every router's choice."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class TransformersRuntime(Runtime):
-    """The reference: transformers, eager attention and experts, fp32 (or bf16: ``dtype``)."""
-
-    name = "transformers"
-
-    def __init__(self, path: str | Path, cfg, *, dtype: str = "fp32") -> None:
-        import torch
-
-        from .reference import load_reference
-
-        self.cfg = cfg
-        self.dtype = getattr(torch, DTYPES[dtype])
-        self.model = load_reference(path, dtype=self.dtype, cfg=cfg)
-
-    def forward(self, batch: Batch, *, routing: bool = True) -> tuple[torch.Tensor, Routing]:
-        import torch
-
-        from .reference import hf_routing
-
-        cfg, ids = self.cfg, batch.input_ids
-        B, S = ids.shape
-        E = cfg.moe_num_experts or 0
-        if cfg.family != "vl":
-            if batch.pixel_values is not None:
-                raise VerifyError("an image was given to a text-only model")
-            with torch.no_grad(), (hf_routing(self.model) if routing else contextlib.nullcontext({})) as maps:
-                logits = self.model(input_ids=ids).logits
-            every = torch.ones(B, S, dtype=torch.bool)
-            return logits.float(), {(L, "text"): _pool_routing(every, m, "BS", E) for L, m in maps.items()}
-        mm, moe = _vl_types(cfg, batch)
-        rows: dict[tuple[int, str], torch.Tensor] = {}
-        pairs = []
-        for L in cfg.moe_layers:
-            mlp = self.model.model.language_model.layers[L].mlp
-            for pool in ("text", "vision"):
-                def hook(_m, _i, out, key=(L, pool)):
-                    rows[key] = out[2].detach().clone()  # (router_logits, weights, selected_experts [N, K])
-
-                pairs.append((getattr(mlp, f"{pool}_moe").gate, hook))
-        kw = dict(input_ids=ids, mm_token_type_ids=mm, moe_mm_token_type_ids=moe)
-        if batch.pixel_values is not None:
-            kw.update(pixel_values=batch.pixel_values.to(self.dtype), image_grid_thw=batch.image_grid_thw)
-        with torch.no_grad(), _hooks(pairs if routing else []):
-            logits = self.model(**kw).logits
-        vision_BS = moe > 0
-        # HF runs every token through the text pool when no token is vision (Ernie4_5_VLMoeMoeBlock.forward)
-        masks = {"text": ~vision_BS, "vision": vision_BS}
-        return logits.float(), {k: _pool_routing(masks[k[1]], r, "BS", E) for k, r in rows.items()}
-
-    def close(self) -> None:
-        self.model = None
-
-
-def _megatron_groups() -> bool:
-    """Megatron's process groups at TP1·PP1·EP1 on a 1-process world; True when this call created them."""
-    from megatron.core import parallel_state as ps
-
-    from .megatron import parallel
-    from .parity import ensure_single_process_group
-
-    ensure_single_process_group()
-    if ps.model_parallel_is_initialized():
-        sizes = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                 ps.get_expert_model_parallel_world_size())  # fmt: skip
-        if sizes != (1, 1, 1):
-            raise VerifyError(f"Megatron is already initialised at TP·PP·EP = {sizes}; this runs at TP1·PP1·EP1")
-        return False
-    parallel.initialize(parallel.Layout())
-    return True
-
-
-class MegatronRuntime(Runtime):
-    """Megatron-Core at TP1, weights loaded through the bridge from an HF-named source view."""
-
-    name = "megatron-core"
-
-    def __init__(self, source, *, vision_attn_implementation: str = "eager", dtype: str = "fp32") -> None:
-        import torch
-        from megatron.core.transformer.moe.router import TopKRouter
-
-        from .bridge.live import load_hf
-        from .megatron.parallel import Layout
-
-        self.cfg = cfg = source.cfg
-        self.dtype = params_dtype = getattr(torch, DTYPES[dtype])
-        tied = source.tied
-        self._owned = _megatron_groups()
-        try:
-            torch.manual_seed(0)  # initial values are overwritten by load_hf; seeded so a run is repeatable anyway
-            if cfg.family == "vl":
-                from .megatron.vl_model import build_vl_model
-
-                self.chunks = build_vl_model(cfg, Layout(), tie_word_embeddings=tied, params_dtype=params_dtype,
-                                             vision_attn_implementation=vision_attn_implementation)  # fmt: skip
-            else:
-                from .megatron.model import build_model
-
-                self.chunks = build_model(cfg, Layout(), tie_word_embeddings=tied, params_dtype=params_dtype)
-            # transformers keeps every router weight in fp32 whatever the model dtype (_keep_in_fp32_modules_strict)
-            # and so must we: Megatron creates it in params_dtype (its gating GEMM then runs in fp32 on bf16-rounded
-            # weights). The expert bias is an fp32 buffer already (router.py).
-            for chunk in self.chunks:
-                for m in chunk.modules():
-                    if isinstance(m, TopKRouter):
-                        m.weight.data = m.weight.data.float()
-            self.plan = load_hf(self.chunks, cfg, Layout(), source)
-        except BaseException:
-            self.close()
-            raise
-
-    def forward(self, batch: Batch, *, routing: bool = True) -> tuple[torch.Tensor, Routing]:
-        import torch
-
-        from .megatron.run import capture_routing, forward_logits
-
-        cfg, ids = self.cfg, batch.input_ids
-        B, S = ids.shape
-        E = cfg.moe_num_experts or 0
-        if cfg.family != "vl":
-            if batch.pixel_values is not None:
-                raise VerifyError("an image was given to a text-only model")
-            with capture_routing(self.chunks, [0]) if routing else contextlib.nullcontext({}) as maps:
-                logits = forward_logits(self.chunks, ids, vocab_size=cfg.vocab_size)
-            every = torch.ones(B, S, dtype=torch.bool)
-            return logits.float(), {(L, "text"): _pool_routing(every, m, "SB", E) for L, m in maps.items()}
-        (chunk,) = self.chunks
-        chunk.eval()
-        mm, moe = _vl_types(cfg, batch)
-        rows: dict[tuple[int, str], torch.Tensor] = {}
-        pairs = []
-        for layer in chunk.language_model.decoder.layers:
-            if not hasattr(layer.mlp, "text_moe_layer"):
-                continue
-            for pool in ("text", "vision"):
-                def hook(_m, _i, out, key=(layer.layer_number - 1, pool)):
-                    rows[key] = out[1].detach().clone()  # (probs [N, E], routing_map [N, E])
-
-                pairs.append((getattr(layer.mlp, f"{pool}_moe_layer").router, hook))
-        kw = dict(mm_token_type_ids=mm, moe_mm_token_type_ids=moe)
-        if batch.pixel_values is not None:
-            kw.update(pixel_values=batch.pixel_values.to(self.dtype), image_grid_thw=batch.image_grid_thw)
-        with torch.no_grad(), _hooks(pairs if routing else []):
-            logits = chunk(ids, **kw)
-        vision_BS = moe > 0
-        masks = {"text": ~vision_BS, "vision": vision_BS}
-        routed = {k: _pool_routing(masks[k[1]], r, "SB", E) for k, r in rows.items()}
-        return logits[..., : cfg.vocab_size].float(), routed
-
-    def close(self) -> None:
-        self.chunks = None
-        if self._owned:
-            from .megatron import parallel
-
-            parallel.destroy()
-            self._owned = False
-
-
-LLAMA_CPP_HINT = "pip install llama-cpp-python==0.3.36 (see pyproject's [llama] extra)"
-
-
-def llama_cpp_available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-class LlamaCppRuntime(Runtime):
-    """llama.cpp through llama-cpp-python: f32 KV cache and no flash attention, so f32 logits are comparable."""
-
-    name = "llama.cpp"
-    routing_observable = False
-
-    def __init__(self, path: str | Path) -> None:
-        if not llama_cpp_available():
-            raise VerifyError(f"{path}: running a GGUF needs llama_cpp ({LLAMA_CPP_HINT})")
-        self.path = Path(path)
-        self._llm = None
-        self._n_ctx = 0
-
-    def llm(self, n_ctx: int):
-        import llama_cpp
-
-        if self._llm is None or self._n_ctx < n_ctx:
-            self._n_ctx = max(64, n_ctx)
-            f32 = 0  # GGML_TYPE_F32: llama.cpp's default f16 KV cache would measure f16 rounding, not the file
-            self._llm = llama_cpp.Llama(
-                str(self.path), n_ctx=self._n_ctx, logits_all=True, type_k=f32, type_v=f32, flash_attn=False,
-                n_threads=os.cpu_count() or 1, seed=0, verbose=False,
-            )  # fmt: skip
-        return self._llm
-
-    def forward(self, batch: Batch, *, routing: bool = True) -> tuple[torch.Tensor, None]:
-        import numpy as np
-        import torch
-
-        if batch.pixel_values is not None:
-            raise VerifyError(f"{self.path}: llama.cpp has no ERNIE 4.5 VL architecture; a GGUF cannot take an image")
-        B, S = batch.input_ids.shape
-        llm = self.llm(S)
-        out = []
-        for row in batch.input_ids.tolist():
-            llm.reset()
-            llm.eval(row)
-            out.append(torch.from_numpy(np.array(llm.scores[:S], dtype=np.float32)))
-        return torch.stack(out), None
-
-    def close(self) -> None:
-        if self._llm is not None:
-            self._llm.close()
-        self._llm = None
-
-
-def open_runtime(path: str | Path, *, hf_runtime: str = "transformers", hf_config: str | Path | None = None,
-                 vision_attn_implementation: str = "eager", dtype: str = "fp32") -> Runtime:  # fmt: skip
-    """The runtime for a checkpoint: HF → ``hf_runtime`` ("transformers" | "megatron"), torch_dist → Megatron,
-    GGUF → llama.cpp (fp32 only); ``dtype`` "fp32" | "bf16" for the first two."""
-    from .bridge.source import open_source
-
-    if hf_runtime not in ("transformers", "megatron"):
-        raise VerifyError(f"hf_runtime must be 'transformers' or 'megatron', not {hf_runtime!r}")
-    if dtype not in DTYPES:
-        raise VerifyError(f"dtype must be one of {list(DTYPES)}, not {dtype!r}")
-    source = open_source(path, hf_config=hf_config)
-    if source.format == "gguf":
-        if dtype != "fp32":
-            raise VerifyError(f"{path}: llama.cpp runs a GGUF at its own tensor types; dtype {dtype} is not offered")
-        return LlamaCppRuntime(path)
-    if source.format == "hf" and hf_runtime == "transformers":
-        return TransformersRuntime(path, source.cfg, dtype=dtype)
-    return MegatronRuntime(source, vision_attn_implementation=vision_attn_implementation, dtype=dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # report
 
 
@@ -636,7 +203,6 @@ DEFAULT_THRESHOLDS: dict[str, dict[str, float | None]] = {
     "gguf BF16": dict(atol=None, min_cosine=0.995, min_top1=0.9, min_routing=None),
     "gguf Q8_0": dict(atol=None, min_cosine=0.99, min_top1=0.75, min_routing=None),
 }
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 _JUDGED = (("atol", "logits max |Δ|", "<="), ("min_cosine", "cosine", ">="), ("min_top1", "top-1", ">="),
            ("min_routing", "routing", ">="))  # fmt: skip
 
@@ -824,51 +390,17 @@ def _detail(d: TensorDiff) -> str:
 # verify
 
 
-def _prompt_batch(prompt_ids, cfg, vocab: int, image, processor_dir) -> Batch:
-    """The ids both sides run: the given rows, or 2×16 seeded random ids (below the VL special ids for VL)."""
-    import torch
-
-    if prompt_ids is None:
-        ids = random_text_ids(cfg, vocab, 2, 16, seed=0)
-    else:
-        ids = torch.as_tensor(prompt_ids, dtype=torch.long)
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        if ids.dim() != 2 or ids.numel() == 0:
-            raise VerifyError("prompt_ids must be a non-empty list of equal-length rows of token ids")
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise VerifyError(f"prompt_ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
-    if cfg is not None and cfg.family == "vl":
-        check_text_ids(ids.reshape(-1).tolist(), cfg, "prompt_ids")
-    if image is None:
-        return Batch(ids)
-    if cfg is None or cfg.family != "vl":
-        raise VerifyError("--image needs VL checkpoints")
-    pixels, grid = image_inputs(image, cfg, processor_dir)
-    row = ids[0].tolist()
-    half = len(row) // 2
-    return Batch(torch.tensor([row[:half] + image_block(cfg, grid) + row[half:]]), pixels, grid)
-
-
-def random_text_ids(cfg, vocab: int, B: int, S: int, *, seed: int) -> torch.Tensor:
-    """``[B, S]`` seeded random text ids, never an image / video id of a VL config (nor 0 there)."""
-    import torch
-
-    reserved = set(vision_special_ids(cfg))
-    allowed = torch.tensor([i for i in range(1 if reserved else 0, vocab) if i not in reserved])
-    return allowed[torch.randint(0, len(allowed), (B, S), generator=torch.Generator().manual_seed(seed))]
-
-
-def _routing_agreement(ra: Routing, rb: Routing) -> dict[int, dict[str, dict[str, float]]]:
-    import torch
-
-    if set(ra) != set(rb):  # the configs are checked first; this would be a runtime bug
-        raise VerifyError(f"the two sides routed different (layer, pool)s: {sorted(set(ra) ^ set(rb))}")
+def routing_agreement(ra: Routing, rb: Routing) -> dict[int, dict[str, dict[str, float]]]:
+    """Per MoE layer and pool: the share of the pool's tokens whose set of chosen experts is the same on both sides
+    (and how many tokens it routed); pools that routed no token are left out."""
+    # both sides ran the same batch on configs checked equal: a difference here is a bug in a runtime
+    if set(ra) != set(rb):
+        raise RuntimeError(f"the two sides routed different (layer, pool)s: {sorted(set(ra) ^ set(rb))}")
     out: dict[int, dict[str, dict[str, float]]] = {}
     for key in sorted(ra):
         a, b = ra[key], rb[key]
         if not torch.equal(a.mask_BS, b.mask_BS):
-            raise VerifyError(f"layer {key[0]} {key[1]} pool: the two sides sent different tokens to it")
+            raise RuntimeError(f"layer {key[0]} {key[1]} pool: the two sides sent different tokens to it")
         n = int(a.mask_BS.sum())
         if n == 0:
             continue
@@ -890,7 +422,7 @@ def verify(
     min_routing: float | None = None,
     tensors: bool = True,
     logits: bool = True,
-    hf_runtime: str = "transformers",
+    hf_runtime: str | tuple[str, str] = "transformers",
     hf_config: str | Path | None = None,
     dtype: str = "fp32",
 ) -> VerifyReport:
@@ -900,8 +432,9 @@ def verify(
     (placed in the middle of the first row). The thresholds only decide :meth:`VerifyReport.failures`; one not given
     takes its default (:data:`DEFAULT_THRESHOLDS`, by ``dtype`` or a GGUF side's weight type; tensors: the storage
     type's rounding, :data:`STORAGE_REL`). ``dtype`` ("fp32" | "bf16"): both runtimes compute in it (routers and
-    expert bias in fp32, as transformers keeps them). ``hf_runtime="megatron"`` runs HF directories in Megatron-Core
-    instead of transformers. ``hf_config``: the config.json for a torch_dist directory written without one.
+    expert bias in fp32, as transformers keeps them). ``hf_runtime``: what runs an HF directory, "transformers" (the
+    reference) or "megatron" (Megatron-Core through the bridge); a pair says it for A and B apart (``parity``: one
+    directory, both ways). ``hf_config``: the config.json for a torch_dist directory written without one.
     """
     if dtype not in DTYPES:
         raise VerifyError(f"dtype must be one of {list(DTYPES)}, not {dtype!r}")
@@ -940,10 +473,10 @@ def verify(
         return report
     cfg = cfgs[0] if cfgs else None
     vocab = cfg.vocab_size if cfg is not None else view_a.shape("model.embed_tokens.weight")[0]
-    batch = _prompt_batch(prompt_ids, cfg, vocab, image, next((Path(p) for p in (a, b) if Path(p).is_dir()), None))
+    batch = prompt_batch(prompt_ids, cfg, vocab, image, next((Path(p) for p in (a, b) if Path(p).is_dir()), None))
     results = []
-    for path in (a, b):
-        with open_runtime(path, hf_runtime=hf_runtime, hf_config=hf_config, dtype=dtype) as rt:
+    for path, runs_hf in zip((a, b), (hf_runtime,) * 2 if isinstance(hf_runtime, str) else hf_runtime):
+        with open_runtime(path, hf_runtime=runs_hf, hf_config=hf_config, dtype=dtype) as rt:
             out, routing = rt.forward(batch)
             results.append((rt.name, rt.routing_observable, out, routing))
     (report.runtime_a, obs_a, la, ra), (report.runtime_b, obs_b, lb, rb) = results
@@ -952,7 +485,7 @@ def verify(
         return report
     report.logits = logits_diff(la, lb)
     if obs_a and obs_b:
-        report.routing = _routing_agreement(ra, rb)
+        report.routing = routing_agreement(ra, rb)
         if cfg is not None and not cfg.is_moe:
             report.notes.append("dense model: no expert routing to compare")
     else:
@@ -968,8 +501,6 @@ def _gguf_rank(weight_type: str) -> int:
 def logits_diff(la_BSV: torch.Tensor, lb_BSV: torch.Tensor) -> LogitsDiff:
     """Max / mean |Δ|, cosine similarity (all logits, and the worst token; float64), top-1 agreement, NaN / inf
     counts."""
-    import torch
-
     a, b = la_BSV.double(), lb_BSV.double()
     diff = (a - b).abs()
     a_TV, b_TV = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
@@ -985,42 +516,6 @@ def logits_diff(la_BSV: torch.Tensor, lb_BSV: torch.Tensor) -> LogitsDiff:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # command line
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("a", type=Path, help="HF directory, Megatron torch_dist directory or GGUF file")
-    p.add_argument("b", type=Path, help="the checkpoint to compare with A (any of the three formats)")
-    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
-                   help="prompt text, tokenized with the checkpoint's tokenizer; repeat for more rows")
-    p.add_argument("--prompt-ids", action="append", default=None, metavar="IDS",
-                   help='a row of whitespace-separated token ids, e.g. "1 17 42"; repeat for more rows (equal '
-                        "lengths). Default: 2 rows of 16 seeded random ids")  # fmt: skip
-    p.add_argument("--image", type=Path, default=None, help="an image file for VL checkpoints (inserted mid-prompt)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
-                   help="what both sides compute in (routers and expert bias stay fp32, as in transformers); "
-                        "sets the default thresholds (docs/verify.md has them and the measurements behind them)")
-    p.add_argument("--atol", type=float, default=None,
-                   help="fail (exit 1) above this logits max |Δ| (default: 1e-4 at fp32 and for an F32 GGUF, "
-                        "else not judged)")  # fmt: skip
-    p.add_argument("--tensor-atol", type=float, default=None,
-                   help="fail above this max |Δ| of any tensor (0: equal values; default: the rounding of the "
-                        "coarser storage type, eps x max |x|, Q8_0 max |x| / 127)")  # fmt: skip
-    p.add_argument("--min-cosine", type=float, default=None,
-                   help="fail below this cosine similarity of the logits (default: bf16 0.99, GGUF F16 0.9999, "
-                        "BF16 0.995, Q8_0 0.99; fp32 not judged)")  # fmt: skip
-    p.add_argument("--min-top1", type=float, default=None,
-                   help="fail below this top-1 agreement, 0..1 (default: fp32 / F32 GGUF 1, bf16 0.8, GGUF F16 "
-                        "0.95, BF16 0.9, Q8_0 0.75)")  # fmt: skip
-    p.add_argument("--min-routing", type=float, default=None,
-                   help="fail below this routing agreement in any MoE layer / pool, 0..1 (default: fp32 1, "
-                        "bf16 0.8; not observable with a GGUF side)")  # fmt: skip
-    p.add_argument("--no-tensors", action="store_true", help="skip the tensor comparison")
-    p.add_argument("--no-logits", action="store_true", help="skip logits and routing (tensors only)")
-    p.add_argument("--hf-runtime", choices=["transformers", "megatron"], default="transformers",
-                   help="what runs an HF directory (default: transformers, the reference)")  # fmt: skip
-    p.add_argument("--hf-config", type=Path, default=None, help="config.json for a torch_dist directory without one")
-    p.add_argument("--all-tensors", action="store_true", help="list bit-exact tensors too")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _parse_ids(rows: list[str] | None):

@@ -73,3 +73,19 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere" in err[0] and err[0].startswith("ernie45 inspect: error:")
+
+
+def test_the_parser_imports_no_heavy_library():
+    """Building the parser (``--help``, a usage error) imports no torch / transformers / megatron: each command's
+    module is imported only when that command runs. The flags it declares for them name the same choices."""
+    code = ("import sys, ernie45.cli; ernie45.cli.build_parser(); "
+            "heavy = [m for m in ('torch', 'transformers', 'megatron') if m in sys.modules]; assert not heavy, heavy")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for argv in (["--help"], ["convert", "--help"]):
+        r = subprocess.run([sys.executable, "-m", "ernie45", *argv], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.startswith("usage: ernie45"), (argv, r.stderr)
+
+    from ernie45 import cli, generate, runtime
+
+    assert cli.DTYPES == tuple(runtime.DTYPES) and cli.GENERATE_BACKENDS == generate.BACKENDS

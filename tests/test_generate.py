@@ -16,7 +16,8 @@ from ernie45.convert import convert
 from ernie45.cli import main
 from ernie45.generate import GenerateError, generate
 from ernie45.testing import write_tiny_checkpoint
-from ernie45.verify import VerifyError, llama_cpp_available
+from ernie45.inputs import PromptError
+from ernie45.runtime import llama_cpp_available
 
 N_NEW = 10
 
@@ -103,7 +104,7 @@ def test_refusals(tmp_path):
     with pytest.raises(GenerateError, match=r"prompt token ids must lie in \[0, 160\)"):
         generate(bare, [1, 500], backend="megatron")
     vl = write_tiny_checkpoint(tmp_path / "vl", "vl", seed=1)
-    with pytest.raises(VerifyError, match=r"text token id\(s\) \[152\] are this VL config's \['image_token_id'\]"):
+    with pytest.raises(PromptError, match=r"text token id\(s\) \[152\] are this VL config's \['image_token_id'\]"):
         generate(vl, [1, 152, 3])
 
 
@@ -114,7 +115,7 @@ def test_embedded_vl_tokenizer_keeps_vision_ids_out_of_text():
     from ernie45.assets import embedded_checkpoint
     from ernie45.config import load_config
     from ernie45.testing_tokenizer import TINY_CORPUS, VL_CONTROL_TOKENS
-    from ernie45.verify import vision_special_ids
+    from ernie45.inputs import vision_special_ids
 
     src = embedded_checkpoint("tiny-ernie45-vl")
     cfg, tok = load_config(src), transformers.AutoTokenizer.from_pretrained(str(src))

@@ -35,7 +35,8 @@ def _rows(path: Path) -> list[dict]:
 def test_text_moe_counts_match_transformers_and_docs(tmp_path, capsys):
     import transformers
 
-    from ernie45.reference import hf_routing, load_reference
+    from ernie45.config import load_config
+    from ernie45.reference import load_reference
 
     src = embedded_checkpoint("tiny-ernie45-moe")
     mg = tmp_path / "mg"
@@ -46,7 +47,8 @@ def test_text_moe_counts_match_transformers_and_docs(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     out = tmp_path / "out"
 
-    # the oracle: transformers' routers on the same token ids
+    # the oracle: transformers' routers on the same token ids (each gate's selected_experts, counted here)
+    cfg = load_config(src)
     tok = transformers.AutoTokenizer.from_pretrained(str(src))
     model = load_reference(src)
     want: dict[int, torch.Tensor] = {}
@@ -54,10 +56,15 @@ def test_text_moe_counts_match_transformers_and_docs(tmp_path, capsys):
     for line in TINY_CORPUS:
         ids = torch.tensor([tok(line)["input_ids"]])
         n_tokens += ids.shape[1]
-        with torch.no_grad(), hf_routing(model) as maps:
+        seen = {}
+        hooks = [model.model.layers[L].mlp.gate.register_forward_hook(
+                     lambda _m, _i, out, L=L: seen.__setitem__(L, out[2])) for L in cfg.moe_layers]  # fmt: skip
+        with torch.no_grad():
             model(input_ids=ids)
-        for L, m in maps.items():
-            want[L] = want.get(L, 0) + m.sum(0)
+        for h in hooks:
+            h.remove()
+        for L, idx_NK in seen.items():
+            want[L] = want.get(L, 0) + torch.bincount(idx_NK.reshape(-1), minlength=cfg.moe_num_experts)
     rows = _rows(out / "route_stats.csv")
     got: dict[int, list[int]] = {}
     for r in rows:
@@ -90,7 +97,8 @@ def test_vl_with_images_counts_each_pool(tmp_path):
 
     from ernie45.config import load_config
     from ernie45.megatron.vl_model import token_type_ids
-    from ernie45.verify import TransformersRuntime, image_block, image_inputs
+    from ernie45.inputs import image_block, image_inputs
+    from ernie45.runtime import TransformersRuntime
 
     hf = write_tiny_checkpoint(tmp_path / "vl", "vl", seed=6)  # no tokenizer: prompts are token ids
     cfg = load_config(hf)

@@ -15,8 +15,9 @@ from ernie45.bridge.tables import effective_tie
 from ernie45.config import load_config
 from ernie45.megatron.model import build_model
 from ernie45.megatron.parallel import Layout
-from ernie45.megatron.run import capture_routing, forward_backward, forward_logits
-from ernie45.reference import hf_routing, load_reference, megatron_map_to_hf_order
+from ernie45.megatron.run import forward_backward, forward_logits
+from ernie45.reference import load_reference
+from ernie45.runtime import capture_routing
 from ernie45.testing import assert_bit_exact, grad_differences, hf_loss_and_grads
 
 B, S = 3, 11
@@ -48,17 +49,16 @@ def test_logits_and_routing_match_transformers(family, tiny_ckpts, megatron):
     cfg, _, _, chunks = _megatron(path, megatron)
     ids, mask, pos = _batch(cfg.vocab_size)
     hf = load_reference(path)
-    with torch.no_grad(), hf_routing(hf) as hf_maps:
+    with torch.no_grad(), capture_routing([hf], "transformers", cfg, ids) as hf_routing:
         ref = hf(input_ids=ids, attention_mask=mask.long(), position_ids=pos).logits
-    with capture_routing(chunks, [0]) as mg_maps:
+    with capture_routing(chunks, "megatron", cfg, ids) as mg_routing:
         out = forward_logits(chunks, ids, position_ids_BS=pos, padding_mask_BS=mask, vocab_size=cfg.vocab_size)
-    valid = mask.reshape(-1)
     diff = (out - ref).abs()[mask].max().item()
     assert diff <= 1e-4, f"max |Δlogits| = {diff}"
-    assert sorted(hf_maps) == sorted(mg_maps) == list(cfg.moe_layers)
+    assert sorted(hf_routing) == sorted(mg_routing) == [(L, "text") for L in cfg.moe_layers]
     for layer in cfg.moe_layers:
-        mine = megatron_map_to_hf_order(mg_maps[layer], B, S)[valid]
-        theirs = hf_maps[layer][valid]
+        mine = mg_routing[(layer, "text")].chosen_BSE[mask]
+        theirs = hf_routing[(layer, "text")].chosen_BSE[mask]
         assert mine.sum(-1).eq(cfg.moe_k).all()
         bad = (mine != theirs).any(-1).nonzero().flatten().tolist()
         assert not bad, f"layer {layer}: tokens {bad} routed to different experts"
@@ -94,15 +94,16 @@ def test_expert_bias_changes_choices(tiny_ckpts, megatron):
     path = tiny_ckpts["moe"]
     cfg, _, _, chunks = _megatron(path, megatron)
     ids, mask, pos = _batch(cfg.vocab_size)
-    with capture_routing(chunks, [0]) as with_bias:
+    with capture_routing(chunks, "megatron", cfg, ids) as with_bias:
         forward_logits(chunks, ids, position_ids_BS=pos, padding_mask_BS=mask)
     with torch.no_grad():
         for name, buf in chunks[0].named_buffers():
             if name.endswith("router.expert_bias"):
                 buf.zero_()
-    with capture_routing(chunks, [0]) as without_bias:
+    with capture_routing(chunks, "megatron", cfg, ids) as without_bias:
         forward_logits(chunks, ids, position_ids_BS=pos, padding_mask_BS=mask)
-    changed = sum(int((with_bias[l] != without_bias[l]).any(-1).sum()) for l in cfg.moe_layers)
+    changed = sum(int((with_bias[k].chosen_BSE != without_bias[k].chosen_BSE).any(-1).sum()) for k in with_bias)
+    assert sorted(with_bias) == [(L, "text") for L in cfg.moe_layers]
     assert changed > 0
 
 

@@ -235,7 +235,8 @@ def test_vl_training_with_images_equals_transformers_adamw(gloo_world, tmp_path)
 def test_expert_bias_update_follows_the_measured_load(setup, gloo_world, tmp_path):
     """--expert-bias-update-rate R: after one step every router's bias moved by R·sign(mean load - load), the load
     counted independently from transformers' routing of the same rows (full rows: no padding tokens)."""
-    from ernie45.reference import hf_routing
+    from ernie45.config import load_config
+    from ernie45.runtime import capture_routing
     from ernie45.train.config import TrainConfig
     from ernie45.train.trainer import train
     import transformers
@@ -250,12 +251,12 @@ def test_expert_bias_update_follows_the_measured_load(setup, gloo_world, tmp_pat
     hf = transformers.Ernie4_5_MoeForCausalLM.from_pretrained(ckpts["moe"], dtype=torch.float32, attn_implementation="eager")
     hf.set_experts_implementation("eager")
     ids = torch.tensor([r["input_ids"] for r in recs])
-    with torch.no_grad(), hf_routing(hf) as maps:
+    with torch.no_grad(), capture_routing([hf], "transformers", load_config(ckpts["moe"]), ids) as routing:
         hf(input_ids=ids)
     before, after = read_hf_dir(ckpts["moe"]), read_hf_dir(config.save_hf)
-    assert maps
-    for layer, map_TE in maps.items():
-        load_E = map_TE.sum(0).double()
+    assert routing
+    for (layer, _pool), r in routing.items():
+        load_E = r.chosen_BSE.sum((0, 1)).double()
         name = f"model.layers.{layer}.mlp.moe_statics.e_score_correction_bias"
         want = before[name] + rate * torch.sign(load_E.mean() - load_E).to(before[name].dtype)
         assert torch.allclose(after[name], want, atol=1e-7, rtol=0), (layer, load_E.tolist())

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from ernie45.convert import convert
 from ernie45.testing import edited_copy, write_tiny_checkpoint
 from ernie45.cli import main
-from ernie45.verify import llama_cpp_available, verify
+from ernie45.runtime import llama_cpp_available
+from ernie45.verify import verify
 
 LOGIT_TOL = 1e-4  # transformers vs Megatron-Core in fp32: measured ~3e-6 (different GEMM/attention order)
 CORRUPT = "model.layers.3.mlp.experts.5.up_proj.weight"

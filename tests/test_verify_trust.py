@@ -212,7 +212,8 @@ def test_flat_checkpoint_generate_and_route_stats(vl, tmp_path):
     from ernie45.config import load_config
     from ernie45.generate import generate
     from ernie45.route_stats import route_stats
-    from ernie45.verify import Batch, TransformersRuntime
+    from ernie45.inputs import Batch
+    from ernie45.runtime import TransformersRuntime
 
     # generate: transformers' own greedy generate() on the nested checkpoint is the oracle
     ids = [5, 17, 42, 99, 3, 120]
@@ -243,7 +244,7 @@ def test_bf16_runtimes_are_bf16_with_fp32_routers(moe):
 
     from ernie45.config import load_config
     from ernie45.bridge.torch_dist import MegatronSource
-    from ernie45.verify import MegatronRuntime, TransformersRuntime
+    from ernie45.runtime import MegatronRuntime, TransformersRuntime
 
     def dtypes(named):
         router = {n: t.dtype for n, t in named if "gate.weight" in n or "moe_statics" in n or "router" in n}

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from ernie45.config import ErnieConfig
+from ernie45.runtime import capture_routing
 from ernie45.testing import assert_bit_exact, build_hf_model, tiny_hf_config
 
-from vl_helpers import RoutingCapture, expected_from_hf, load_hf_into_vl, load_through_bridge, make_batch, megatron_tensors
+from vl_helpers import expected_from_hf, load_hf_into_vl, load_through_bridge, make_batch, megatron_tensors
 
 LOGIT_TOL = 1e-4
 GRAD_RTOL = 1e-4
@@ -172,20 +173,21 @@ def test_position_ids_match_hf_get_rope_index(hf_model, cfg):
 def _forward_and_routing(hf_model, mg_model, cfg, case):
     """Both models on one case: (batch, valid mask, max |Δlogits| over real tokens, HF and Megatron expert sets)."""
     batch = make_batch(cfg, CASES[case], seed=len(case))
-    cap = RoutingCapture()
-    cap.hook_hf(hf_model, cfg)
-    cap.hook_megatron(mg_model)
-    try:
-        with torch.no_grad():
-            ref = _hf_forward(hf_model, batch).logits
-            out = mg_model(**batch)
-    finally:
-        cap.remove()
+    ids = batch["input_ids"]
+    with torch.no_grad(), capture_routing([hf_model], "transformers", cfg, ids) as hf_routing:
+        ref = _hf_forward(hf_model, batch).logits
+    with torch.no_grad(), capture_routing([mg_model], "megatron", cfg, ids) as mg_routing:
+        out = mg_model(**batch)
     valid = _valid(batch)
     diff = (out - ref).abs()[valid].max().item()
     print(f"{case}: max |Δlogits| = {diff:.3g} (|logits| max {ref.abs().max().item():.3g})")
-    moe_types = batch["moe_mm_token_type_ids"]
-    return batch, valid, diff, cap.sets("hf", moe_types), cap.sets("mg", moe_types)
+    return batch, valid, diff, _expert_sets(hf_routing), _expert_sets(mg_routing)
+
+
+def _expert_sets(routing) -> dict:
+    """{(layer, pool, b, s): the experts that token chose} for every token each pool routed."""
+    return {(L, pool, b, s): tuple(r.chosen_BSE[b, s].nonzero().flatten().tolist())
+            for (L, pool), r in routing.items() for b, s in r.mask_BS.nonzero().tolist()}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -1,4 +1,4 @@
-"""Test-only helpers for the VL model: HF→Megatron weight copy, processor-style inputs, routing capture.
+"""Test-only helpers for the VL model: HF→Megatron weight copy, processor-style inputs.
 
 Models are loaded through the production bridge (:func:`load_through_bridge`). The independent weight copy
 (:func:`load_hf_into_vl`) stays as a second oracle: ``test_bridge_equals_independent_copy`` checks the two agree, and
@@ -268,65 +268,3 @@ def batch_rows(batch: dict, rows: slice, cfg) -> dict:
             out[grid_key] = grids[first : first + n]
             out[pixel_key] = batch[pixel_key][offsets[first] : offsets[first + n]]
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# routing capture (per pool, per token)
-
-
-class RoutingCapture:
-    """Records the expert set chosen for every (layer, pool, b, s), on the HF side and on the Megatron side."""
-
-    def __init__(self) -> None:
-        self.raw: list[tuple[str, int, str, torch.Tensor]] = []
-        self.handles = []
-
-    def hook_hf(self, hf_model, cfg) -> None:
-        for L in cfg.moe_layers:
-            mlp = hf_model.model.language_model.layers[L].mlp
-            for pool in ("text", "vision"):
-                gate = getattr(mlp, f"{pool}_moe").gate
-                # gate returns (router_logits, routing_weights, selected_experts_NK)
-                self.handles.append(gate.register_forward_hook(self._rec("hf", L, pool, lambda out: out[2])))
-
-    def hook_megatron(self, chunk) -> None:
-        for i, layer in enumerate(chunk.language_model.decoder.layers):
-            if not hasattr(layer.mlp, "text_moe_layer"):
-                continue
-            for pool in ("text", "vision"):
-                router = getattr(layer.mlp, f"{pool}_moe_layer").router
-                # router returns (probs_NE, routing_map_NE)
-                to_sets = lambda out: out[1]
-                self.handles.append(router.register_forward_hook(self._rec("mg", layer.layer_number - 1, pool, to_sets)))
-
-    def _rec(self, side, L, pool, pick):
-        def hook(module, args, out):
-            self.raw.append((side, L, pool, pick(out).detach().clone()))
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def sets(self, side: str, moe_types_BS: torch.Tensor) -> dict:
-        """{(layer, pool, b, s): sorted expert tuple} for ``side``; row order follows that side's flattening."""
-        B, S = moe_types_BS.shape
-        vision_BS = moe_types_BS > 0
-        out = {}
-        for s_, L, pool, t in self.raw:
-            if s_ != side:
-                continue
-            mask_BS = vision_BS if pool == "vision" else ~vision_BS
-            if side == "hf":  # HF flattens [B, S] row-major; selected_experts are indices
-                where = mask_BS.nonzero().tolist()
-                chosen = [tuple(sorted(row)) for row in t.tolist()]
-            else:  # Megatron flattens [S, B]; routing_map is a boolean [N, E] (dummy rows at the end)
-                where = [(b, s) for s, b in mask_BS.t().nonzero().tolist()]
-                chosen = [tuple(row.nonzero().squeeze(1).tolist()) for row in t[: len(where)]]
-            if len(chosen) != len(where):
-                raise AssertionError(f"{side} layer {L} {pool}: {len(chosen)} routed rows for {len(where)} tokens")
-            for (b, s), c in zip(where, chosen):
-                out[(L, pool, b, s)] = c
-        return out

@@ -1,4 +1,5 @@
-"""Running a (distributed) ERNIE Megatron model: forward for logits, forward+backward for a loss, routing capture.
+"""Running a (distributed) ERNIE Megatron model: forward for logits, forward+backward for a loss (expert choices:
+``runtime.capture_routing``).
 
 Pipeline-parallel runs go through Megatron-Core's own schedules (``get_forward_backward_func``); the few
 ``device="cuda"`` literals in them are rewritten by ``cpu.cpu_mode()`` on a CPU-only machine (S5).
@@ -8,17 +9,13 @@ Legend: ``B`` batch, ``S`` sequence, ``V`` vocab, ``E`` experts.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 import torch.distributed as dist
 
 from . import cpu
 from .model import causal_mask
-from .router import ErnieTopKRouter
 
-__all__ = ["forward_logits", "forward_backward", "capture_routing", "finalize_grads"]
+__all__ = ["forward_logits", "forward_backward", "finalize_grads"]
 
 
 def _batch(input_ids_BS, position_ids_BS, padding_mask_BS, labels_BS=None):
@@ -142,23 +139,3 @@ def finalize_grads(chunks) -> None:
             if weight.grad is not None:
                 dist.all_reduce(weight.grad, group=ps.get_embedding_group())
 
-
-@contextlib.contextmanager
-def capture_routing(chunks, layer_offsets: list[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Record each router's ``routing_map [S·B, E]`` (bool) keyed by global layer index."""
-    maps: dict[int, torch.Tensor] = {}
-    handles = []
-    for chunk, offset in zip(chunks, layer_offsets):
-        for name, mod in chunk.named_modules():
-            if isinstance(mod, ErnieTopKRouter):
-                layer = offset + int(name.split("decoder.layers.")[1].split(".")[0])
-
-                def hook(_m, _inp, out, layer=layer):
-                    maps[layer] = out[1].detach().clone()
-
-                handles.append(mod.register_forward_hook(hook))
-    try:
-        yield maps
-    finally:
-        for h in handles:
-            h.remove()

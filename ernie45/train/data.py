@@ -13,7 +13,7 @@ Sources (one per ``--data [WEIGHT:]PATH``; the form is detected from the path an
   else. VL content may be a list of parts ``{"type": "text", "text": ...}`` / ``{"type": "image", "image":
   "local/path.png"}`` (relative to the JSONL file); each image's placeholder is widened to the image's tokens as
   the HF processor does (``grid.prod() / merge²``), and the pixel values come from the checkpoint's image
-  processor (:func:`ernie45.verify.image_inputs`). Video parts are not read yet (refused, named).
+  processor (:func:`ernie45.inputs.image_inputs`). Video parts are not read yet (refused, named).
 * **pre-tokenized JSONL** -- ``{"input_ids": [...], "loss_mask": [...]}`` (``loss_mask`` optional, aligned with
   ``input_ids``, 1 = this token is a prediction target; default: every token).
 * **Megatron IndexedDataset** -- ``PATH`` with ``PATH.bin`` / ``PATH.idx`` (``ernie45 prepare-data``, or
@@ -60,6 +60,7 @@ import torch
 
 from ..config import ErnieConfig
 from ..errors import InputError
+from ..inputs import PromptError, image_inputs
 from ..megatron.packing import IGNORE_INDEX, PackedBatch, pack
 
 __all__ = ["DataSpec", "DataError", "TrainData", "open_train_data", "collate", "read_jsonl", "load_tokenizer",
@@ -283,8 +284,6 @@ class _ChatRenderer:
         return parts
 
     def _image(self, ref: Any, where: str, base: Path) -> _Image:
-        from ..verify import VerifyError, image_inputs
-
         if not isinstance(ref, str) or not ref:
             raise DataError(f"{where}: an image part needs 'image': a local file path")
         if "://" in ref:
@@ -294,7 +293,7 @@ class _ChatRenderer:
             raise DataError(f"{where}: image {path}: no such file")
         try:
             _, grid_13 = image_inputs(path, self.cfg, self.tokenizer_dir)
-        except VerifyError as e:
+        except PromptError as e:
             raise DataError(f"{where}: {e}") from None
         t, h, w = (int(v) for v in grid_13[0])
         return _Image(path, (t, h, w))
@@ -513,13 +512,11 @@ class _JsonlSource:
 
 def _pixels(s: _Sample, cfg: ErnieConfig, processor_dir: Optional[Path]) -> dict[str, torch.Tensor]:
     """Pixel values of a sample's images, computed when its row is built (they are large; the grid was kept)."""
-    from ..verify import VerifyError, image_inputs
-
     pixels, grids = [], []
     for img in s.images:
         try:
             pv, grid_13 = image_inputs(img.path, cfg, processor_dir)
-        except VerifyError as e:
+        except PromptError as e:
             raise DataError(f"{s.where}: {e}") from None
         if tuple(int(v) for v in grid_13[0]) != img.grid_thw:
             raise DataError(f"{s.where}: image {img.path} changed since the data was opened")
