@@ -4,7 +4,7 @@ torch_dist directory or a GGUF file.
 Three levels, each reported with exact numbers (table or JSON):
 
 1. **Tensors.** All three formats are read as HF-named tensors (HF: the files; torch_dist: ``MegatronSource``, the
-   bridge table's inverse ops; GGUF: ``GGUFSource``, the GGUF table's inverse ops, lazily: ``bridge.source``). Every name is
+   bridge table's inverse ops; GGUF: ``GGUFSource``, the GGUF table's inverse ops, lazily). Every name is
    "bit-exact" (same dtype, same bytes), "exact" (same values, different dtype: e.g. a bf16 tensor read back from
    an F32 GGUF), or differs by a max |Δ|. Names present on one side only are errors, except tensors a format drops
    by design (GGUF has no MTP tensors), which are listed with the reason.
