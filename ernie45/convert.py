@@ -61,9 +61,9 @@ from .bridge.io import (
 )
 from .bridge.layout import shard_bounds
 from .bridge.live import _read_hf_slices
-from .bridge.ops import ConcatGLU, Identity
-from .bridge.plan import Plan, PlanError, plan_from_hf
-from .bridge.tables import Item, Split, expand, ignored_reason
+from .bridge.ops import Identity
+from .bridge.plan import Plan, PlanError, expand, plan_from_hf
+from .bridge.tables import Item, Split, ignored_reason
 from .bridge.torch_dist import MEGATRON_METADATA, ChunkSpec, TorchDistReader, dist_key, extra_state_keys, write_dcp
 from .config import ErnieConfig, load_config
 from .errors import UsageError
@@ -375,9 +375,10 @@ def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig, row_block_
         def spec(offsets, sizes, produce):
             out.append(ChunkSpec(key, (*prefix, *offsets), (*lead, *sizes), gshape, dtype, produce))
 
-        if isinstance(item.op, ConcatGLU):
-            # Megatron's own layout for [gate; up]: each half cut into TP pieces (reference §H.4)
-            F = shape[0] // 2
+        if item.op.mg_blocks > 1:
+            # Megatron's own layout for a blocked tensor ([gate; up]): each block cut into TP pieces (reference
+            # §H.4); block j of a verbatim op is HF input j, so each piece is read straight from it (Row checks both)
+            F = shape[0] // item.op.mg_blocks
             for half, src in enumerate(item.hf):
                 for i in range(n):
                     a, b, _ = shard_bounds(item.split, F, n, i)
@@ -397,7 +398,7 @@ def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig, row_block_
                 t = item.op.to_mg(_read_hf_slices(source, item, i, n, cfg))[k]
                 return t.reshape(*lead, *sizes)
 
-            if (item.split is Split.VOCAB and isinstance(item.op, Identity) and len(item.hf) == 1
+            if (item.split is Split.VOCAB and item.op.verbatim and item.op.n_hf == 1
                     and dtype.itemsize * math.prod(sizes) > row_block_bytes):  # fmt: skip
                 out += _vocab_row_blocks(item, source, sizes[0], i, gshape, dtype, row_block_bytes)
                 continue

@@ -24,8 +24,8 @@ from ..config import ErnieConfig
 from ..megatron.parallel import Layout
 from .io import HFCheckpoint, HFWriter, atomic_output
 from .layout import Placement, from_grouped_name, placements, shard_bounds
-from .plan import Plan, PlanError, plan_from_hf
-from .tables import Item, Split, expand
+from .plan import Plan, PlanError, expand, plan_from_hf
+from .tables import Item, Split
 
 __all__ = ["load_hf", "gather_hf", "export_hf", "RankCoords"]
 
