@@ -96,37 +96,21 @@ class GGUFView:
     format = "gguf"
 
     def __init__(self, path: str | Path) -> None:
-        # the GGUF table's name patterns (bridge.gguf keeps them private; read_gguf_as_hf uses the same)
-        from .bridge.gguf import SqueezeRow, StackExperts, gguf_name_patterns
-
-        from .bridge.gguf import open_gguf
+        from .bridge.gguf import gguf_tensors_as_hf, open_gguf
 
         self.path = Path(path)
         self.reader = open_gguf(path)  # header counts, checksum and shapes checked before anything is read
-        patterns = gguf_name_patterns()
+        # the GGUF table's inverse, as read_gguf_as_hf uses it
+        views, unknown = gguf_tensors_as_hf(self.reader)
+        if unknown:
+            raise VerifyError(f"{path}: {len(unknown)} GGUF tensor(s) match no row of the GGUF table: {unknown[:10]}")
         self._where: dict[str, tuple[int, int]] = {}  # HF name -> (GGUF tensor index, position in op output)
         self._shape: dict[str, tuple[int, ...]] = {}
         self._op: dict[int, object] = {}  # GGUF tensor index -> its row's op
-        unknown = []
-        for i, t in enumerate(self.reader.tensors):
-            hit = [(m, row) for pat, row in patterns if (m := pat.fullmatch(t.name))]
-            if len(hit) != 1:
-                unknown.append(t.name)
-                continue
-            m, row = hit[0]
-            layer = int(m["L"]) if "L" in m.groupdict() else None
-            shape = tuple(int(d) for d in reversed(t.shape))  # ggml ne -> numpy order
-            self._op[i] = row.op
-            if isinstance(row.op, StackExperts):
-                for x in range(shape[0]):
-                    name = row.hf.format(L=layer, X=x)
-                    self._where[name], self._shape[name] = (i, x), shape[1:]
-            else:
-                name = row.hf.format(L=layer)
-                self._where[name] = (i, 0)
-                self._shape[name] = (1, *shape) if isinstance(row.op, SqueezeRow) else shape
-        if unknown:
-            raise VerifyError(f"{path}: {len(unknown)} GGUF tensor(s) match no row of the GGUF table: {unknown[:10]}")
+        for i, (op, names, shapes) in views.items():
+            self._op[i] = op
+            for pos, (name, shape) in enumerate(zip(names, shapes, strict=True)):
+                self._where[name], self._shape[name] = (i, pos), shape
         self._cache: tuple[int, tuple[torch.Tensor, ...]] | None = None
 
     def keys(self) -> list[str]:
@@ -164,7 +148,7 @@ class GGUFView:
             else:
                 deq = gguf.quants.dequantize(t.data, t.tensor_type)
                 x = torch.from_numpy(np.array(deq, dtype=np.float32).reshape(shape))
-            self._cache = (i, self._op[i].to_hf(x))
+            self._cache = (i, self._op[i].to_hf((x,)))
         return self._cache[1][pos].contiguous()
 
 
