@@ -17,7 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from ernie45.bridge.gguf import GGUF_TABLE, GGUFExportError, GGUFRow, export_gguf, llama_cpp_layer_pattern, read_gguf_as_hf
+from ernie45.bridge.gguf import (
+    GGUF_TABLE,
+    GGUFExportError,
+    GGUFRow,
+    export_gguf,
+    llama_cpp_layer_pattern,
+    read_gguf_as_hf,
+)
 from ernie45.bridge.io import HFCheckpoint
 from ernie45.bridge.ops import Identity, Squeeze0, Stack
 from ernie45.bridge.plan import PlanError
@@ -106,6 +113,21 @@ def test_table_uses_gguf_constants_and_covers_the_architectures():
     assert names["model.layers.{L}.mlp.experts.{X}.down_proj.weight"] == "blk.7.ffn_down_exps.weight"
     assert names["model.layers.{L}.mlp.shared_experts.gate_proj.weight"] == "blk.7.ffn_gate_shexp.weight"
     assert names["lm_head.weight"] == "output.weight"
+
+
+@pytest.mark.parametrize("name", ["dense", "dense-untied", "moe", "moe-tied"])
+def test_both_tables_consume_the_same_checkpoint(name, ckpts):
+    """One engine, one tie rule: the GGUF and the Megatron table of a config read exactly the HF tensors that
+    transformers wrote, each once."""
+    from ernie45.bridge.gguf import plan_gguf
+    from ernie45.bridge.plan import plan_from_hf
+
+    src = HFCheckpoint(ckpts[name])
+    cfg = ErnieConfig.from_file(ckpts[name])
+    megatron = plan_from_hf(cfg, src.shapes())
+    gguf_plan = plan_gguf(cfg, src.keys(), shapes=src.shapes())
+    consumed = [s for p in gguf_plan.tensors for s in p.sources]
+    assert sorted(consumed) == sorted(megatron.hf_names) == sorted(src.keys())
 
 
 def test_ops_invert_bit_exactly():

@@ -704,7 +704,10 @@ def gguf_name_patterns() -> list[tuple[re.Pattern[str], GGUFRow]]:
     return [(re.compile(re.escape(row.row.mg[0]).replace(r"\{L\}", r"(?P<L>\d+)")), row) for row in GGUF_TABLE]
 
 
-def gguf_tensors_as_hf(reader: gguf.GGUFReader) -> tuple[dict[int, tuple[Op, tuple[str, ...], tuple[tuple[int, ...], ...]]], list[str]]:
+HFView = tuple[Op, tuple[str, ...], tuple[tuple[int, ...], ...]]  # a row's op, HF names, HF shapes
+
+
+def gguf_tensors_as_hf(reader: gguf.GGUFReader) -> tuple[dict[int, HFView], list[str]]:
     """The table's inverse, by name and shape only: GGUF tensor index -> (its row's op, the HF names and shapes
     ``op.to_hf`` gives it), and the names of the GGUF tensors that match no row."""
     patterns = gguf_name_patterns()

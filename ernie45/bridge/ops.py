@@ -17,7 +17,7 @@ read only its own slices from disk (and lets export work shard by shard):
 * ``linear_fc1`` of a TP rank is ``[gate_i; up_i]`` (reference §H.4) -- the concatenation of the chunks, *not* a chunk of
   the concatenation.
 
-Legend: ``n`` stacked tensors, ``H`` hidden, ``E`` experts, ``G`` KV groups (on this shard), ``R`` query heads per group, ``D`` head dim,
+Legend: ``H`` hidden, ``E`` experts, ``G`` KV groups (on this shard), ``R`` query heads per group, ``D`` head dim,
 ``F`` FFN width.
 """
 
@@ -172,7 +172,8 @@ class FuseQKV(Op):
     def hf_shapes(self, mg):
         ((rows, *rest),) = mg
         G = rows // ((self.heads_per_group + 2) * self.head_dim)
-        return ((G * self.heads_per_group * self.head_dim, *rest), (G * self.head_dim, *rest), (G * self.head_dim, *rest))
+        D, R = self.head_dim, self.heads_per_group
+        return ((G * R * D, *rest), (G * D, *rest), (G * D, *rest))
 
     def describe(self) -> str:
         return f"FuseQKV(R={self.heads_per_group}, D={self.head_dim})"

@@ -98,8 +98,8 @@ class Row:
         # a placeholder the target names lack folds many instances into one target: only a gathering op may do that
         hf_keys, mg_keys = _instance_keys(hf_keys), _instance_keys(mg_keys)
         if bool(hf_keys - mg_keys) != self.op.gathers or not mg_keys <= hf_keys:
-            raise ValueError(f"row {self.hf} -> {self.mg}: only a gathering op folds instances "
-                             f"({self.op.describe()}, placeholders {sorted(hf_keys)} -> {sorted(mg_keys)})")  # fmt: skip
+            raise ValueError(f"row {self.hf} -> {self.mg}: only a gathering op folds instances ({self.op.describe()}, "
+                             f"placeholders {sorted(hf_keys)} -> {sorted(mg_keys)})")  # fmt: skip
 
 
 @dataclass(frozen=True)

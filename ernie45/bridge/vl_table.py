@@ -1,7 +1,8 @@
 """HF on-disk ⇄ Megatron table of the ERNIE 4.5 VL MoE (``ernie4_5_vl_moe`` / flat ``ernie4_5_moe_vl``).
 
-Same :class:`~ernie45.bridge.tables.Row` format, engine and ops as the text table (``text_table.py``); Megatron names are those of
-:class:`ernie45.megatron.vl_model.ErnieVLModel` (global layer / pool-local expert indices, reference §H.6).
+Same :class:`~ernie45.bridge.tables.Row` format, engine and ops as the text table (``text_table.py``); Megatron
+names are those of :class:`ernie45.megatron.vl_model.ErnieVLModel` (global layer / pool-local expert indices,
+reference §H.6).
 
 On-disk layout (reference §G.3)::
 
