@@ -88,7 +88,7 @@ from ..errors import InputError
 from .io import atomic_file, read_json, regular_file
 from .ops import Identity, Op, Squeeze0, Stack
 from .plan import check_source
-from .tables import Row, Split, dims, effective_tie, expand_rows, resolve
+from .tables import Row, Split, effective_tie, expand_rows, resolve
 
 __all__ = [
     "GGUFExportError",

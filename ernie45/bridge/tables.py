@@ -31,7 +31,8 @@ from .ops import Op
 if TYPE_CHECKING:  # the config module imports the planner lazily; no import of it is needed at run time here
     from ..config import ErnieConfig
 
-__all__ = ["Split", "Row", "Item", "SCOPES", "IGNORED", "dims", "expand_rows", "ignored_reason", "effective_tie"]
+__all__ = ["Split", "Row", "Item", "SCOPES", "IGNORED", "dims", "resolve", "expand_rows", "ignored_reason",
+           "effective_tie"]  # fmt: skip
 
 
 class Split(enum.Enum):
