@@ -738,7 +738,7 @@ def read_gguf_as_hf(path: str | Path) -> dict[str, torch.Tensor]:
     if unknown:
         raise GGUFExportError(f"{path}: {len(unknown)} tensor(s) match no row of the GGUF table: {unknown}")
     out: dict[str, torch.Tensor] = {}
-    for i, (op, names, hf_shapes) in views.items():
+    for i, (op, names, _) in views.items():
         t = reader.tensors[i]
         shape = tuple(int(d) for d in reversed(t.shape))
         arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
