@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ernie45.bridge.io import HFCheckpoint, write_safetensors_streaming  # noqa: E402
-from ernie45.bridge.tables import expand  # noqa: E402
+from ernie45.bridge.plan import expand  # noqa: E402
 from ernie45.config import ErnieConfig  # noqa: E402
 
 # (MoE layers, experts per pool, ViT blocks) for ~1 GB and ~3 GB in bf16

@@ -205,7 +205,7 @@ class ErnieConfig:
         bridge table's shapes: language model, ViT and resampler, expert bias; a tied head once). Active: what one
         text token passes through -- all but the routed experts it does not use (E - K of the pool's E per MoE
         layer) and, for VL, the ViT, the resampler and the vision pool (so 28B-A3B comes out at ~3.3B)."""
-        from .bridge.tables import expand  # the table imports this module
+        from .bridge.plan import expand  # deferred: the tables import torch (ops), a config needs none
 
         E, K = self.moe_num_experts or 1, self.moe_k or 1
         total = idle = 0

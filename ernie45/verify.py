@@ -137,7 +137,7 @@ def _max_abs_diff(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
 def _dropped_reason(fmt: str, name: str) -> str | None:
     """Why a tensor is absent from a checkpoint of format ``fmt`` by design (None: it should be there)."""
     if fmt == "gguf":
-        from .bridge.gguf import ignored_reason
+        from .bridge.tables import ignored_reason
 
         return ignored_reason(name)
     return None

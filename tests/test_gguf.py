@@ -18,17 +18,17 @@ import pytest
 import torch
 
 from ernie45.bridge.gguf import (
-    GGUF_IGNORED,
     GGUF_TABLE,
     GGUFExportError,
-    SqueezeRow,
-    Same,
-    StackExperts,
+    GGUFRow,
     export_gguf,
     llama_cpp_layer_pattern,
     read_gguf_as_hf,
 )
 from ernie45.bridge.io import HFCheckpoint
+from ernie45.bridge.ops import Identity, Squeeze0, Stack
+from ernie45.bridge.plan import PlanError
+from ernie45.bridge.tables import IGNORED, Row, Split, expand_rows
 from ernie45.config import ErnieConfig
 from ernie45.testing import assert_bit_exact, tiny_hf_config, write_tiny_checkpoint
 from ernie45.testing_tokenizer import TINY_CORPUS, write_tiny_tokenizer
@@ -101,31 +101,67 @@ def test_table_uses_gguf_constants_and_covers_the_architectures():
     assert rows == set(gguf.MODEL_TENSORS[moe])
     assert len(rows) == len(GGUF_TABLE)
     # the dense architecture is the MoE one minus the expert / router / shared tensors
-    moe_only = {r.tensor for r in GGUF_TABLE if r.scope in ("moe", "shared")}
+    moe_only = {r.tensor for r in GGUF_TABLE if r.row.scope in ("moe", "expert", "shared")}
     assert set(gguf.MODEL_TENSORS[dense]) == rows - moe_only
+    # and a dense config's expansion of the table writes exactly the kinds the dense architecture has
+    cfg = ErnieConfig.from_hf(tiny_hf_config("dense", tie_word_embeddings=False))
+    kinds = {r.tensor for r in GGUF_TABLE if expand_rows((r.row,), cfg, tied=False)}
+    assert kinds == set(gguf.MODEL_TENSORS[dense])
     # contract on a few names (a refactor must not rename what llama.cpp loads)
-    names = {r.hf: r.gguf_name(7) for r in GGUF_TABLE}
+    names = {r.row.hf[0]: r.row.mg[0].format(L=7) for r in GGUF_TABLE}
     assert names["model.layers.{L}.mlp.moe_statics.e_score_correction_bias"] == "blk.7.exp_probs_b.bias"
     assert names["model.layers.{L}.mlp.experts.{X}.down_proj.weight"] == "blk.7.ffn_down_exps.weight"
     assert names["model.layers.{L}.mlp.shared_experts.gate_proj.weight"] == "blk.7.ffn_gate_shexp.weight"
     assert names["lm_head.weight"] == "output.weight"
 
 
+@pytest.mark.parametrize("name", ["dense", "dense-untied", "moe", "moe-tied"])
+def test_both_tables_consume_the_same_checkpoint(name, ckpts):
+    """One engine, one tie rule: the GGUF and the Megatron table of a config read exactly the HF tensors that
+    transformers wrote, each once."""
+    from ernie45.bridge.gguf import plan_gguf
+    from ernie45.bridge.plan import plan_from_hf
+
+    src = HFCheckpoint(ckpts[name])
+    cfg = ErnieConfig.from_file(ckpts[name])
+    megatron = plan_from_hf(cfg, src.shapes())
+    gguf_plan = plan_gguf(cfg, src.keys(), shapes=src.shapes())
+    consumed = [s for p in gguf_plan.tensors for s in p.sources]
+    assert sorted(consumed) == sorted(megatron.hf_names) == sorted(src.keys())
+
+
 def test_ops_invert_bit_exactly():
+    """The GGUF table's ops are the shared ones (round trips of all of them: tests/test_ops_and_plan.py); here the
+    layouts llama.cpp relies on."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, generator=g)
-    assert_bit_exact(Same().to_hf(Same().to_gguf((x,)))[0], x)
+    assert_bit_exact(Identity().to_hf(Identity().to_mg((x,)))[0], x)
     b = torch.rand(1, 8, generator=g)
-    (back,) = SqueezeRow().to_hf(SqueezeRow().to_gguf((b,)))
-    assert_bit_exact(back, b)
+    (b_E,) = Squeeze0().to_mg((b,))
+    assert b_E.shape == (8,)
+    assert_bit_exact(Squeeze0().to_hf((b_E,))[0], b)
     experts = tuple(torch.randn(4, 6, generator=g) for _ in range(5))
-    stacked = StackExperts().to_gguf(experts)
+    (stacked,) = Stack().to_mg(experts)
     assert stacked.shape == (5, 4, 6)
     assert_bit_exact(stacked[3], experts[3])
-    for a, b in zip(StackExperts().to_hf(stacked), experts, strict=True):
+    for a, b in zip(Stack().to_hf((stacked,)), experts, strict=True):
         assert_bit_exact(a, b)
-    with pytest.raises(GGUFExportError, match=r"\[1, E\]"):
-        SqueezeRow().to_gguf((torch.zeros(2, 8),))
+    with pytest.raises(ValueError, match=r"\[1, E\]"):
+        Squeeze0().to_mg((torch.zeros(2, 8),))
+
+
+def test_rows_are_checked_when_the_table_is_built():
+    """GGUF rows are engine rows (their checks apply) whose names must be gguf-py's."""
+    T = gguf.MODEL_TENSOR
+    with pytest.raises(ValueError, match="not gguf-py's name of ATTN_Q"):
+        GGUFRow(Row(("model.layers.{L}.a",), ("blk.{L}.attn_k.weight",), Identity(), Split.REPLICATED, "layer",
+                    (("H",),)), T.ATTN_Q)  # fmt: skip
+    with pytest.raises(ValueError, match="stored whole"):
+        GGUFRow(Row(("model.embed_tokens.weight",), ("token_embd.weight",), Identity(), Split.VOCAB, "model",
+                    (("V", "H"),)), T.TOKEN_EMBD)  # fmt: skip
+    with pytest.raises(ValueError, match="only a gathering op"):  # experts must be stacked, not dropped
+        GGUFRow(Row(("model.layers.{L}.mlp.experts.{X}.up_proj.weight",), ("blk.{L}.ffn_up_exps.weight",),
+                    Identity(), Split.REPLICATED, "expert", (("F", "H"),)), T.FFN_UP_EXP)  # fmt: skip
 
 
 def test_layer_pattern_rule():
@@ -284,9 +320,9 @@ def test_mtp_tensors_are_ignored_and_reported(ckpts, tmp_path):
     }
     report = _export(ckpts["moe"], tmp_path / "m.gguf", EditedSource(base, add=mtp))
     assert set(report.ignored) == set(mtp)
-    assert all("MTP" in why for why in report.ignored.values())
+    assert all("MTP" in why and "llama.cpp" in why for why in report.ignored.values())
     assert "ignored model.mtp_emb_norm.0.weight" in report.summary()
-    assert len(GGUF_IGNORED) == 1  # adding an ignore rule is a reviewed decision: update this test with it
+    assert len(IGNORED) == 2  # adding an ignore rule is a reviewed decision: update this test with it
 
 
 def test_unknown_tensors_are_all_listed(ckpts, tmp_path):
@@ -296,27 +332,27 @@ def test_unknown_tensors_are_all_listed(ckpts, tmp_path):
         "model.layers.6.self_attn.q_proj.weight": torch.zeros(48, 48),  # layer 6 of 6
         "model.layers.1.mlp.experts.8.up_proj.weight": torch.zeros(32, 48),  # expert 8 of 8
     }
-    with pytest.raises(GGUFExportError) as e:
+    with pytest.raises(PlanError) as e:
         _export(ckpts["moe"], tmp_path / "m.gguf", EditedSource(base, add=extra))
-    assert "3 source tensor(s) match no row" in str(e.value)
+    assert "does not match the ernie4_5-moe GGUF" in str(e.value) and "unexpected tensors (3)" in str(e.value)
     assert all(k in str(e.value) for k in extra)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_tensors_are_all_listed(ckpts, tmp_path):
     drop = ["model.layers.3.mlp.experts.5.down_proj.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
-    with pytest.raises(GGUFExportError) as e:
+    with pytest.raises(PlanError) as e:
         _export(ckpts["moe"], tmp_path / "m.gguf", EditedSource(HFCheckpoint(ckpts["moe"]), drop=drop))
-    assert "3 tensor(s) the ernie4_5-moe GGUF needs are missing" in str(e.value)
+    assert "does not match the ernie4_5-moe GGUF" in str(e.value) and "missing tensors (3)" in str(e.value)
     assert all(k in str(e.value) for k in drop)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_wrong_shapes_are_listed_before_writing(ckpts, tmp_path):
     bad = {"model.layers.1.mlp.gate.weight": torch.zeros(48, 8), "model.norm.weight": torch.zeros(47)}
-    with pytest.raises(GGUFExportError) as e:
+    with pytest.raises(PlanError) as e:
         _export(ckpts["moe"], tmp_path / "m.gguf", EditedSource(HFCheckpoint(ckpts["moe"]), add=bad))
-    assert "2 tensor(s) have the wrong shape" in str(e.value) and "[48, 8] != expected [8, 48]" in str(e.value)
+    assert "wrong shapes (2)" in str(e.value) and "gate.weight: has [48, 8], config implies [8, 48]" in str(e.value)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ernie45.bridge.io import HFCheckpoint
-from ernie45.bridge.ops import OPS, ConcatGLU, FuseQKV, Identity, RegroupQKV, SplitRows, Squeeze0, Transpose
-from ernie45.bridge.plan import PlanError, plan_from_hf
-from ernie45.bridge.tables import Split, effective_tie, expand
+from ernie45.bridge.ops import OPS, ConcatGLU, FuseQKV, Identity, RegroupQKV, SplitRows, Squeeze0, Stack, Transpose
+from ernie45.bridge.plan import PlanError, expand, plan_from_hf
+from ernie45.bridge.tables import Row, Split, effective_tie
 from ernie45.bridge.layout import from_grouped_name, placements, to_grouped_name
 from ernie45.config import ErnieConfig
 from ernie45.megatron.parallel import Layout, LayoutError
@@ -30,6 +30,7 @@ CASES = [
     (SplitRows(n_mg=2), (_r(2, 8),)),
     (RegroupQKV(head_dim=4), (_r(3 * 2 * 4, 8),)),  # ViT qkv weight: 2 heads of 4
     (RegroupQKV(head_dim=4), (_r(3 * 2 * 4),)),  # and its bias
+    (Stack(), tuple(_r(4, 6) for _ in range(5))),  # GGUF's stacked experts
 ]
 
 
@@ -44,7 +45,10 @@ def test_op_round_trip_is_bit_exact(op, hf):
     assert len(back) == len(hf)
     for a, b in zip(back, hf):
         assert_bit_exact(a, b)
-    assert op.mg_shapes(tuple(tuple(t.shape) for t in hf)) == tuple(tuple(t.shape) for t in mg)
+    hf_shapes, mg_shapes = tuple(tuple(t.shape) for t in hf), tuple(tuple(t.shape) for t in mg)
+    assert op.mg_shapes(hf_shapes) == mg_shapes and op.hf_shapes(mg_shapes) == hf_shapes
+    if op.verbatim:  # the Megatron tensor is its inputs on dim 0, unchanged: readers take rows straight from them
+        assert_bit_exact(mg[0], torch.cat(hf, dim=0))
 
 
 def test_fused_qkv_matches_megatron_split():
@@ -80,11 +84,10 @@ def test_ops_commute_with_tp_chunking(op, hf):
     (full,) = op.to_mg(hf)
     n = 2
     for i in range(n):
-        if isinstance(op, ConcatGLU):  # Megatron's fc1 shard i = [gate_i; up_i]
-            gate, up = full.chunk(2, dim=0)
-            expect = torch.cat([gate.chunk(n)[i], up.chunk(n)[i]])
+        if op.mg_blocks > 1:  # Megatron's fc1 shard i = [gate_i; up_i]
+            expect = torch.cat([block.chunk(n)[i] for block in full.chunk(op.mg_blocks, dim=0)])
             (shard,) = op.to_mg(tuple(t.chunk(n, dim=0)[i] for t in hf))
-        elif isinstance(op, RegroupQKV):  # a rank reads head block i of each of Q, K and V (hf_blocks = 3)
+        elif op.hf_blocks > 1:  # a rank reads head block i of each of Q, K and V (hf_blocks = 3)
             expect = full.chunk(n, dim=0)[i]
             (qkv,) = hf
             (shard,) = op.to_mg((torch.cat([blk.chunk(n, dim=0)[i] for blk in qkv.chunk(op.hf_blocks, dim=0)]),))
@@ -92,6 +95,24 @@ def test_ops_commute_with_tp_chunking(op, hf):
             expect = full.chunk(n, dim=0)[i]
             (shard,) = op.to_mg(tuple(t.chunk(n, dim=0)[i] for t in hf))
         assert_bit_exact(shard, expect)
+
+
+@pytest.mark.parametrize(
+    "hf, mg, op, split, scope, match",
+    [
+        (("a", "b"), ("c",), Identity(), Split.REPLICATED, "model", "arity"),
+        (("a",), ("c",), Transpose(), Split.COLUMN, "model", "does not commute"),
+        (("l.{L}.a",), ("c.{L}",), Identity(), Split.REPLICATED, "model", "do not exist in scope"),
+        (("e.{X}.a",), ("c.{L}",), Identity(), Split.REPLICATED, "expert", "only a gathering op"),  # drops experts
+        (("e.{L}.a",), ("c.{L}",), Stack(), Split.REPLICATED, "moe", "only a gathering op"),  # nothing to gather
+        (("a", "b"), ("c",), FuseQKV(head_dim=2, heads_per_group=1, n_hf=2, mg_blocks=2), Split.COLUMN, "model",
+         "blocks must be its inputs"),
+    ],
+)
+def test_rows_are_checked_when_a_table_is_built(hf, mg, op, split, scope, match):
+    shapes = tuple((4, 4) for _ in hf)
+    with pytest.raises(ValueError, match=match):
+        Row(hf, mg, op, split, scope, shapes)
 
 
 def _moe_cfg(**kw):

@@ -466,7 +466,7 @@ def test_vl_table_reproduces_the_model_weights_and_round_trips(tmp_path, mg_mode
 
 def test_vl_table_flat_layout_uses_top_level_vision_keys(cfg):
     """Baidu's original (flat, Thinking) files keep the ViT at top-level ``vision_model.*`` (reference §A.4, §G.3)."""
-    from ernie45.bridge.tables import expand
+    from ernie45.bridge.plan import expand
 
     flat = _flat_twin()
     nested_hf = {n for it in expand(cfg, tied=False) for n in it.hf}

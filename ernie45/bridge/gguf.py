@@ -86,12 +86,15 @@ from gguf import MODEL_TENSOR as T
 from ..config import ErnieConfig
 from ..errors import InputError
 from .io import atomic_file, read_json, regular_file
+from .ops import Identity, Op, Squeeze0, Stack
+from .plan import check_source
+from .tables import Row, Split, effective_tie, expand_rows, resolve
 
 __all__ = [
     "GGUFExportError",
     "GGUFReport",
     "GGUF_TABLE",
-    "GGUF_IGNORED",
+    "GGUFRow",
     "OUTTYPES",
     "export_gguf",
     "plan_gguf",
@@ -100,6 +103,7 @@ __all__ = [
     "open_gguf",
     "gguf_shape_problems",
     "gguf_name_patterns",
+    "gguf_tensors_as_hf",
     "llama_cpp_layer_pattern",
 ]
 
@@ -117,136 +121,62 @@ class TensorSource(Protocol):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# ops: the closed set of reversible transforms between HF on-disk tensors and one GGUF tensor
-
-
-@dataclass(frozen=True)
-class GGUFOp:
-    """HF tensors (in row order) ⇄ one GGUF tensor. ``to_hf(to_gguf(x)) == x`` bit for bit (no arithmetic)."""
-
-    def to_gguf(self, hf: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def to_hf(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class Same(GGUFOp):
-    """Same tensor, same layout (GGUF's reversed ``ne`` order is numpy's row-major order)."""
-
-    def to_gguf(self, hf):
-        (x,) = hf
-        return x
-
-    def to_hf(self, t):
-        return (t,)
-
-
-@dataclass(frozen=True)
-class SqueezeRow(GGUFOp):
-    """``[1, E]`` (HF ``moe_statics.e_score_correction_bias``) ⇄ ``[E]`` (llama.cpp ``exp_probs_b`` is ``{n_expert}``)."""
-
-    def to_gguf(self, hf):
-        (x_1E,) = hf
-        if x_1E.dim() != 2 or x_1E.shape[0] != 1:
-            raise GGUFExportError(f"expected a [1, E] tensor, got {list(x_1E.shape)}")
-        return x_1E[0]
-
-    def to_hf(self, t):
-        return (t.unsqueeze(0),)
-
-
-@dataclass(frozen=True)
-class StackExperts(GGUFOp):
-    """``E`` per-expert ``[F, H]`` (or ``[H, F]``) ⇄ ``[E, F, H]``; expert ``x`` at index ``x``."""
-
-    def to_gguf(self, hf):
-        return torch.stack(hf, dim=0)
-
-    def to_hf(self, t):
-        return tuple(t.unbind(0))
-
-
-GGUF_OPS = (Same, SqueezeRow, StackExperts)
-
-# ------------------------------------------------------------------------------------------------------------------
-# the table
-
-# scope -> which instances exist. "model": once; "head": once when untied *or* lm_head.weight is on disk;
-# "layer": every layer; "dense" / "moe": layers of that type; "shared": MoE layers when moe_num_shared_experts > 0.
-SCOPES = ("model", "head", "layer", "dense", "moe", "shared")
-# types a row may ask for: "out" follows outtype, "f32" is forced (1-D tensors, norms, router, expert bias)
-DTYPE_RULES = ("out", "f32")
+# the table: rows of the shared engine (bridge/tables.py) whose target is one llama.cpp tensor
 
 
 @dataclass(frozen=True)
 class GGUFRow:
-    hf: str  # HF on-disk name; {L} layer, {X} expert (only with StackExperts)
-    tensor: T  # gguf.MODEL_TENSOR; the GGUF name is gguf.TENSOR_NAMES[tensor] + "." + suffix
-    suffix: str  # "weight" | "bias"
-    op: GGUFOp
-    scope: str
-    hf_shape: tuple[str, ...]  # symbolic shape of each HF tensor (see _dims)
-    dtype: str  # "out" | "f32"
-    why_f32: str = ""
+    """One engine :class:`~ernie45.bridge.tables.Row` (HF names ⇄ the GGUF name, op, scope, shapes) and what the
+    GGUF side adds: the llama.cpp tensor kind it writes and whether it is always f32 (and why)."""
+
+    row: Row
+    tensor: T  # gguf.MODEL_TENSOR; the GGUF name is gguf.TENSOR_NAMES[tensor] + "." + weight | bias
+    f32: str = ""  # why this tensor is written f32 whatever the outtype ("": it follows outtype)
 
     def __post_init__(self) -> None:
-        if self.scope not in SCOPES:
-            raise ValueError(f"unknown scope {self.scope!r}")
-        if self.dtype not in DTYPE_RULES:
-            raise ValueError(f"unknown dtype rule {self.dtype!r}")
-        if self.dtype == "f32" and not self.why_f32:
-            raise ValueError(f"row {self.hf}: a forced-f32 row needs its reason")
-        if ("{X}" in self.hf) != isinstance(self.op, StackExperts):
-            raise ValueError(f"row {self.hf}: {{X}} rows and only they stack experts")
+        base = re.escape(gguf.TENSOR_NAMES[self.tensor].replace("{bid}", "{L}"))
+        if len(self.row.mg) != 1 or not re.fullmatch(base + r"\.(weight|bias)", self.row.mg[0]):
+            raise ValueError(f"row {self.row.hf}: GGUF name {self.row.mg} is not gguf-py's name of {self.tensor.name}")
+        if self.row.split is not Split.REPLICATED:
+            raise ValueError(f"row {self.row.mg}: a GGUF tensor is stored whole (Split.REPLICATED)")
 
-    def gguf_name(self, layer: int | None) -> str:
-        base = gguf.TENSOR_NAMES[self.tensor]
-        return (base.format(bid=layer) if "{bid}" in base else base) + "." + self.suffix
+
+def _row(hf: str, tensor: T, suffix: str, op: Op, scope: str, shape: tuple[int | str, ...], f32: str = "") -> GGUFRow:
+    name = gguf.TENSOR_NAMES[tensor].replace("{bid}", "{L}") + "." + suffix
+    return GGUFRow(Row((hf,), (name,), op, Split.REPLICATED, scope, (shape,)), tensor, f32)
 
 
 _NORM = "norm: llama.cpp's converter keeps 1-D tensors and norms in f32 (ggml norm kernels take f32)"
 _P = "model.layers.{L}."
+_SAME, _STACK = Identity(), Stack()
+# shapes: the named dims of bridge.tables.dims (module docstring's legend)
 GGUF_TABLE: tuple[GGUFRow, ...] = (
-    GGUFRow("model.embed_tokens.weight", T.TOKEN_EMBD, "weight", Same(), "model", ("V", "H"), "out"),
-    GGUFRow(_P + "input_layernorm.weight", T.ATTN_NORM, "weight", Same(), "layer", ("H",), "f32", _NORM),
-    GGUFRow(_P + "self_attn.q_proj.weight", T.ATTN_Q, "weight", Same(), "layer", ("Q", "H"), "out"),
-    GGUFRow(_P + "self_attn.k_proj.weight", T.ATTN_K, "weight", Same(), "layer", ("K", "H"), "out"),
-    GGUFRow(_P + "self_attn.v_proj.weight", T.ATTN_V, "weight", Same(), "layer", ("K", "H"), "out"),
-    GGUFRow(_P + "self_attn.o_proj.weight", T.ATTN_OUT, "weight", Same(), "layer", ("H", "Q"), "out"),
-    GGUFRow(_P + "post_attention_layernorm.weight", T.FFN_NORM, "weight", Same(), "layer", ("H",), "f32", _NORM),
+    _row("model.embed_tokens.weight", T.TOKEN_EMBD, "weight", _SAME, "model", ("V", "H")),
+    _row(_P + "input_layernorm.weight", T.ATTN_NORM, "weight", _SAME, "layer", ("H",), _NORM),
+    _row(_P + "self_attn.q_proj.weight", T.ATTN_Q, "weight", _SAME, "layer", ("Q", "H")),
+    _row(_P + "self_attn.k_proj.weight", T.ATTN_K, "weight", _SAME, "layer", ("K", "H")),
+    _row(_P + "self_attn.v_proj.weight", T.ATTN_V, "weight", _SAME, "layer", ("K", "H")),
+    _row(_P + "self_attn.o_proj.weight", T.ATTN_OUT, "weight", _SAME, "layer", ("H", "Q")),
+    _row(_P + "post_attention_layernorm.weight", T.FFN_NORM, "weight", _SAME, "layer", ("H",), _NORM),
     # dense SwiGLU layers
-    GGUFRow(_P + "mlp.gate_proj.weight", T.FFN_GATE, "weight", Same(), "dense", ("I", "H"), "out"),
-    GGUFRow(_P + "mlp.up_proj.weight", T.FFN_UP, "weight", Same(), "dense", ("I", "H"), "out"),
-    GGUFRow(_P + "mlp.down_proj.weight", T.FFN_DOWN, "weight", Same(), "dense", ("H", "I"), "out"),
-    # MoE layers
-    GGUFRow(_P + "mlp.gate.weight", T.FFN_GATE_INP, "weight", Same(), "moe", ("E", "H"), "f32",
-            "router: llama.cpp keeps FFN_GATE_INP in f32 (converter and llama-quantize)"),
-    GGUFRow(_P + "mlp.moe_statics.e_score_correction_bias", T.FFN_EXP_PROBS_B, "bias", SqueezeRow(), "moe",
-            ("1", "E"), "f32", "expert-selection bias: 1-D, added to f32 probabilities"),
-    GGUFRow(_P + "mlp.experts.{X}.gate_proj.weight", T.FFN_GATE_EXP, "weight", StackExperts(), "moe", ("F", "H"),
-            "out"),
-    GGUFRow(_P + "mlp.experts.{X}.up_proj.weight", T.FFN_UP_EXP, "weight", StackExperts(), "moe", ("F", "H"), "out"),
-    GGUFRow(_P + "mlp.experts.{X}.down_proj.weight", T.FFN_DOWN_EXP, "weight", StackExperts(), "moe", ("H", "F"),
-            "out"),
-    GGUFRow(_P + "mlp.shared_experts.gate_proj.weight", T.FFN_GATE_SHEXP, "weight", Same(), "shared", ("S", "H"),
-            "out"),
-    GGUFRow(_P + "mlp.shared_experts.up_proj.weight", T.FFN_UP_SHEXP, "weight", Same(), "shared", ("S", "H"), "out"),
-    GGUFRow(_P + "mlp.shared_experts.down_proj.weight", T.FFN_DOWN_SHEXP, "weight", Same(), "shared", ("H", "S"),
-            "out"),
-    GGUFRow("model.norm.weight", T.OUTPUT_NORM, "weight", Same(), "model", ("H",), "f32", _NORM),
-    GGUFRow("lm_head.weight", T.OUTPUT, "weight", Same(), "head", ("V", "H"), "out"),
+    _row(_P + "mlp.gate_proj.weight", T.FFN_GATE, "weight", _SAME, "dense", ("I", "H")),
+    _row(_P + "mlp.up_proj.weight", T.FFN_UP, "weight", _SAME, "dense", ("I", "H")),
+    _row(_P + "mlp.down_proj.weight", T.FFN_DOWN, "weight", _SAME, "dense", ("H", "I")),
+    # MoE layers; the experts of one layer are stacked into one tensor (expert x at index x)
+    _row(_P + "mlp.gate.weight", T.FFN_GATE_INP, "weight", _SAME, "moe", ("E", "H"),
+         "router: llama.cpp keeps FFN_GATE_INP in f32 (converter and llama-quantize)"),
+    _row(_P + "mlp.moe_statics.e_score_correction_bias", T.FFN_EXP_PROBS_B, "bias", Squeeze0(), "moe", (1, "E"),
+         "expert-selection bias: 1-D, added to f32 probabilities"),
+    _row(_P + "mlp.experts.{X}.gate_proj.weight", T.FFN_GATE_EXP, "weight", _STACK, "expert", ("F", "H")),
+    _row(_P + "mlp.experts.{X}.up_proj.weight", T.FFN_UP_EXP, "weight", _STACK, "expert", ("F", "H")),
+    _row(_P + "mlp.experts.{X}.down_proj.weight", T.FFN_DOWN_EXP, "weight", _STACK, "expert", ("H", "F")),
+    _row(_P + "mlp.shared_experts.gate_proj.weight", T.FFN_GATE_SHEXP, "weight", _SAME, "shared", ("S", "H")),
+    _row(_P + "mlp.shared_experts.up_proj.weight", T.FFN_UP_SHEXP, "weight", _SAME, "shared", ("S", "H")),
+    _row(_P + "mlp.shared_experts.down_proj.weight", T.FFN_DOWN_SHEXP, "weight", _SAME, "shared", ("H", "S")),
+    _row("model.norm.weight", T.OUTPUT_NORM, "weight", _SAME, "model", ("H",), _NORM),
+    # written when the head is untied, or tied in the config but on disk (effective_tie, reference §G)
+    _row("lm_head.weight", T.OUTPUT, "weight", _SAME, "untied", ("V", "H")),
 )  # fmt: skip
-
-# Source tensors deliberately not written, with the reason. Anchored full-name regexes.
-GGUF_IGNORED: dict[str, str] = {
-    r"(model\.)?mtp_(block|emb_norm|hidden_norm|linear_proj)\.\d+\..+": (
-        "multi-token-prediction (MTP) head: llama.cpp's ERNIE 4.5 architectures have no MTP tensors and its "
-        "converter skips them (Ernie4_5MoeModel.filter_tensors); not part of the forward pass"
-    ),
-}
-_IGNORED_RE = [(re.compile(p), why) for p, why in GGUF_IGNORED.items()]
 
 OUTTYPES: dict[str, tuple[QT, gguf.LlamaFileType]] = {
     "f32": (QT.F32, gguf.LlamaFileType.ALL_F32),
@@ -265,8 +195,8 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class PlannedTensor:
     name: str  # GGUF name
     sources: tuple[str, ...]  # HF names, in the op's order
-    op: GGUFOp
-    source_shape: tuple[int, ...]  # expected shape of each source tensor
+    op: Op
+    source_shapes: tuple[tuple[int, ...], ...]  # expected shape of each source tensor
     shape: tuple[int, ...]  # numpy (row-major) shape of the GGUF tensor
     qtype: QT
     nbytes: int
@@ -320,39 +250,8 @@ def llama_cpp_layer_pattern(cfg: ErnieConfig) -> tuple[int, int]:
     return lead, 1
 
 
-def _dims(cfg: ErnieConfig) -> dict[str, int]:
-    return {
-        "1": 1,
-        "V": cfg.vocab_size,
-        "H": cfg.hidden_size,
-        "Q": cfg.num_attention_heads * cfg.head_dim,
-        "K": cfg.num_key_value_heads * cfg.head_dim,
-        "I": cfg.intermediate_size,
-        "E": cfg.moe_num_experts or 0,
-        "F": cfg.moe_intermediate_size[0] if cfg.is_moe else 0,
-        "S": cfg.shared_expert_intermediate_size,
-    }
-
-
-def _layers(cfg: ErnieConfig, scope: str, head: bool) -> list[int | None]:
-    L = range(cfg.num_hidden_layers)
-    if scope == "model":
-        return [None]
-    if scope == "head":
-        return [None] if head else []
-    if scope == "layer":
-        return list(L)
-    if scope == "dense":
-        return [l for l in L if cfg.mlp_layer_types[l] == "dense"]
-    if scope == "moe":
-        return [l for l in L if cfg.mlp_layer_types[l] == "sparse"]
-    if scope == "shared":
-        return [l for l in L if cfg.mlp_layer_types[l] == "sparse"] if cfg.moe_num_shared_experts else []
-    raise ValueError(scope)  # pragma: no cover - GGUFRow validates scopes
-
-
 def _qtype(row: GGUFRow, shape: tuple[int, ...], outtype: str) -> tuple[QT, str]:
-    if row.dtype == "f32" or len(shape) <= 1:
+    if row.f32 or len(shape) <= 1:
         return QT.F32, ""
     qt = OUTTYPES[outtype][0]
     block, _ = gguf.GGML_QUANT_SIZES[qt]
@@ -366,13 +265,6 @@ def _nbytes(shape: tuple[int, ...], qt: QT) -> int:
     if qt in (QT.F32, QT.F16):
         return int(np.prod(shape, dtype=np.int64)) * (4 if qt == QT.F32 else 2)
     return int(np.prod(gguf.quant_shape_to_byte_shape(shape, qt), dtype=np.int64))
-
-
-def ignored_reason(name: str) -> str | None:
-    for pattern, why in _IGNORED_RE:
-        if pattern.fullmatch(name):
-            return why
-    return None
 
 
 def plan_gguf(
@@ -394,64 +286,35 @@ def plan_gguf(
     lead, _ = llama_cpp_layer_pattern(cfg) if cfg.family == "moe" else (cfg.num_hidden_layers, 1)
     allowed = set(gguf.MODEL_TENSORS[arch])
     keys = list(keys)
-    present = set(keys)
-    # transformers 5.23 loads an on-disk lm_head.weight untied even when the config says tied (reference §G)
-    head = (not cfg.tie_word_embeddings) or "lm_head.weight" in present
-    dims = _dims(cfg)
-    E = dims["E"]
+    tied = effective_tie(cfg, keys)
 
-    planned: list[tuple[tuple[int, int, int], PlannedTensor]] = []
-    first_layer_row = next(i for i, r in enumerate(GGUF_TABLE) if r.scope != "model")
-    for r_idx, row in enumerate(GGUF_TABLE):
-        if row.tensor not in allowed:
-            continue  # e.g. MoE rows for the dense architecture
-        src_shape = tuple(dims[d] for d in row.hf_shape)
-        for layer in _layers(cfg, row.scope, head):
-            if isinstance(row.op, StackExperts):
-                sources = tuple(row.hf.format(L=layer, X=x) for x in range(E))
-                shape = (E, *src_shape)
-            else:
-                sources = (row.hf.format(L=layer),)
-                shape = src_shape[1:] if isinstance(row.op, SqueezeRow) else src_shape
-            qt, note = _qtype(row, shape, outtype)
-            group = 1 if layer is not None else (0 if r_idx < first_layer_row else 2)
-            order = (group, layer if layer is not None else 0, r_idx)
-            planned.append(
-                (order, PlannedTensor(row.gguf_name(layer), sources, row.op, src_shape, shape, qt, _nbytes(shape, qt), note))
-            )
-    planned.sort(key=lambda p: p[0])
-    tensors = tuple(p for _, p in planned)
+    expanded = [(r_idx, row, item) for r_idx, row in enumerate(GGUF_TABLE)
+                for item in expand_rows((row.row,), cfg, tied=tied)]  # fmt: skip
+    # the totality check of every table (bridge/plan.py): each source tensor consumed once or declared ignored
+    title = (f"cannot export to GGUF: the source does not match the {gguf.MODEL_ARCH_NAMES[arch]} GGUF of its "
+             f"config ({cfg.family}, {cfg.num_hidden_layers} layers)")  # fmt: skip
+    items = [item for _, _, item in expanded]
+    ignored = dict(check_source(items, keys, shapes=shapes, dtypes=dtypes, title=title))
+    if dtypes is not None:  # llama.cpp's converter (and gguf.quants) take these three
+        bad = [f"{s}: {dtypes[s]}" for it in items for s in it.hf if s in dtypes and dtypes[s] not in _FLOAT_DTYPES]
+        if bad:
+            raise GGUFExportError(f"cannot export to GGUF: {len(bad)} tensor(s) are not f32/f16/bf16: {bad}")
 
-    expected = [s for p in tensors for s in p.sources]
-    if len(expected) != len(set(expected)):  # pragma: no cover - a table bug, not a user error
-        raise GGUFExportError("GGUF table consumes some HF tensor twice")
-    ignored = {n: why for n in keys if n not in set(expected) and (why := ignored_reason(n)) is not None}
-    unknown = sorted(present - set(expected) - set(ignored))
-    missing = sorted(set(expected) - present)
-    problems = []
-    if unknown:
-        problems.append(
-            f"{len(unknown)} source tensor(s) match no row of the HF→GGUF table ({gguf.MODEL_ARCH_NAMES[arch]}) and "
-            f"no GGUF_IGNORED pattern: {unknown}"
-        )
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) the {gguf.MODEL_ARCH_NAMES[arch]} GGUF needs are missing: {missing}")
-    if shapes is not None:
-        bad = [
-            f"{s}: {list(shapes[s])} != expected {list(p.source_shape)}"
-            for p in tensors
-            for s in p.sources
-            if s in shapes and tuple(shapes[s]) != p.source_shape
-        ]
-        if bad:
-            problems.append(f"{len(bad)} tensor(s) have the wrong shape for this config: {bad}")
-    if dtypes is not None:
-        bad = [f"{s}: {dtypes[s]}" for p in tensors for s in p.sources if s in dtypes and dtypes[s] not in _FLOAT_DTYPES]
-        if bad:
-            problems.append(f"{len(bad)} tensor(s) are not f32/f16/bf16: {bad}")
-    if problems:
-        raise GGUFExportError("cannot export to GGUF:\n  " + "\n  ".join(problems))
-    return GGUFPlan(arch, outtype, tensors, ignored, lead)
+    first_layer_row = next(i for i, r in enumerate(GGUF_TABLE) if r.row.scope != "model")
+
+    def write_order(entry) -> tuple[int, int, int]:  # llama.cpp's converter's: embedding, layers, then the rest
+        r_idx, _, item = entry
+        group = 1 if item.layer is not None else (0 if r_idx < first_layer_row else 2)
+        return group, item.layer or 0, r_idx
+
+    tensors = []
+    for _, row, item in sorted(expanded, key=write_order):
+        if row.tensor not in allowed:  # pragma: no cover - the scopes give a dense config no MoE tensor
+            raise GGUFExportError(f"{item.mg[0]}: {gguf.MODEL_ARCH_NAMES[arch]} has no {row.tensor.name} tensor")
+        (shape,) = item.op.mg_shapes(item.hf_shapes)
+        qt, note = _qtype(row, shape, outtype)
+        tensors.append(PlannedTensor(item.mg[0], item.hf, item.op, item.hf_shapes, shape, qt, _nbytes(shape, qt), note))
+    return GGUFPlan(arch, outtype, tuple(tensors), ignored, lead)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -625,14 +488,14 @@ def _to_numpy(t: torch.Tensor, p: PlannedTensor) -> np.ndarray:
     return arr
 
 
-def _read(source: TensorSource, name: str, p: PlannedTensor) -> torch.Tensor:
+def _read(source: TensorSource, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     t = source.get(name)
     if not isinstance(t, torch.Tensor):
         raise GGUFExportError(f"{name}: source returned {type(t).__name__}, not a torch.Tensor")
     if t.dtype not in _FLOAT_DTYPES:
         raise GGUFExportError(f"{name}: dtype {t.dtype} is not f32/f16/bf16")
-    if tuple(t.shape) != p.source_shape:
-        raise GGUFExportError(f"{name}: shape {list(t.shape)} != expected {list(p.source_shape)} for this config")
+    if tuple(t.shape) != shape:
+        raise GGUFExportError(f"{name}: shape {list(t.shape)} != expected {list(shape)} for this config")
     return t
 
 
@@ -699,7 +562,7 @@ def export_gguf(
                 # one GGUF tensor at a time; for experts that is one projection of one layer (E source tensors,
                 # whose references die with the tuple once stacked). Peak ~3-4x that stack in bf16: stack, f32
                 # copy, output.
-                t = p.op.to_gguf(tuple(_read(source, s, p) for s in p.sources))
+                (t,) = p.op.to_mg(tuple(_read(source, s, shape) for s, shape in zip(p.sources, p.source_shapes)))
                 w.write_tensor_data(_to_numpy(t, p))
                 del t
                 if bar is not None:
@@ -807,9 +670,9 @@ def gguf_shape_problems(reader: gguf.GGUFReader) -> list[str]:
         return meta.get(f"{arch}.{key}", default)
 
     tokens = meta.get("tokenizer.ggml.tokens")
-    try:
+    try:  # the named dims of bridge.tables.dims, from the file's own hyper-parameters
         H, nh, hd = int(m("embedding_length")), int(m("attention.head_count")), int(m("attention.key_length"))
-        dims = {
+        named = {
             "1": 1, "H": H, "Q": nh * hd, "K": int(m("attention.head_count_kv", nh)) * hd,
             "V": len(tokens) if tokens is not None else int(meta.get(f"{arch}.vocab_size", -1)),
             "I": int(m("feed_forward_length", -1)), "E": int(m("expert_count", 0)),
@@ -827,24 +690,41 @@ def gguf_shape_problems(reader: gguf.GGUFReader) -> list[str]:
         if "L" in mt.groupdict() and int(mt["L"]) >= layers:
             out.append(f"{t.name}: layer {mt['L']} >= block_count {layers}")
             continue
-        src = tuple(dims[d] for d in row.hf_shape)
-        if isinstance(row.op, StackExperts):
-            want = (dims["E"], *src)
-        else:
-            want = src[1:] if isinstance(row.op, SqueezeRow) else src
+        # a gathering row folds the E experts of a layer (its scope is "expert") into one tensor
+        sources = tuple(resolve(s, named) for s in row.row.hf_shapes) * (named["E"] if row.row.op.gathers else 1)
         got = tuple(int(d) for d in reversed(t.shape))
-        if any(w < 0 for w in want) or got != want:
-            out.append(f"{t.name}: {list(got)}, the metadata implies {list(want)}")
+        if any(d < 0 for s in sources for d in s) or row.row.op.hf_shapes((got,)) != sources:
+            want = list(row.row.op.mg_shapes(sources)[0]) if sources else "no experts (expert_count 0)"
+            out.append(f"{t.name}: {list(got)}, the metadata implies {want}")
     return out
 
 
 def gguf_name_patterns() -> list[tuple[re.Pattern[str], GGUFRow]]:
     """(full-name regex with the layer as group ``L``, table row) for every GGUF tensor name the table produces."""
-    out = []
-    for row in GGUF_TABLE:
-        base = re.escape(gguf.TENSOR_NAMES[row.tensor]).replace(r"\{bid\}", r"(?P<L>\d+)")
-        out.append((re.compile(base + re.escape("." + row.suffix)), row))
-    return out
+    return [(re.compile(re.escape(row.row.mg[0]).replace(r"\{L\}", r"(?P<L>\d+)")), row) for row in GGUF_TABLE]
+
+
+HFView = tuple[Op, tuple[str, ...], tuple[tuple[int, ...], ...]]  # a row's op, HF names, HF shapes
+
+
+def gguf_tensors_as_hf(reader: gguf.GGUFReader) -> tuple[dict[int, HFView], list[str]]:
+    """The table's inverse, by name and shape only: GGUF tensor index -> (its row's op, the HF names and shapes
+    ``op.to_hf`` gives it), and the names of the GGUF tensors that match no row."""
+    patterns = gguf_name_patterns()
+    out, unknown = {}, []
+    for i, t in enumerate(reader.tensors):
+        hit = [(m, row) for pat, row in patterns if (m := pat.fullmatch(t.name))]
+        if len(hit) != 1:
+            unknown.append(t.name)
+            continue
+        m, row = hit[0]
+        sub = {"L": int(m["L"])} if "L" in m.groupdict() else {}
+        shape = tuple(int(d) for d in reversed(t.shape))  # ggml ne -> numpy order
+        hf_shapes = row.row.op.hf_shapes((shape,))
+        # a gathering row's pattern names instance x of the stacked tensor as {X} = x
+        subs = [dict(sub, X=x) for x in range(len(hf_shapes))] if row.row.op.gathers else [sub]
+        out[i] = (row.row.op, tuple(p.format(**s) for s in subs for p in row.row.hf), hf_shapes)
+    return out, unknown
 
 
 def read_gguf_as_hf(path: str | Path) -> dict[str, torch.Tensor]:
@@ -854,26 +734,15 @@ def read_gguf_as_hf(path: str | Path) -> dict[str, torch.Tensor]:
     as rounded, Q8_0 dequantised. A GGUF tensor that matches no row is an error.
     """
     reader = open_gguf(path)
-    patterns = gguf_name_patterns()
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for t in reader.tensors:
-        hit = [(m, row) for pat, row in patterns if (m := pat.fullmatch(t.name))]
-        if len(hit) != 1:
-            unknown.append(t.name)
-            continue
-        m, row = hit[0]
-        layer = int(m["L"]) if "L" in m.groupdict() else None
-        shape = tuple(int(d) for d in reversed(t.shape))  # ggml ne -> numpy order
-        arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
-        hf = row.op.to_hf(torch.from_numpy(np.array(arr, dtype=np.float32)))
-        if isinstance(row.op, StackExperts):
-            names = [row.hf.format(L=layer, X=x) for x in range(len(hf))]
-        else:
-            names = [row.hf.format(L=layer)]
-        out.update(zip(names, hf))
+    views, unknown = gguf_tensors_as_hf(reader)
     if unknown:
         raise GGUFExportError(f"{path}: {len(unknown)} tensor(s) match no row of the GGUF table: {unknown}")
+    out: dict[str, torch.Tensor] = {}
+    for i, (op, names, _) in views.items():
+        t = reader.tensors[i]
+        shape = tuple(int(d) for d in reversed(t.shape))
+        arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+        out.update(zip(names, op.to_hf((torch.from_numpy(np.array(arr, dtype=np.float32)),)), strict=True))
     return out
 
 
@@ -942,30 +811,16 @@ class GGUFSource:
         self.reader = open_gguf(path)  # header counts, checksum and shapes checked before anything is read
         self._where: dict[str, tuple[int, int]] = {}  # HF name -> (GGUF tensor index, position in op output)
         self._shape: dict[str, tuple[int, ...]] = {}
-        self._op: dict[int, GGUFOp] = {}  # GGUF tensor index -> its row's op
-        unknown = []
-        patterns = gguf_name_patterns()
-        for i, t in enumerate(self.reader.tensors):
-            hit = [(m, row) for pat, row in patterns if (m := pat.fullmatch(t.name))]
-            if len(hit) != 1:
-                unknown.append(t.name)
-                continue
-            m, row = hit[0]
-            layer = int(m["L"]) if "L" in m.groupdict() else None
-            shape = tuple(int(d) for d in reversed(t.shape))  # ggml ne -> numpy order
-            self._op[i] = row.op
-            if isinstance(row.op, StackExperts):
-                for x in range(shape[0]):
-                    name = row.hf.format(L=layer, X=x)
-                    self._where[name], self._shape[name] = (i, x), shape[1:]
-            else:
-                name = row.hf.format(L=layer)
-                self._where[name] = (i, 0)
-                self._shape[name] = (1, *shape) if isinstance(row.op, SqueezeRow) else shape
+        self._op: dict[int, Op] = {}  # GGUF tensor index -> its row's op
+        views, unknown = gguf_tensors_as_hf(self.reader)  # the GGUF table's inverse, as read_gguf_as_hf uses it
         if unknown:
             raise CheckpointError(f"{path}: {len(unknown)} GGUF tensor(s) match no row of the GGUF table: {unknown[:10]}")
+        for i, (op, names, shapes) in views.items():
+            self._op[i] = op
+            for pos, (name, shape) in enumerate(zip(names, shapes, strict=True)):
+                self._where[name], self._shape[name] = (i, pos), shape
         self.tied = "lm_head.weight" not in self._where
-        self.carried: list[str] = []  # a GGUF drops what llama.cpp does not use (GGUF_IGNORED), it carries nothing
+        self.carried: list[str] = []  # a GGUF drops what llama.cpp does not use (tables.IGNORED), it carries nothing
         self.notes: list[str] = []
         self._cache: tuple[int, tuple[torch.Tensor, ...]] | None = None
 
@@ -1014,7 +869,7 @@ class GGUFSource:
             else:
                 deq = gguf.quants.dequantize(t.data, t.tensor_type)
                 x = torch.from_numpy(np.array(deq, dtype=np.float32).reshape(shape))
-            self._cache = (i, self._op[i].to_hf(x))
+            self._cache = (i, self._op[i].to_hf((x,)))
         return self._cache[1][pos].contiguous()
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:

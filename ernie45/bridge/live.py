@@ -27,8 +27,8 @@ from ..config import ErnieConfig
 from ..megatron.parallel import Layout
 from .io import HFCheckpoint, atomic_output, copy_side_files, read_hf_slices, side_files_of, write_hf_files
 from .layout import Placement, from_grouped_name, placements, shard_bounds
-from .plan import Plan, PlanError, plan_from_hf
-from .tables import Item, Split, expand
+from .plan import Plan, PlanError, expand, plan_from_hf
+from .tables import Item, Split
 
 __all__ = ["load_hf", "gather_hf", "export_hf", "RankCoords"]
 

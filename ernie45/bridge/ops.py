@@ -1,8 +1,12 @@
-"""The closed set of reversible tensor ops the bridge tables may use.
+"""The closed set of reversible tensor ops the bridge tables may use, for both format pairs.
 
-Every op maps a tuple of HF tensors to a tuple of Megatron tensors (``to_mg``) and back (``to_hf``), exactly:
-``to_hf(to_mg(x)) == x`` bit for bit (pure reshapes, concatenations and copies; no arithmetic). The round-trip and
-the inverse of each op are tested in ``tests/test_ops.py``.
+Every op maps a tuple of HF tensors to a tuple of model-side tensors (``to_mg``: Megatron parameters in the
+HF ⇄ Megatron tables, one GGUF tensor in the HF ⇄ GGUF table) and back (``to_hf``), exactly:
+``to_hf(to_mg(x)) == x`` bit for bit (pure reshapes, concatenations and copies; no arithmetic). Each op also says
+what shapes it produces in either direction (``mg_shapes`` / ``hf_shapes``: planning and reading back without
+touching data) and how its tensors may be read in pieces (``shardable_dims``, ``hf_blocks``, ``mg_blocks``,
+``verbatim``), so no planner, reader or writer needs to know which op it holds. The round-trip, the shapes and the
+inverse of each op are tested in ``tests/test_ops_and_plan.py``.
 
 Ops are also *shard-compatible* along the split dims a table row allows: applying ``to_mg`` to the i-th TP chunk of
 every HF input gives the i-th TP shard of the Megatron tensor, as Megatron lays it out. That is what lets each rank
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Op", "Identity", "Squeeze0", "Transpose", "FuseQKV", "ConcatGLU", "SplitRows", "RegroupQKV", "OPS"]
+__all__ = ["Op", "Identity", "Squeeze0", "Transpose", "FuseQKV", "ConcatGLU", "SplitRows", "RegroupQKV", "Stack", "OPS"]
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -39,6 +43,16 @@ class Op:
     # the HF tensor's split dim is this many equal blocks, each chunked on its own: TP shard i of the Megatron
     # tensor comes from the i-th chunk of every block, concatenated (HF's fused [Q | K | V] ViT rows)
     hf_blocks: int = 1
+    # the Megatron tensor's split dim is this many equal blocks, each TP-chunked on its own: TP shard i is the i-th
+    # chunk of every block, concatenated (fc1's [gate_i; up_i], reference §H.4); Megatron's checkpoint stores the
+    # pieces of each block apart
+    mg_blocks: int = 1
+    # the (one) Megatron tensor is the HF inputs concatenated on dim 0, unchanged: any rows or columns of it can be
+    # read straight from the input that holds them, without applying the op
+    verbatim: bool = False
+    # the row's one HF name pattern stands for every instance of its scope that shares the target name: the op takes
+    # all of them, in instance order (a GGUF tensor stacking the experts of one layer)
+    gathers: bool = False
 
     def to_mg(self, hf: Tensors) -> Tensors:
         raise NotImplementedError
@@ -50,17 +64,26 @@ class Op:
         """Shapes ``to_mg`` produces from inputs of these shapes (planning without touching data)."""
         raise NotImplementedError
 
+    def hf_shapes(self, mg: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+        """Shapes ``to_hf`` produces from Megatron (or GGUF) tensors of these shapes (reading back a file)."""
+        raise NotImplementedError
+
     def describe(self) -> str:
         return type(self).__name__
 
 
 @dataclass(frozen=True)
 class Identity(Op):
+    verbatim: bool = True
+
     def to_mg(self, hf: Tensors) -> Tensors:
         return hf
 
     def mg_shapes(self, hf):
         return tuple(hf)
+
+    def hf_shapes(self, mg):
+        return tuple(mg)
 
     def to_hf(self, mg: Tensors) -> Tensors:
         return mg
@@ -85,6 +108,9 @@ class Squeeze0(Op):
     def mg_shapes(self, hf):
         return (tuple(hf[0][1:]),)
 
+    def hf_shapes(self, mg):
+        return ((1, *mg[0]),)
+
 
 @dataclass(frozen=True)
 class Transpose(Op):
@@ -100,6 +126,9 @@ class Transpose(Op):
 
     def mg_shapes(self, hf):
         return (tuple(reversed(hf[0])),)
+
+    def hf_shapes(self, mg):
+        return (tuple(reversed(mg[0])),)
 
 
 @dataclass(frozen=True)
@@ -140,6 +169,12 @@ class FuseQKV(Op):
         q, k, v = hf
         return ((q[0] + k[0] + v[0], *q[1:]),)
 
+    def hf_shapes(self, mg):
+        ((rows, *rest),) = mg
+        G = rows // ((self.heads_per_group + 2) * self.head_dim)
+        D, R = self.head_dim, self.heads_per_group
+        return ((G * R * D, *rest), (G * D, *rest), (G * D, *rest))
+
     def describe(self) -> str:
         return f"FuseQKV(R={self.heads_per_group}, D={self.head_dim})"
 
@@ -150,6 +185,8 @@ class ConcatGLU(Op):
 
     n_hf: int = 2
     shardable_dims: tuple[int, ...] = (0,)
+    mg_blocks: int = 2
+    verbatim: bool = True
 
     def to_mg(self, hf: Tensors) -> Tensors:
         gate_FH, up_FH = hf
@@ -163,6 +200,10 @@ class ConcatGLU(Op):
 
     def mg_shapes(self, hf):
         return ((2 * hf[0][0], *hf[0][1:]),)
+
+    def hf_shapes(self, mg):
+        ((rows, *rest),) = mg
+        return ((rows // 2, *rest),) * 2
 
 
 @dataclass(frozen=True)
@@ -183,6 +224,9 @@ class SplitRows(Op):
 
     def mg_shapes(self, hf):
         return (tuple(hf[0][1:]),) * self.n_mg
+
+    def hf_shapes(self, mg):
+        return ((self.n_mg, *mg[0]),)
 
     def describe(self) -> str:
         return f"SplitRows({self.n_mg})"
@@ -214,8 +258,33 @@ class RegroupQKV(Op):
     def mg_shapes(self, hf):
         return (tuple(hf[0]),)
 
+    def hf_shapes(self, mg):
+        return (tuple(mg[0]),)
+
     def describe(self) -> str:
         return f"RegroupQKV(D={self.head_dim})"
 
 
-OPS = (Identity, Squeeze0, Transpose, FuseQKV, ConcatGLU, SplitRows, RegroupQKV)
+@dataclass(frozen=True)
+class Stack(Op):
+    """``n`` HF ``[F, H]`` (or ``[H, F]``) ⇄ one ``[n, F, H]``, instance ``x`` at index ``x`` (GGUF's stacked experts
+    ``blk.L.ffn_*_exps``). Gathers: its row's one pattern ``…experts.{X}…`` names all ``n`` inputs."""
+
+    shardable_dims: tuple[int, ...] = ()
+    gathers: bool = True
+
+    def to_mg(self, hf: Tensors) -> Tensors:
+        return (torch.stack(hf, dim=0),)
+
+    def to_hf(self, mg: Tensors) -> Tensors:
+        return tuple(mg[0].unbind(0))
+
+    def mg_shapes(self, hf):
+        return ((len(hf), *hf[0]),)
+
+    def hf_shapes(self, mg):
+        ((n, *rest),) = mg
+        return (tuple(rest),) * n
+
+
+OPS = (Identity, Squeeze0, Transpose, FuseQKV, ConcatGLU, SplitRows, RegroupQKV, Stack)

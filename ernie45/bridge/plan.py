@@ -1,23 +1,29 @@
-"""Totality: a conversion plan is checked before any byte moves.
+"""Totality: a conversion plan is checked before any byte moves, for either format pair.
 
 Every source tensor is consumed exactly once (or is listed in the declared ignore table with its reason), every
 target is produced exactly once, and every source shape is the one the config implies. Otherwise
-:class:`PlanError` lists *every* offender, not just the first.
+:class:`PlanError` lists *every* offender, not just the first. :func:`check_source` is that check for any table's
+items (HF ⇄ Megatron here, HF ⇄ GGUF in ``gguf.py``); :func:`megatron_rows` / :func:`expand` are the HF ⇄ Megatron
+table of a config's family.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import torch
 
-from ..config import ErnieConfig
 from ..errors import InputError
-from .tables import Item, effective_tie, expand, ignored_reason
+from .tables import Item, Row, effective_tie, expand_rows, ignored_reason
+from .text_table import text_rows
+from .vl_table import vl_rows
 
-__all__ = ["PlanError", "Plan", "plan_from_hf", "plan_from_megatron"]
+if TYPE_CHECKING:
+    from ..config import ErnieConfig
+
+__all__ = ["PlanError", "Plan", "megatron_rows", "expand", "check_source", "plan_from_hf"]
 
 
 class PlanError(InputError):
@@ -46,6 +52,16 @@ class Plan:
         return {n: it for it in self.items for n in it.hf}
 
 
+def megatron_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
+    """The HF ⇄ Megatron table of this config's family (the VL on-disk layout is its own format pair)."""
+    return vl_rows(cfg) if cfg.family == "vl" else text_rows(cfg)
+
+
+def expand(cfg: ErnieConfig, *, tied: bool) -> list[Item]:
+    """Every concrete (HF names ⇄ Megatron names) pair for this config, in a deterministic order."""
+    return expand_rows(megatron_rows(cfg), cfg, tied=tied)
+
+
 def _fail(title: str, groups: Mapping[str, list[str]]) -> None:
     lines = [f"{title}:"]
     for what, names in groups.items():
@@ -63,6 +79,39 @@ def _check_table(items: list[Item]) -> None:
         _fail(f"bridge table maps these {side} names more than once", {"duplicated": dup})
 
 
+def check_source(
+    items: list[Item],
+    names: Iterable[str],
+    *,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    dtypes: Mapping[str, torch.dtype] | None = None,
+    title: str,
+) -> list[tuple[str, str]]:
+    """A source's tensor names (and shapes and dtypes, when it can tell them without reading: weights must be
+    floats) against a table's items: every tensor consumed once or declared ignored, every shape the config's.
+    Returns the ignored (name, reason) pairs, sorted; raises :class:`PlanError` listing every offender."""
+    _check_table(items)
+    names = set(names)
+    expected = {n: s for it in items for n, s in zip(it.hf, it.hf_shapes)}
+    ignored = [(n, why) for n in names if n not in expected and (why := ignored_reason(n)) is not None]
+    ignored_names = {n for n, _ in ignored}
+    missing = sorted(n for n in expected if n not in names)
+    unexpected = sorted(n for n in names if n not in expected and n not in ignored_names)
+    wrong = sorted(
+        f"{n}: has {list(shapes[n])}, config implies {list(expected[n])}"
+        for n in expected
+        if shapes is not None and n in shapes and tuple(shapes[n]) != tuple(expected[n])
+    )
+    not_float = sorted(
+        f"{n}: {str(dtypes[n]).replace('torch.', '')}, a weight must be a floating-point tensor"
+        for n in expected
+        if dtypes is not None and n in dtypes and not dtypes[n].is_floating_point
+    )
+    _fail(title, {"missing tensors": missing, "unexpected tensors": unexpected, "wrong shapes": wrong,
+                  "wrong dtypes": not_float})  # fmt: skip
+    return sorted(ignored)
+
+
 def plan_from_hf(
     cfg: ErnieConfig,
     shapes: Mapping[str, tuple[int, ...]],
@@ -73,37 +122,5 @@ def plan_from_hf(
     """Plan HF → Megatron for a source with these tensor names and shapes (and dtypes: weights must be floats)."""
     tied = effective_tie(cfg, shapes)
     items = expand(cfg, tied=tied)
-    _check_table(items)
-    expected = {n: s for it in items for n, s in zip(it.hf, it.hf_shapes)}
-    ignored = [(n, why) for n in shapes if n not in expected and (why := ignored_reason(n)) is not None]
-    ignored_names = {n for n, _ in ignored}
-    missing = sorted(n for n in expected if n not in shapes)
-    unexpected = sorted(n for n in shapes if n not in expected and n not in ignored_names)
-    wrong = sorted(
-        f"{n}: has {list(shapes[n])}, config implies {list(expected[n])}"
-        for n in expected
-        if n in shapes and tuple(shapes[n]) != tuple(expected[n])
-    )
-    not_float = sorted(
-        f"{n}: {str(dtypes[n]).replace('torch.', '')}, a weight must be a floating-point tensor"
-        for n in expected
-        if dtypes is not None and n in dtypes and not dtypes[n].is_floating_point
-    )
-    _fail(
-        f"{where} does not match its config ({cfg.family}, {cfg.num_hidden_layers} layers)",
-        {"missing tensors": missing, "unexpected tensors": unexpected, "wrong shapes": wrong, "wrong dtypes": not_float},
-    )
-    return Plan(cfg, tied, items, sorted(ignored))
-
-
-def plan_from_megatron(cfg: ErnieConfig, names: Iterable[str], *, tied: bool, where: str = "model") -> Plan:
-    """Plan Megatron (global names) → HF."""
-    items = expand(cfg, tied=tied)
-    _check_table(items)
-    names = set(names)
-    expected = {n for it in items for n in it.mg}
-    _fail(
-        f"{where} does not match its config ({cfg.family}, {cfg.num_hidden_layers} layers)",
-        {"missing tensors": sorted(expected - names), "unexpected tensors": sorted(names - expected)},
-    )
-    return Plan(cfg, tied, items)
+    title = f"{where} does not match its config ({cfg.family}, {cfg.num_hidden_layers} layers)"
+    return Plan(cfg, tied, items, check_source(items, shapes, shapes=shapes, dtypes=dtypes, title=title))

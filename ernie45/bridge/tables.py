@@ -1,21 +1,21 @@
-"""What maps to what: HF on-disk safetensors names ⇄ Megatron-Core parameter names, as data.
+"""The table engine shared by both format pairs: rows, scopes, expansion, the ignore table and the tie rule.
 
-One table per format pair drives both directions. Each :class:`Row` says which HF tensors become which Megatron
-tensors through which reversible op (``ops.py``), how the Megatron tensor is sharded (:class:`Split`, reference §H.2),
-for which layers / experts it exists (``scope``) and the HF shapes the config implies.
+A table says, as data, which HF on-disk tensors become which model-side tensors through which reversible op
+(``ops.py``). One engine serves every table: the HF ⇄ Megatron rows of the text families (``text_table.py``) and of
+VL (``vl_table.py``), and the HF ⇄ GGUF rows (``gguf.py``). Each :class:`Row` says
 
-Megatron names here are *global*: full (unsharded) tensors, global layer index ``{L}``, global expert index
-``{X}``, with the names of Megatron's local (non-TE) spec and SequentialMLP experts. Where each one lives on a
-given rank (PP stage, EP rank, local names, TP slice) is ``layout.py``'s job.
+* ``hf`` / ``mg``: name patterns of the HF tensors and of the model-side tensors (Megatron parameters, or the GGUF
+  tensor), with placeholders ``{L}`` layer, ``{X}`` expert (pool-local), ``{XV}`` = E + X (the VL vision pool's
+  on-disk index), ``{B}`` vision block;
+* ``op``: the reversible op between them; ``split``: how the model-side tensor is sharded (:class:`Split`,
+  reference §H.2; a GGUF tensor is whole: ``REPLICATED``);
+* ``scope``: for which instances it exists (:data:`SCOPES`);
+* ``hf_shapes``: the HF shapes, as plain tuples whose dims are ints or the names of :func:`dims` (resolved at
+  expansion: a table written once reads the same for every config).
 
-On-disk layouts (reference §G):
-
-* dense / text MoE: ``model.embed_tokens.weight``, ``model.layers.{L}.self_attn.{q,k,v,o}_proj.weight``,
-  ``model.layers.{L}.{input,post_attention}_layernorm.weight``, dense ``model.layers.{L}.mlp.{gate,up,down}_proj``,
-  MoE ``model.layers.{L}.mlp.gate.weight`` [E, H], ``model.layers.{L}.mlp.moe_statics.e_score_correction_bias``
-  [1, E], ``model.layers.{L}.mlp.experts.{X}.{gate,up,down}_proj.weight``,
-  ``model.layers.{L}.mlp.shared_experts.{gate,up,down}_proj.weight``, ``model.norm.weight``, ``lm_head.weight``
-  (untied only; a tied checkpoint *with* the key is loaded untied, as transformers 5.23 does, reference §G).
+:func:`expand_rows` turns a table into :class:`Item` s, one per concrete instance; ``plan.py`` checks a source
+against them (every tensor consumed once, or declared in :data:`IGNORED`) for either pair. Where a Megatron tensor
+lives on a rank is ``layout.py``'s job. This module imports no table: each family's rows import it.
 """
 
 from __future__ import annotations
@@ -23,12 +23,16 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from string import Formatter
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
-from ..config import ErnieConfig
-from .ops import ConcatGLU, FuseQKV, Identity, Op, Squeeze0
+from .ops import Op
 
-__all__ = ["Split", "Row", "Item", "IGNORED", "rows_for", "text_rows", "expand", "ignored_reason", "effective_tie"]
+if TYPE_CHECKING:  # the config module imports the planner lazily; no import of it is needed at run time here
+    from ..config import ErnieConfig
+
+__all__ = ["Split", "Row", "Item", "SCOPES", "IGNORED", "dims", "resolve", "expand_rows", "ignored_reason",
+           "effective_tie"]  # fmt: skip
 
 
 class Split(enum.Enum):
@@ -50,11 +54,24 @@ class Split(enum.Enum):
         return self in (Split.EXPERT_COLUMN, Split.EXPERT_ROW)
 
 
-Shapes = Callable[[ErnieConfig], tuple[tuple[int, ...], ...]]
+Shape = tuple[int | str, ...]
 
-# scope -> which instances exist. Placeholders: {L} layer, {X} expert (pool-local), {XV} = E + X (VL vision pool's
-# on-disk index), {B} vision block.
+# scope -> which instances exist (see _instances): "model" once; "untied" once when the head is untied
+# (effective_tie); "layer" every layer; "dense" / "moe" layers of that type; "shared" MoE layers when
+# moe_num_shared_experts > 0; "expert" / "vision_expert" every expert of every MoE layer; "vision_block" every ViT
+# block.
 SCOPES = ("model", "untied", "layer", "dense", "moe", "shared", "expert", "vision_expert", "vision_block")
+_SCOPE_KEYS = {"model": set(), "untied": set(), "layer": {"L"}, "dense": {"L"}, "moe": {"L"}, "shared": {"L"},
+               "expert": {"L", "X", "XV"}, "vision_expert": {"L", "X", "XV"}, "vision_block": {"B"}}  # fmt: skip
+
+
+def _placeholders(patterns: Iterable[str]) -> set[str]:
+    return {f for p in patterns for _, f, _, _ in Formatter().parse(p) if f}
+
+
+def _instance_keys(keys: set[str]) -> set[str]:
+    """Placeholders up to renaming: ``{XV}`` (= E + X) names the same instance as ``{X}``."""
+    return {"X" if k == "XV" else k for k in keys}
 
 
 @dataclass(frozen=True)
@@ -64,20 +81,31 @@ class Row:
     op: Op
     split: Split
     scope: str
-    hf_shapes: Shapes
+    hf_shapes: tuple[Shape, ...]
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}")
-        if len(self.hf) != self.op.n_hf or len(self.mg) != self.op.n_mg:
+        if len(self.hf) != self.op.n_hf or len(self.mg) != self.op.n_mg or len(self.hf_shapes) != self.op.n_hf:
             raise ValueError(f"row {self.hf} -> {self.mg}: arity does not match {self.op.describe()}")
         if self.split.dim is not None and self.split.dim not in self.op.shardable_dims:
             raise ValueError(f"row {self.mg}: {self.op.describe()} does not commute with a {self.split.value} split")
+        if self.op.mg_blocks > 1 and not (self.op.verbatim and self.op.mg_blocks == self.op.n_hf):
+            raise ValueError(f"row {self.mg}: {self.op.describe()}'s blocks must be its inputs, unchanged")
+        hf_keys, mg_keys = _placeholders(self.hf), _placeholders(self.mg)
+        if not hf_keys | mg_keys <= _SCOPE_KEYS[self.scope]:
+            raise ValueError(f"row {self.hf}: placeholders {sorted(hf_keys | mg_keys)} do not exist in scope "
+                             f"{self.scope!r}")  # fmt: skip
+        # a placeholder the target names lack folds many instances into one target: only a gathering op may do that
+        hf_keys, mg_keys = _instance_keys(hf_keys), _instance_keys(mg_keys)
+        if bool(hf_keys - mg_keys) != self.op.gathers or not mg_keys <= hf_keys:
+            raise ValueError(f"row {self.hf} -> {self.mg}: only a gathering op folds instances ({self.op.describe()}, "
+                             f"placeholders {sorted(hf_keys)} -> {sorted(mg_keys)})")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Item:
-    """One concrete row instance: these HF tensors ⇄ these Megatron tensors."""
+    """One concrete row instance: these HF tensors ⇄ these Megatron (or GGUF) tensors."""
 
     hf: tuple[str, ...]
     mg: tuple[str, ...]
@@ -88,12 +116,13 @@ class Item:
     expert: int | None = None  # pool-local expert index (EP placement)
 
 
-# Tensors deliberately left out of the Megatron model, with the reason. Anchored full-key patterns only.
+# Tensors deliberately left out of every target format, with the reason. Anchored full-key patterns only.
 IGNORED: dict[str, str] = {
     r"(model\.)?mtp_(block|emb_norm|hidden_norm|linear_proj)\.\d+\..+": (
         "multi-token-prediction (MTP) head of the PT checkpoints: not part of the ERNIE 4.5 forward pass "
-        "(transformers ignores it too, _keys_to_ignore_on_load_unexpected=['mtp']); the offline converter carries "
-        "it through unchanged"
+        "(transformers ignores it too, _keys_to_ignore_on_load_unexpected=['mtp']; llama.cpp's ERNIE 4.5 "
+        "architectures have no MTP tensors and its converter skips them, Ernie4_5MoeModel.filter_tensors); the "
+        "offline converter carries it through a torch_dist checkpoint unchanged"
     ),
     r"optimizer\.state\.(exp_avg|exp_avg_sq|fp32_param)\..+": (
         "optimizer state of an `ernie45 train` checkpoint (Adam moments, fp32 master copies): training state, not "
@@ -115,59 +144,26 @@ def effective_tie(cfg: ErnieConfig, hf_keys) -> bool:
     return cfg.tie_word_embeddings and "lm_head.weight" not in set(hf_keys)
 
 
-def text_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
-    H, V, D = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
-    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    F = cfg.intermediate_size
-    Ft = cfg.moe_intermediate_size[0] if cfg.is_moe else 0
-    Fs = cfg.shared_expert_intermediate_size
-    E = cfg.moe_num_experts or 0
-    hf, mg = "model.layers.{L}.", "decoder.layers.{L}."
-    return (
-        Row(("model.embed_tokens.weight",), ("embedding.word_embeddings.weight",), Identity(), Split.VOCAB, "model",
-            lambda c: ((V, H),)),
-        Row(("lm_head.weight",), ("output_layer.weight",), Identity(), Split.VOCAB, "untied", lambda c: ((V, H),)),
-        Row(("model.norm.weight",), ("decoder.final_layernorm.weight",), Identity(), Split.REPLICATED, "model",
-            lambda c: ((H,),)),
-        Row((hf + "input_layernorm.weight",), (mg + "input_layernorm.weight",), Identity(), Split.REPLICATED, "layer",
-            lambda c: ((H,),)),
-        Row(tuple(hf + f"self_attn.{p}_proj.weight" for p in "qkv"), (mg + "self_attention.linear_qkv.weight",),
-            FuseQKV(head_dim=D, heads_per_group=nh // nkv), Split.COLUMN, "layer",
-            lambda c: ((nh * D, H), (nkv * D, H), (nkv * D, H))),
-        Row((hf + "self_attn.o_proj.weight",), (mg + "self_attention.linear_proj.weight",), Identity(), Split.ROW,
-            "layer", lambda c: ((H, nh * D),)),
-        Row((hf + "post_attention_layernorm.weight",), (mg + "pre_mlp_layernorm.weight",), Identity(),
-            Split.REPLICATED, "layer", lambda c: ((H,),)),
-        # dense SwiGLU layers
-        Row((hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"), (mg + "mlp.linear_fc1.weight",), ConcatGLU(),
-            Split.COLUMN, "dense", lambda c: ((F, H), (F, H))),
-        Row((hf + "mlp.down_proj.weight",), (mg + "mlp.linear_fc2.weight",), Identity(), Split.ROW, "dense",
-            lambda c: ((H, F),)),
-        # MoE layers: router [E, H] (text checkpoints store it un-transposed), selection bias [1, E] -> [E]
-        Row((hf + "mlp.gate.weight",), (mg + "mlp.router.weight",), Identity(), Split.REPLICATED, "moe",
-            lambda c: ((E, H),)),
-        Row((hf + "mlp.moe_statics.e_score_correction_bias",), (mg + "mlp.router.expert_bias",), Squeeze0(),
-            Split.REPLICATED, "moe", lambda c: ((1, E),)),
-        Row((hf + "mlp.experts.{X}.gate_proj.weight", hf + "mlp.experts.{X}.up_proj.weight"),
-            (mg + "mlp.experts.local_experts.{X}.linear_fc1.weight",), ConcatGLU(), Split.EXPERT_COLUMN, "expert",
-            lambda c: ((Ft, H), (Ft, H))),
-        Row((hf + "mlp.experts.{X}.down_proj.weight",), (mg + "mlp.experts.local_experts.{X}.linear_fc2.weight",),
-            Identity(), Split.EXPERT_ROW, "expert", lambda c: ((H, Ft),)),
-        Row((hf + "mlp.shared_experts.gate_proj.weight", hf + "mlp.shared_experts.up_proj.weight"),
-            (mg + "mlp.shared_experts.linear_fc1.weight",), ConcatGLU(), Split.COLUMN, "shared",
-            lambda c: ((Fs, H), (Fs, H))),
-        Row((hf + "mlp.shared_experts.down_proj.weight",), (mg + "mlp.shared_experts.linear_fc2.weight",), Identity(),
-            Split.ROW, "shared", lambda c: ((H, Fs),)),
-    )  # fmt: skip
+def dims(cfg: ErnieConfig) -> dict[str, int]:
+    """The named dims a row's ``hf_shapes`` may use: ``V`` vocab, ``H`` hidden, ``Q`` = heads·head_dim, ``K`` =
+    kv_heads·head_dim, ``I`` dense FFN width, ``E`` experts, ``F`` (text) expert FFN width, ``S`` shared-expert FFN
+    width; ``1`` is one."""
+    return {
+        "1": 1,
+        "V": cfg.vocab_size,
+        "H": cfg.hidden_size,
+        "Q": cfg.num_attention_heads * cfg.head_dim,
+        "K": cfg.num_key_value_heads * cfg.head_dim,
+        "I": cfg.intermediate_size,
+        "E": cfg.moe_num_experts or 0,
+        "F": cfg.moe_intermediate_size[0] if cfg.is_moe else 0,
+        "S": cfg.shared_expert_intermediate_size,
+    }
 
 
-def rows_for(cfg: ErnieConfig) -> tuple[Row, ...]:
-    """The HF ⇄ Megatron table of this config's family."""
-    if cfg.family == "vl":
-        from .vl_table import vl_rows  # the VL table is its own format pair (different on-disk layout)
-
-        return vl_rows(cfg)
-    return text_rows(cfg)
+def resolve(shape: Shape, named: Mapping[str, int]) -> tuple[int, ...]:
+    """A row's shape with its named dims replaced by their values."""
+    return tuple(named[d] if isinstance(d, str) else d for d in shape)
 
 
 def _instances(cfg: ErnieConfig, scope: str, tied: bool) -> Iterator[Mapping[str, int]]:
@@ -196,21 +192,26 @@ def _instances(cfg: ErnieConfig, scope: str, tied: bool) -> Iterator[Mapping[str
         raise ValueError(scope)
 
 
-def expand(cfg: ErnieConfig, *, tied: bool) -> list[Item]:
-    """Every concrete (HF names ⇄ Megatron names) pair for this config, in a deterministic order."""
+def expand_rows(rows: Iterable[Row], cfg: ErnieConfig, *, tied: bool) -> list[Item]:
+    """Every concrete (HF names ⇄ model-side names) pair of ``rows`` for this config, in row order, each row's
+    instances in scope order. A gathering row gives one item per target name, its HF names in instance order."""
+    named = dims(cfg)
     items = []
-    for row in rows_for(cfg):
-        shapes = row.hf_shapes(cfg)
+    for row in rows:
+        shapes = tuple(resolve(s, named) for s in row.hf_shapes)
+        groups: dict[tuple[str, ...], list[Mapping[str, int]]] = {}
         for sub in _instances(cfg, row.scope, tied):
+            groups.setdefault(tuple(p.format(**sub) for p in row.mg), []).append(sub)
+        for mg, subs in groups.items():
             items.append(
                 Item(
-                    hf=tuple(p.format(**sub) for p in row.hf),
-                    mg=tuple(p.format(**sub) for p in row.mg),
+                    hf=tuple(p.format(**sub) for sub in subs for p in row.hf),
+                    mg=mg,
                     op=row.op,
                     split=row.split,
-                    hf_shapes=shapes,
-                    layer=sub.get("L"),
-                    expert=sub.get("X"),
+                    hf_shapes=shapes * len(subs),
+                    layer=subs[0].get("L"),
+                    expert=None if row.op.gathers else subs[0].get("X"),
                 )
             )
     return items

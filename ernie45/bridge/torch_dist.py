@@ -82,9 +82,8 @@ from .io import (
     side_files_of,
 )
 from .layout import shard_bounds
-from .ops import ConcatGLU, Identity
-from .plan import Plan, PlanError
-from .tables import Item, Split, expand, ignored_reason
+from .plan import Plan, PlanError, expand
+from .tables import Item, Split, ignored_reason
 
 __all__ = [
     "dist_key", "extra_state_keys", "ChunkSpec", "write_dcp", "TorchDistReader", "MEGATRON_METADATA", "MegatronSource",
@@ -616,7 +615,7 @@ class MegatronSource:
         """The stored key whose rows are ``name``'s rows (a vocab tensor: Identity, one Megatron tensor, the
         padding rows after the vocab) if it is stored in chunks of at most two blocks, else None."""
         item = self._by_hf.get(name)
-        if item is None or item.split is not Split.VOCAB or not isinstance(item.op, Identity) or len(item.mg) != 1:
+        if item is None or item.split is not Split.VOCAB or not (item.op.verbatim and item.op.n_hf == 1) or len(item.mg) != 1:
             return None
         key = dist_key(item.mg[0])[0]
         return key if self.reader.largest_chunk_bytes(key) <= 2 * row_block_bytes else None
@@ -706,9 +705,10 @@ def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig, row_block_
         def spec(offsets, sizes, produce):
             out.append(ChunkSpec(key, (*prefix, *offsets), (*lead, *sizes), gshape, dtype, produce))
 
-        if isinstance(item.op, ConcatGLU):
-            # Megatron's own layout for [gate; up]: each half cut into TP pieces (reference §H.4)
-            F = shape[0] // 2
+        if item.op.mg_blocks > 1:
+            # Megatron's own layout for a blocked tensor ([gate; up]): each block cut into TP pieces (reference
+            # §H.4); block j of a verbatim op is HF input j, so each piece is read straight from it (Row checks both)
+            F = shape[0] // item.op.mg_blocks
             for half, src in enumerate(item.hf):
                 for i in range(n):
                     a, b, _ = shard_bounds(item.split, F, n, i)
@@ -728,7 +728,7 @@ def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig, row_block_
                 t = item.op.to_mg(read_hf_slices(source, item, i, n, cfg))[k]
                 return t.reshape(*lead, *sizes)
 
-            if (item.split is Split.VOCAB and isinstance(item.op, Identity) and len(item.hf) == 1
+            if (item.split is Split.VOCAB and item.op.verbatim and item.op.n_hf == 1
                     and dtype.itemsize * math.prod(sizes) > row_block_bytes):  # fmt: skip
                 out += _vocab_row_blocks(item, source, sizes[0], i, gshape, dtype, row_block_bytes)
                 continue

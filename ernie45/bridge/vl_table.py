@@ -1,7 +1,8 @@
 """HF on-disk ⇄ Megatron table of the ERNIE 4.5 VL MoE (``ernie4_5_vl_moe`` / flat ``ernie4_5_moe_vl``).
 
-Same :class:`~ernie45.bridge.tables.Row` format and ops as the text table; Megatron names are those of
-:class:`ernie45.megatron.vl_model.ErnieVLModel` (global layer / pool-local expert indices, reference §H.6).
+Same :class:`~ernie45.bridge.tables.Row` format, engine and ops as the text table (``text_table.py``); Megatron
+names are those of :class:`ernie45.megatron.vl_model.ErnieVLModel` (global layer / pool-local expert indices,
+reference §H.6).
 
 On-disk layout (reference §G.3)::
 
@@ -24,10 +25,14 @@ unexpected tensors rather than guessed.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-from ..config import ErnieConfig
 from .ops import ConcatGLU, Identity, RegroupQKV, SplitRows, Transpose
-from .tables import Row, Split, text_rows
+from .tables import Row, Split
+from .text_table import text_rows
+
+if TYPE_CHECKING:
+    from ..config import ErnieConfig
 
 __all__ = ["vl_rows", "vision_prefix"]
 
@@ -42,8 +47,7 @@ def vision_prefix(cfg: ErnieConfig) -> str:
 
 
 def _language_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
-    H, E = cfg.hidden_size, cfg.moe_num_experts
-    I_t, I_v = cfg.moe_intermediate_size
+    I_t, I_v = cfg.moe_intermediate_size  # the vision pool's width is no named dim: a plain int
     hf, mg = "model.layers.{L}.mlp.", LM + "decoder.layers.{L}.mlp."
     common = tuple(
         dataclasses.replace(row, mg=tuple(LM + n for n in row.mg)) for row in text_rows(cfg) if row.scope in _SHARED_SCOPES
@@ -55,12 +59,12 @@ def _language_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
     ):
         p = mg + f"{pool}_moe_layer."
         pools += [
-            Row((hf + gate,), (p + "router.weight",), Transpose(), Split.REPLICATED, "moe", lambda c: ((H, E),)),
+            Row((hf + gate,), (p + "router.weight",), Transpose(), Split.REPLICATED, "moe", (("H", "E"),)),
             Row((hf + f"experts.{X}.gate_proj.weight", hf + f"experts.{X}.up_proj.weight"),
                 (p + "experts.local_experts.{X}.linear_fc1.weight",), ConcatGLU(), Split.EXPERT_COLUMN, scope,
-                lambda c, I=I: ((I, H), (I, H))),
+                ((I, "H"), (I, "H"))),
             Row((hf + f"experts.{X}.down_proj.weight",), (p + "experts.local_experts.{X}.linear_fc2.weight",),
-                Identity(), Split.EXPERT_ROW, scope, lambda c, I=I: ((H, I),)),
+                Identity(), Split.EXPERT_ROW, scope, (("H", I),)),
         ]  # fmt: skip
     bias = Row(
         (hf + "moe_statics.e_score_correction_bias",),
@@ -68,7 +72,7 @@ def _language_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
         SplitRows(n_mg=2),  # row 0 text, row 1 vision (reference §C.2)
         Split.REPLICATED,
         "moe",
-        lambda c: ((2, E),),
+        ((2, "E"),),
     )
     return common + tuple(pools) + (bias,)
 
@@ -83,12 +87,12 @@ def _vision_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
     rep = Split.REPLICATED  # the ViT and resampler are replicated on every TP rank (vision.py)
     rows = [  # the patch embedding has the same name in both ViTs
         Row((V + "patch_embed.proj.weight",), ("vision_model.patch_embed.proj.weight",), Identity(), rep, "model",
-            lambda c: ((C, P),)),
+            ((C, P),)),
     ]  # fmt: skip
     if cfg.vit_impl == "megatron":
         rows += _megatron_vit_rows(cfg)
     else:
-        rows += [Row((V + f"ln.{p}",), (f"vision_model.ln.{p}",), Identity(), rep, "model", lambda c: ((C,),))
+        rows += [Row((V + f"ln.{p}",), (f"vision_model.ln.{p}",), Identity(), rep, "model", ((C,),))
                  for p in ("weight", "bias")]  # fmt: skip
         block = {
             "norm1.weight": (C,), "norm1.bias": (C,), "norm2.weight": (C,), "norm2.bias": (C,),
@@ -99,7 +103,7 @@ def _vision_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
         for name, shape in block.items():
             rows.append(
                 Row((V + "blocks.{B}." + name,), ("vision_model.blocks.{B}." + name,), Identity(), rep, "vision_block",
-                    lambda c, s=shape: (s,))
+                    (shape,))
             )  # fmt: skip
     # resampler: on disk the nn.Sequential indices (0 Linear, 1 GELU, 2 Linear, 3 LayerNorm), in memory fc1/fc2/ln
     R = "model.resampler_model."
@@ -113,7 +117,7 @@ def _vision_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
     resampler.update({("mlp.weight", "mlp.weight"): (H, Cs), ("mlp.bias", "mlp.bias"): (H,),
                       ("after_norm.weight", "after_norm.weight"): (H,)})  # fmt: skip
     for (disk, mem), shape in resampler.items():
-        rows.append(Row((R + disk,), ("resampler_model." + mem,), Identity(), rep, "model", lambda c, s=shape: (s,)))
+        rows.append(Row((R + disk,), ("resampler_model." + mem,), Identity(), rep, "model", (shape,)))
     return tuple(rows)
 
 
@@ -138,15 +142,15 @@ def _megatron_vit_rows(cfg: ErnieConfig) -> list[Row]:
         ("mlp.fc2.weight", "mlp.linear_fc2.weight", Identity(), row, (C, F)),
         ("mlp.fc2.bias", "mlp.linear_fc2.bias", Identity(), rep, (C,)),
     ]
-    rows = [Row((V + "blocks.{B}." + h,), (B + m,), op, split, "vision_block", lambda c, s=shape: (s,))
+    rows = [Row((V + "blocks.{B}." + h,), (B + m,), op, split, "vision_block", (shape,))
             for h, m, op, split, shape in table]  # fmt: skip
     rows += [Row((V + f"ln.{p}",), (f"vision_model.decoder.final_layernorm.{p}",), Identity(), rep, "model",
-                 lambda c: ((C,),)) for p in ("weight", "bias")]  # fmt: skip
+                 ((C,),)) for p in ("weight", "bias")]  # fmt: skip
     return rows
 
 
 def vl_rows(cfg: ErnieConfig) -> tuple[Row, ...]:
-    """The HF ⇄ Megatron table of a VL config (called through :func:`ernie45.bridge.tables.rows_for`)."""
+    """The HF ⇄ Megatron table of a VL config (called through :func:`ernie45.bridge.plan.megatron_rows`)."""
     if cfg.family != "vl":
         raise ValueError(f"vl_rows needs a VL config, got family {cfg.family!r}")
     return _language_rows(cfg) + _vision_rows(cfg)

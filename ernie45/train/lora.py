@@ -424,7 +424,7 @@ def load_adapter_state_dict(chunks, loaded: dict) -> None:
 def lora_target_weights(cfg: ErnieConfig) -> dict[str, tuple[int, int]]:
     """Every linear of ``cfg`` some target group can adapt: global module name -> full ``(out, in)``, from the
     bridge table (so the counts cover every layer and expert, whatever this rank holds)."""
-    from ..bridge.tables import expand
+    from ..bridge.plan import expand
 
     out = {}
     for item in expand(cfg, tied=cfg.tie_word_embeddings):

@@ -133,7 +133,7 @@ def peft_limitations(cfg: ErnieConfig, targets: Sequence[str], *, dropout: float
 
 
 def _ops_by_weight(cfg: ErnieConfig) -> dict:
-    from ..bridge.tables import expand
+    from ..bridge.plan import expand
 
     return {item.mg[0]: item.op for item in expand(cfg, tied=cfg.tie_word_embeddings) if len(item.mg) == 1}
 
