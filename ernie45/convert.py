@@ -67,7 +67,7 @@ from .bridge.tables import Item, Split, expand, ignored_reason
 from .bridge.torch_dist import MEGATRON_METADATA, ChunkSpec, TorchDistReader, dist_key, extra_state_keys, write_dcp
 from .config import ErnieConfig, load_config
 from .errors import UsageError
-from .megatron.parallel import Layout
+from .layout import Layout
 
 __all__ = ["HFSource", "MegatronSource", "open_source", "write_megatron", "write_hf", "convert", "ConversionReport"]
 

@@ -452,7 +452,7 @@ def _hooks(pairs) -> Iterator[None]:
 
 
 def _vl_types(cfg, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    from .megatron.vl_model import token_type_ids
+    from .megatron.vl_inputs import token_type_ids
 
     return token_type_ids(batch.input_ids, cfg)
 
@@ -539,6 +539,7 @@ def _megatron_groups() -> bool:
     """Megatron's process groups at TP1·PP1·EP1 on a 1-process world; True when this call created them."""
     from megatron.core import parallel_state as ps
 
+    from .layout import Layout
     from .megatron import parallel
     from .parity import ensure_single_process_group
 
@@ -549,7 +550,7 @@ def _megatron_groups() -> bool:
         if sizes != (1, 1, 1):
             raise VerifyError(f"Megatron is already initialised at TP·PP·EP = {sizes}; this runs at TP1·PP1·EP1")
         return False
-    parallel.initialize(parallel.Layout())
+    parallel.initialize(Layout())
     return True
 
 
@@ -564,7 +565,7 @@ class MegatronRuntime(Runtime):
 
         from .bridge.live import load_hf
         from .bridge.tables import effective_tie
-        from .megatron.parallel import Layout
+        from .layout import Layout
 
         self.cfg = cfg = source.cfg
         self.dtype = params_dtype = getattr(torch, DTYPES[dtype])

@@ -103,7 +103,7 @@ def test_vocab_written_in_row_blocks_loads_with_megatron_at_two_layouts(tiny_ckp
     from dist_worker import offline_load_diffs
 
     from ernie45.convert import HFSource, write_megatron
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
 
     hf_dir = tiny_ckpts["moe-tied"]
     layout = Layout(tp=2, pp=2, ep=2)
@@ -125,7 +125,7 @@ def test_vocab_written_in_row_blocks_loads_with_megatron_at_two_layouts(tiny_ckp
 
 def test_torch_dist_to_hf_streams_the_vocab_in_row_blocks_bit_exact(tiny_ckpts, tmp_path):
     from ernie45.convert import HFSource, MegatronSource, write_hf, write_megatron
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
 
     hf_dir = tiny_ckpts["moe"]  # untied: embedding and output layer both stream
     write_megatron(HFSource(hf_dir), tmp_path / "mg", Layout(tp=2), progress=False, row_block_bytes=4096)
@@ -145,7 +145,7 @@ def test_reshard_of_row_blocked_vocab_reads_only_rows_bit_exact(tiny_ckpts, tmp_
     (``TorchDistReader.read_rows``), never whole: the round trip is bit-exact."""
     from ernie45.bridge.torch_dist import TorchDistReader
     from ernie45.convert import HFSource, MegatronSource, write_hf, write_megatron
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
 
     hf_dir = tiny_ckpts["moe"]
     write_megatron(HFSource(hf_dir), tmp_path / "a", Layout(tp=2), progress=False, row_block_bytes=4096)

@@ -89,7 +89,7 @@ def test_vl_with_images_counts_each_pool(tmp_path):
     from PIL import Image
 
     from ernie45.config import load_config
-    from ernie45.megatron.vl_model import token_type_ids
+    from ernie45.megatron.vl_inputs import token_type_ids
     from ernie45.verify import TransformersRuntime, image_block, image_inputs
 
     hf = write_tiny_checkpoint(tmp_path / "vl", "vl", seed=6)  # no tokenizer: prompts are token ids

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ErnieConfig
-from ..megatron.parallel import Layout
+from ..layout import Layout
 from .io import HFCheckpoint, HFWriter, atomic_output
 from .layout import Placement, from_grouped_name, placements, shard_bounds
 from .plan import Plan, PlanError, plan_from_hf
