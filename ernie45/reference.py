@@ -13,9 +13,7 @@ import contextlib
 
 import torch
 
-__all__ = ["FLAT_VL", "hf_routing", "transformers_config", "load_reference", "megatron_map_to_hf_order"]
-
-FLAT_VL = "ernie4_5_moe_vl"  # the Thinking model's flat layout (config.py: _from_vl_flat)
+__all__ = ["hf_routing", "transformers_config", "load_reference", "megatron_map_to_hf_order"]
 
 
 @contextlib.contextmanager
@@ -43,7 +41,7 @@ def hf_routing(model):
 def transformers_config(cfg):
     """transformers' nested ``Ernie4_5_VLMoeConfig`` for a flat (Thinking) VL config; None for every other layout
     (transformers reads those from ``config.json`` itself)."""
-    if cfg.hf_config.get("model_type") != FLAT_VL:
+    if not cfg.flat_vl:
         return None
     import transformers
 

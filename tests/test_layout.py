@@ -96,3 +96,21 @@ def test_layout_module_imports_no_megatron_and_no_model():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# process groups for a layout (megatron/parallel.py) and the CPU shims they install
+
+
+def test_cpu_shims_rebind_torch_only_when_cpu_mode_is_asked_for():
+    code = """
+import torch
+original = (torch.cuda.current_device, torch.cuda.synchronize, torch.Tensor.cuda)
+from ernie45.megatron import cpu, parallel  # importing changes nothing
+assert (torch.cuda.current_device, torch.cuda.synchronize, torch.Tensor.cuda) == original
+cpu.install(cpu=False)  # what a CUDA run gets: S4 only
+assert (torch.cuda.current_device, torch.cuda.synchronize, torch.Tensor.cuda) == original and not cpu.on_cpu()
+cpu.install(cpu=True)
+assert torch.cuda.current_device() == torch.device("cpu") and cpu.on_cpu()
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -2,7 +2,7 @@
 
 Every op maps a tuple of HF tensors to a tuple of Megatron tensors (``to_mg``) and back (``to_hf``), exactly:
 ``to_hf(to_mg(x)) == x`` bit for bit (pure reshapes, concatenations and copies; no arithmetic). The round-trip and
-the inverse of each op are tested in ``tests/test_ops.py``.
+the inverse of each op are tested in ``tests/test_ops_and_plan.py``.
 
 Ops are also *shard-compatible* along the split dims a table row allows: applying ``to_mg`` to the i-th TP chunk of
 every HF input gives the i-th TP shard of the Megatron tensor, as Megatron lays it out. That is what lets each rank

@@ -30,7 +30,7 @@ Positions
 * text models built with ``rope="position_ids"`` use HF's positions exactly (``cumsum(mask) - 1``).
 
 Vision features are computed once, at prefill, from the prompt's pixels. Decode-time tokens are text and route to
-the text pool (spec J.20); cached vision positions keep the routing they had at prefill.
+the text pool (reference §J.20); cached vision positions keep the routing they had at prefill.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ class KVCacheSession:
         self.valid_BL = torch.cat([self.valid_BL, torch.ones(B, 1, dtype=torch.bool)], dim=1)
         # one query sees every cached key except left padding
         mask = None if bool(self.valid_BL.all()) else ~self.valid_BL.view(B, 1, 1, -1)
-        # decode-time tokens are text: text pool (spec J.20); an explicit zero tensor, not "no types"
+        # decode-time tokens are text: text pool (reference §J.20); an explicit zero tensor, not "no types"
         moe_types_B1 = torch.zeros_like(ids_B1) if self.vl else None
         return self._forward(ids_B1, mask, self._call_positions(1), moe_types_B1, {})[:, -1]
 

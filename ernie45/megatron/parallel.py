@@ -8,14 +8,18 @@ from ..layout import Layout, LayoutError
 __all__ = ["initialize", "destroy"]
 
 
-def initialize(layout: Layout) -> None:
-    """Create Megatron's process groups for ``layout`` (torch.distributed must be initialised)."""
+def initialize(layout: Layout, *, cpu: bool | None = None) -> None:
+    """Create Megatron's process groups for ``layout`` (torch.distributed must be initialised).
+
+    ``cpu``: run Megatron on the CPU, with the shims of ``cpu.py``; None: exactly when no CUDA device is present.
+    """
+    import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from . import cpu
+    from . import cpu as cpu_shims
 
-    cpu.install()
+    cpu_shims.install(cpu=not torch.cuda.is_available() if cpu is None else cpu)
     world = dist.get_world_size()
     if world % layout.world_size:
         raise LayoutError(f"layout {layout} needs a multiple of {layout.world_size} processes, have {world}")
@@ -26,7 +30,7 @@ def initialize(layout: Layout) -> None:
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
     )
-    cpu.init_rng_tracker()
+    cpu_shims.init_rng_tracker()
 
 
 def destroy() -> None:

@@ -86,7 +86,7 @@ def vl_transformer_config(
     if cfg.family != "vl":
         raise ConfigError(f"vl_transformer_config needs a VL config, got family {cfg.family!r}")
     text_view = dataclasses.replace(
-        cfg, family="moe", moe_intermediate_size=cfg.moe_intermediate_size[:1], mrope_section=None, vision=None,
+        cfg, family="moe", model_type="ernie4_5_moe", moe_intermediate_size=cfg.moe_intermediate_size[:1], mrope_section=None, vision=None,
         vit_impl="hf",
     )
     tc = transformer_config(
