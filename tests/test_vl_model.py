@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from ernie45.config import ErnieConfig
+from ernie45.config import ConfigError, ErnieConfig
 from ernie45.testing import assert_bit_exact, build_hf_model, tiny_hf_config
 
 from vl_helpers import RoutingCapture, expected_from_hf, load_hf_into_vl, load_through_bridge, make_batch, megatron_tensors
@@ -546,3 +546,15 @@ def test_megatron_vit_bridge_round_trip_is_bit_exact(world1, cfg, hf_dir, mg_vit
     assert sorted(state) == sorted(src.keys())
     for name in src.keys():
         assert_bit_exact(state[name], src.get(name), name)
+
+
+def test_rope_option_is_refused_where_it_cannot_hold(cfg):
+    """The VL model always rotates by its 3-D positions; a text model takes one of the two named choices."""
+    from ernie45.layout import Layout
+    from ernie45.megatron.model import build_model
+    from ernie45.megatron.vl_model import build_vl_model
+
+    with pytest.raises(ConfigError, match="3-D position_ids"):
+        build_vl_model(cfg, Layout(), rope="arange")
+    with pytest.raises(ConfigError, match="rope must be"):
+        build_model(ErnieConfig.from_hf(tiny_hf_config("moe")), Layout(), rope="yarn")

@@ -6,7 +6,10 @@ The model is Megatron's own GPTModel with Megatron's local layer specs, changed 
   and sequence-parallel capable (its parameters carry ``sequence_parallel``), which the torch norm of the local spec
   refuses (S8, docs/megatron-on-cpu.md);
 * ``ErnieTopKRouter`` in every MoE layer (softmax + selection-only expert bias, see ``router.py``);
-* the dense/MoE pattern comes from ``ErnieConfig.mlp_layer_types`` (``moe_layer_freq`` as a list).
+* the dense/MoE pattern comes from ``ErnieConfig.mlp_layer_types`` (``moe_layer_freq`` as a list);
+
+and, with ``rope="position_ids"`` (packed rows), ERNIE's rotary module fed by ``position_ids`` (:func:`build_chunks`).
+:func:`build_chunks` is the stage loop the VL model (``vl_model.py``) shares.
 
 Everything else is configuration: GQA with the config's head_dim (``kv_channels``), interleaved RoPE with the
 config's θ (``rotary_interleaved=True``; HF's "rotate_half" is the interleaved one, reference §B.4), SwiGLU, shared experts
