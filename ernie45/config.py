@@ -13,7 +13,9 @@ writer) reads a raw HF dict again, and nothing downstream recomputes the dense/M
 ``cfg.mlp_layer_types``.
 
 A missing required field is a :class:`ConfigError` naming the field; there are no silent defaults. The only
-defaults applied are the ones the HF code itself applies (listed in ``_HF_DEFAULTS`` with the reason).
+defaults applied are the ones the HF code itself applies, each given with its reason where it is read
+(``_Reader.opt``). Every key of every level (top, ``text_config``, ``vision_config``) is consumed or listed as
+ignored with a reason (``IGNORED_KEYS``); any other key is reported.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ IGNORED_KEYS: dict[str, str] = {
     "use_cache": "inference-time switch",
     "initializer_range": "initialisation only",
     "output_router_logits": "training-time switch for the aux loss output",
-    "max_position_embeddings": "no RoPE scaling in ERNIE 4.5; not used by the math",
     "pad_token_id": "padding_idx of the embedding has no effect on forward",
     "bos_token_id": "tokenizer metadata (kept in ErnieConfig.special_ids)",
     "eos_token_id": "tokenizer metadata (kept in ErnieConfig.special_ids)",
@@ -67,6 +68,15 @@ IGNORED_KEYS: dict[str, str] = {
     "tie_word_embeddings": "read where it matters (top level for VL)",
     "router_aux_loss_coef": "kept as ErnieConfig.router_aux_loss_coef",
     "pixel_hidden_size": "flat VL layout: the ViT width, also given as vision_config.embed_dim (which is read)",
+}
+
+
+# config.json layout (``model_type``) -> the family it describes (reference §A)
+LAYOUT_FAMILY: dict[str, str] = {
+    "ernie4_5": "dense",
+    "ernie4_5_moe": "moe",
+    "ernie4_5_vl_moe": "vl",  # nested: text_config / vision_config
+    "ernie4_5_moe_vl": "vl",  # flat: the Thinking model's custom layout
 }
 
 
@@ -98,6 +108,9 @@ class ErnieConfig:
     """Normalised ERNIE 4.5 hyper-parameters. Field names follow HF ``config.json`` keys."""
 
     family: str  # "dense" | "moe" | "vl"
+    # which of the four config.json layouts this came from (module docstring); the model is the same whichever it
+    # is, so it does not take part in ==, but the on-disk names of the flat VL layout differ (see ``flat_vl``)
+    model_type: str = field(compare=False)
     vocab_size: int
     hidden_size: int
     intermediate_size: int  # dense-layer SwiGLU width
@@ -126,6 +139,9 @@ class ErnieConfig:
     # "megatron" = the TP-sharded Megatron-Core ViT (megatron/vit.py). Models and bridge tables both follow it:
     # ``dataclasses.replace(cfg, vit_impl="megatron")``.
     vit_impl: str = "hf"
+    # llama.cpp's context length (GGUF); not used by the math (ERNIE 4.5 has no RoPE scaling). None: the config.json
+    # does not give it (a dict that never went through ``save_pretrained``)
+    max_position_embeddings: int | None = None
     # the source dict, kept verbatim so exports write back the user's config.json unchanged
     hf_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -133,6 +149,8 @@ class ErnieConfig:
     def __post_init__(self) -> None:
         if self.family not in ("dense", "moe", "vl"):
             raise ConfigError(f"unknown family {self.family!r}")
+        if LAYOUT_FAMILY.get(self.model_type) != self.family:
+            raise ConfigError(f"model_type {self.model_type!r} is not a {self.family} layout ({LAYOUT_FAMILY})")
         if self.vit_impl not in ("hf", "megatron") or (self.vit_impl == "megatron" and self.family != "vl"):
             raise ConfigError(f"vit_impl={self.vit_impl!r}: 'hf' or, for VL configs, 'megatron'")
         if self.hidden_act != "silu":
@@ -182,6 +200,11 @@ class ErnieConfig:
     @property
     def is_moe(self) -> bool:
         return self.family in ("moe", "vl")
+
+    @property
+    def flat_vl(self) -> bool:
+        """The flat VL layout (reference §A.4): LM fields at the top level, vision weights under ``vision_model.*``."""
+        return self.model_type == "ernie4_5_moe_vl"
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -310,8 +333,10 @@ def _typed(value: Any, kind: str, name: str) -> Any:
 class _Reader:
     """Reads fields from one dict, typed and ranged (``KINDS``), remembering which keys were consumed."""
 
-    def __init__(self, raw: Mapping[str, Any], where: str = "") -> None:
+    def __init__(self, raw: Mapping[str, Any], where: str = "", ignored: Mapping[str, str] | None = None) -> None:
+        """``ignored``: keys of this dict alone that are not read ({key: reason}), on top of ``IGNORED_KEYS``."""
         self.raw, self.where, self.used = raw, where, set()
+        self.ignored = {**IGNORED_KEYS, **(ignored or {})}
 
     def req(self, key: str, kind: str = "any") -> Any:
         if key not in self.raw or self.raw[key] is None:
@@ -327,7 +352,7 @@ class _Reader:
         return default if value is None else _typed(value, kind, self.where + key)
 
     def report_unused(self) -> None:
-        unknown = sorted(k for k in self.raw if k not in self.used and k not in IGNORED_KEYS and not isinstance(self.raw[k], dict))
+        unknown = sorted(k for k in self.raw if k not in self.used and k not in self.ignored and not isinstance(self.raw[k], dict))
         if unknown:
             warnings.warn(f"config keys not used by ernie45 (check they do not change the model): {self.where}{unknown}")
 
@@ -364,6 +389,9 @@ def _lm_common(r: _Reader, *, head_dim: int | None) -> dict[str, Any]:
         rms_norm_eps=r.req("rms_norm_eps", "positive"),
         rope_theta=_rope_theta(r),
         use_bias=r.opt("use_bias", False, "HF default False", "bool"),
+        max_position_embeddings=r.opt(
+            "max_position_embeddings", None, "absent from dicts never saved by transformers; GGUF needs it", "size"
+        ),
     )
 
 
@@ -404,6 +432,7 @@ def _from_dense(raw: Mapping[str, Any]) -> ErnieConfig:
     common = _lm_common(r, head_dim=r.opt("head_dim", None, "HF: None means hidden_size // num_attention_heads"))
     cfg = ErnieConfig(
         family="dense",
+        model_type="ernie4_5",
         tie_word_embeddings=r.req("tie_word_embeddings", "bool"),
         mlp_layer_types=("dense",) * common["num_hidden_layers"],
         special_ids=_special_ids(raw, ("pad_token_id", "bos_token_id", "eos_token_id")),
@@ -429,6 +458,7 @@ def _from_text_moe(raw: Mapping[str, Any]) -> ErnieConfig:
         )
     cfg = ErnieConfig(
         family="moe",
+        model_type="ernie4_5_moe",
         tie_word_embeddings=r.req("tie_word_embeddings", "bool"),
         mlp_layer_types=types,
         special_ids=_special_ids(raw, ("pad_token_id", "bos_token_id", "eos_token_id")),
@@ -448,7 +478,7 @@ _VL_IDS = (
     "video_end_token_id",
     "video_token_id",
 )
-# Spec §A.3: the released defaults, used by HF and MB when a flat config omits them.
+# Reference §A.3: the released defaults, used by HF and MB when a flat config omits them.
 _VL_DEFAULT_IDS = dict(
     image_start_token_id=101304,
     image_end_token_id=101305,
@@ -501,8 +531,11 @@ def _from_vl_nested(raw: Mapping[str, Any]) -> ErnieConfig:
         layer_norm_eps=v.req("rms_norm_eps", "positive"),
         rope_theta=_typed(vparams.get("rope_theta"), "positive", "vision_config.rope_parameters.rope_theta"),
     )
+    for k in _VL_IDS:
+        top.used.add(k)  # read below, the released defaults when absent
     cfg = ErnieConfig(
         family="vl",
+        model_type="ernie4_5_vl_moe",
         # reference §A.3: the *top-level* tie_word_embeddings is the one the VL model honours
         tie_word_embeddings=top.req("tie_word_embeddings", "bool"),
         mlp_layer_types=types,
@@ -513,7 +546,8 @@ def _from_vl_nested(raw: Mapping[str, Any]) -> ErnieConfig:
         **common,
         **_moe_fields(r, pools=2),
     )
-    r.report_unused()
+    for reader in (top, r, v):
+        reader.report_unused()
     return cfg
 
 
@@ -534,7 +568,7 @@ def _from_vl_flat(raw: Mapping[str, Any]) -> ErnieConfig:
     v = raw.get("vision_config")
     if not isinstance(v, dict):
         raise ConfigError("ernie4_5_moe_vl config needs a vision_config object")
-    vr = _Reader(v, "vision_config.")
+    vr = _Reader(v, "vision_config.", ignored={"hidden_size": "embed_dim, when given, is the ViT width (HF conversion)"})
     width = vr.opt("embed_dim", None, "the flat layout's name for the ViT width", "size")
     width = width or vr.req("hidden_size", "size")
     mlp_ratio = vr.req("mlp_ratio", "positive")
@@ -566,6 +600,7 @@ def _from_vl_flat(raw: Mapping[str, Any]) -> ErnieConfig:
         r.used.add("im_patch_id")
     cfg = ErnieConfig(
         family="vl",
+        model_type="ernie4_5_moe_vl",
         tie_word_embeddings=r.req("tie_word_embeddings", "bool"),
         mlp_layer_types=types,
         mrope_section=_mrope_section(raw.get("rope_parameters") or scaling, common["head_dim"], t_bands),
@@ -575,5 +610,6 @@ def _from_vl_flat(raw: Mapping[str, Any]) -> ErnieConfig:
         **common,
         **_moe_fields(r, pools=2),
     )
-    r.report_unused()
+    for reader in (r, vr):
+        reader.report_unused()
     return cfg

@@ -44,7 +44,7 @@ from .bridge.source import Source, open_source
 from .bridge.tables import IGNORED
 from .bridge.torch_dist import CARRY_PREFIX, ROW_BLOCK_BYTES, dist_key, write_megatron
 from .errors import UsageError
-from .megatron.parallel import Layout
+from .layout import Layout
 
 __all__ = ["write_hf", "convert", "ConversionReport"]
 

@@ -212,7 +212,7 @@ def _cached_logits(rt: MegatronRuntime, batch: Batch, max_new_tokens: int) -> Ge
     cfg, ids = rt.cfg, batch.input_ids
     mm = {}
     if cfg.family == "vl":
-        from .megatron.vl_model import token_type_ids
+        from .megatron.vl_inputs import token_type_ids
 
         types, moe_types = token_type_ids(ids, cfg)
         mm = dict(mm_token_type_ids=types, moe_mm_token_type_ids=moe_types)

@@ -24,7 +24,7 @@ def model_facts(cfg, *, tied: bool) -> dict:
     total, active = cfg.parameter_counts()
     info = {
         "family": cfg.family,
-        "model_type": cfg.hf_config.get("model_type"),
+        "model_type": cfg.model_type,
         "layers": f"{cfg.num_hidden_layers} ({''.join('S' if t == 'sparse' else 'D' for t in cfg.mlp_layer_types)})",
         "hidden / heads / kv": f"{cfg.hidden_size} / {cfg.num_attention_heads} / {cfg.num_key_value_heads} (head_dim {cfg.head_dim})",
         "vocab": cfg.vocab_size,

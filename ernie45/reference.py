@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FLAT_VL", "transformers_config", "load_reference"]
-
-FLAT_VL = "ernie4_5_moe_vl"  # the Thinking model's flat layout (config.py: _from_vl_flat)
+__all__ = ["transformers_config", "load_reference"]
 
 
 def transformers_config(cfg):
     """transformers' nested ``Ernie4_5_VLMoeConfig`` for a flat (Thinking) VL config; None for every other layout
     (transformers reads those from ``config.json`` itself)."""
-    if cfg.hf_config.get("model_type") != FLAT_VL:
+    if not cfg.flat_vl:
         return None
     import transformers
 

@@ -30,6 +30,7 @@ import torch
 
 from .errors import InputError
 from .inputs import Batch
+from .layout import Layout
 
 __all__ = [
     "BackendError",
@@ -92,7 +93,7 @@ _ROUTER_SITES = {
 
 def vl_types(cfg, input_ids_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mm_token_type_ids, moe_mm_token_type_ids)`` of a VL batch, as the HF processor makes them."""
-    from .megatron.vl_model import token_type_ids
+    from .megatron.vl_inputs import token_type_ids
 
     return token_type_ids(input_ids_BS, cfg)
 
@@ -241,7 +242,7 @@ def _megatron_groups() -> bool:
         if sizes != (1, 1, 1):
             raise BackendError(f"Megatron is already initialised at TP·PP·EP = {sizes}; this runs at TP1·PP1·EP1")
         return False
-    parallel.initialize(parallel.Layout())
+    parallel.initialize(Layout())
     return True
 
 
@@ -254,7 +255,6 @@ class MegatronRuntime(Runtime):
         from megatron.core.transformer.moe.router import TopKRouter
 
         from .bridge.live import load_hf
-        from .megatron.parallel import Layout
 
         self.cfg = cfg = source.cfg
         self.dtype = params_dtype = getattr(torch, DTYPES[dtype])

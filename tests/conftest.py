@@ -32,11 +32,12 @@ def world1(gloo_world):
     """Megatron process groups for TP1·PP1·EP1 on the single-process gloo world, for one test module."""
     from megatron.core import parallel_state as ps
 
+    from ernie45.layout import Layout
     from ernie45.megatron import parallel
 
     if ps.model_parallel_is_initialized():
         parallel.destroy()
-    parallel.initialize(parallel.Layout())
+    parallel.initialize(Layout())
     yield
     parallel.destroy()
 

@@ -108,8 +108,8 @@ def worker(rank: int, port: int, ckpts: dict, out_root: str) -> None:
     from ernie45.bridge.live import export_hf
     from ernie45.bridge.tables import effective_tie
     from ernie45.config import load_config
+    from ernie45.layout import Layout
     from ernie45.megatron import parallel
-    from ernie45.megatron.parallel import Layout
 
     with worker_results(rank, out_root) as results:
         from ernie45.reference import load_reference
@@ -160,9 +160,9 @@ def offline_worker(rank: int, port: int, mg_dir: str, hf_dir: str, ref_file: str
     from safetensors.torch import load_file
 
     from ernie45.config import load_config
+    from ernie45.layout import Layout
     from ernie45.megatron import parallel
     from ernie45.megatron.model import build_model
-    from ernie45.megatron.parallel import Layout
     from ernie45.megatron.run import forward_logits
 
     ref = load_file(ref_file)

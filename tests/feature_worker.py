@@ -73,7 +73,7 @@ def _inputs(family, cfg):
     from vl_helpers import make_batch
 
     from ernie45.megatron.packing import forward_packed, pack
-    from ernie45.megatron.vl_model import lm_labels, masked_token_mean
+    from ernie45.megatron.vl_inputs import lm_labels, masked_token_mean
 
     if family in ("dense", "moe"):
         g = torch.Generator().manual_seed(11)
@@ -155,8 +155,8 @@ def worker(rank: int, port: int, hf_dirs: dict, out_root: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     with worker_results(rank, out_root) as results:
         from ernie45.config import load_config
+        from ernie45.layout import Layout
         from ernie45.megatron import parallel
-        from ernie45.megatron.parallel import Layout
         from ernie45.reference import load_reference
         from ernie45.testing import grad_differences, hf_loss_and_grads
 

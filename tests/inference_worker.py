@@ -81,7 +81,7 @@ def worker(rank: int, port: int, paths: dict[str, str], out_root: str) -> None:
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
 
     try:
         for name, (family, kw, mg_vit) in CASES.items():

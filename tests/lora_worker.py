@@ -149,8 +149,8 @@ def worker(rank: int, port: int, sources: dict, out_root: str, train_kwargs: dic
     from megatron.core import parallel_state as ps
 
     from ernie45.config import load_config
+    from ernie45.layout import Layout
     from ernie45.megatron import parallel
-    from ernie45.megatron.parallel import Layout
     from ernie45.train.lora import (
         adapter_sharded_state_dict,
         apply_lora,

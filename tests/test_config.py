@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import warnings
 
 import pytest
 
@@ -125,3 +128,60 @@ def test_config_is_frozen_and_round_trips_to_hf():
     with pytest.raises(Exception):
         cfg.hidden_size = 1  # type: ignore[misc]
     assert json.dumps(cfg.to_hf(), sort_keys=True) == json.dumps(raw, sort_keys=True)
+
+
+def _saved(family: str) -> dict:
+    """The config.json transformers writes for the tiny config of ``family`` (what ``save_pretrained`` stores)."""
+    from ernie45.testing import _hf_config_object
+
+    return json.loads(_hf_config_object(tiny_hf_config(family)).to_json_string(use_diff=True))
+
+
+@pytest.mark.parametrize("family", ["dense", "moe", "vl"])
+def test_every_saved_key_is_read_or_declared_ignored(family):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unknown key would be reported
+        cfg = ErnieConfig.from_hf(_saved(family))
+    assert cfg.model_type == _saved(family)["model_type"]
+    assert cfg.max_position_embeddings == 131072  # transformers' default, written by save_pretrained
+
+
+def _flat_vl() -> dict:
+    t, v = tiny_hf_config("vl")["text_config"], tiny_hf_config("vl")["vision_config"]
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "rms_norm_eps", "use_bias", "moe_k", "moe_num_shared_experts")  # fmt: skip
+    return {
+        "model_type": "ernie4_5_moe_vl", **{k: t[k] for k in keep}, "rope_theta": 500000.0, "freq_allocation": 2,
+        "moe_num_experts": [8, 8], "moe_intermediate_size": [32, 16], "moe_layer_start_index": 1,
+        "moe_layer_end_index": 3, "moe_layer_interval": 1, "tie_word_embeddings": False,
+        "vision_config": {"depth": v["depth"], "embed_dim": v["hidden_size"], "hidden_size": v["hidden_size"],
+                          "mlp_ratio": 2, "num_heads": v["num_heads"], "in_channels": 3, "patch_size": 14,
+                          "hidden_act": "quick_gelu"},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "layout, path",
+    [("moe", ()), ("vl", ()), ("vl", ("text_config",)), ("vl", ("vision_config",)), ("flat", ()), ("flat", ("vision_config",))],
+    ids=["text", "vl-top", "vl-text_config", "vl-vision_config", "flat-top", "flat-vision_config"],
+)
+def test_unknown_keys_are_reported_at_every_level(layout, path):
+    raw = _flat_vl() if layout == "flat" else _saved(layout)
+    level = raw
+    for key in path:
+        level = level[key]
+    level["ernie_new_knob"] = 3
+    where = "".join(f"{key}." for key in path)
+    with pytest.warns(UserWarning, match=re.escape(f"{where}['ernie_new_knob']")):
+        ErnieConfig.from_hf(raw)
+
+
+def test_layout_is_a_field_and_not_part_of_equality():
+    nested = ErnieConfig.from_hf(tiny_hf_config("vl"))
+    assert nested.model_type == "ernie4_5_vl_moe" and not nested.flat_vl
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every key of the flat layout is read or declared ignored
+        flat = ErnieConfig.from_hf(_flat_vl())
+    assert flat.model_type == "ernie4_5_moe_vl" and flat.flat_vl
+    with pytest.raises(ConfigError, match="not a dense layout"):
+        dataclasses.replace(ErnieConfig.from_hf(tiny_hf_config("dense")), model_type="ernie4_5_moe")

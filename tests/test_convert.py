@@ -126,8 +126,8 @@ def test_offline_keys_equal_live_model_sharded_state_dict(grid_ckpts, tmp_path, 
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
     from ernie45.config import load_config
+    from ernie45.layout import Layout
     from ernie45.megatron.model import build_model
-    from ernie45.megatron.parallel import Layout
 
     src = grid_ckpts["moe"]
     convert(src, tmp_path / "mg", to="megatron", progress=False)
@@ -149,7 +149,7 @@ def test_offline_vl_keys_equal_live_model_with_either_vit(grid_ckpts, tmp_path, 
 
     from ernie45.config import load_config
     from ernie45.bridge.torch_dist import MegatronSource
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
     from ernie45.megatron.vl_model import build_vl_model
 
     megatron(Layout())

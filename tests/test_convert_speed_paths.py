@@ -104,7 +104,7 @@ def test_vocab_written_in_row_blocks_loads_with_megatron_at_two_layouts(tiny_ckp
 
     from ernie45.bridge.source import HFSource
     from ernie45.bridge.torch_dist import write_megatron
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
 
     hf_dir = tiny_ckpts["moe-tied"]
     layout = Layout(tp=2, pp=2, ep=2)
@@ -128,7 +128,7 @@ def test_torch_dist_to_hf_streams_the_vocab_in_row_blocks_bit_exact(tiny_ckpts, 
     from ernie45.bridge.source import HFSource
     from ernie45.bridge.torch_dist import MegatronSource, write_megatron
     from ernie45.convert import write_hf
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
 
     hf_dir = tiny_ckpts["moe"]  # untied: embedding and output layer both stream
     write_megatron(HFSource(hf_dir), tmp_path / "mg", Layout(tp=2), progress=False, row_block_bytes=4096)
@@ -150,7 +150,7 @@ def test_reshard_of_row_blocked_vocab_reads_only_rows_bit_exact(tiny_ckpts, tmp_
     from ernie45.bridge.source import HFSource
     from ernie45.bridge.torch_dist import MegatronSource, write_megatron
     from ernie45.convert import write_hf
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
 
     hf_dir = tiny_ckpts["moe"]
     write_megatron(HFSource(hf_dir), tmp_path / "a", Layout(tp=2), progress=False, row_block_bytes=4096)

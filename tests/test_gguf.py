@@ -403,7 +403,7 @@ def test_bias_is_refused(ckpts, tmp_path):
 
 def test_missing_context_length_is_an_error(ckpts, tmp_path):
     cfg = ErnieConfig.from_hf(tiny_hf_config("dense"))  # a dict that never went through save_pretrained
-    assert "max_position_embeddings" not in cfg.hf_config
+    assert cfg.max_position_embeddings is None
     with pytest.raises(GGUFExportError, match="max_position_embeddings"):
         export_gguf(HFCheckpoint(ckpts["dense"]), cfg, tmp_path / "m.gguf", progress=False)
     assert list(tmp_path.iterdir()) == []

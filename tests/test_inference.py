@@ -15,8 +15,8 @@ import torch
 
 from ernie45.bridge.live import load_hf
 from ernie45.config import load_config
+from ernie45.layout import Layout
 from ernie45.megatron.inference import KVCacheSession, generate, teacher_forced_logits
-from ernie45.megatron.parallel import Layout
 from ernie45.reference import load_reference
 from ernie45.testing import assert_bit_exact
 
@@ -28,13 +28,10 @@ NEW = 8  # generated tokens
 
 def _text_model(path, *, position_rope: bool = False):
     from ernie45.megatron.model import build_model
-    from ernie45.megatron.packing import use_position_ids_rope
 
     cfg = load_config(path)
-    chunks = build_model(cfg, Layout())
+    chunks = build_model(cfg, Layout(), rope="position_ids" if position_rope else "arange")
     load_hf(chunks, cfg, Layout(), path)
-    if position_rope:
-        use_position_ids_rope(chunks, cfg)
     return cfg, chunks
 
 
@@ -114,7 +111,7 @@ def _prompt_inputs(batch):
 
 def _full_vl_inputs(cfg, prompt, ids):
     """Processor-style inputs for prompt + continuation ``ids`` (continuation tokens are text)."""
-    from ernie45.megatron.vl_model import token_type_ids
+    from ernie45.megatron.vl_inputs import token_type_ids
 
     mm, moe = token_type_ids(ids, cfg)
     out = {k: v for k, v in prompt.items() if k.startswith("pixel_values") or k.endswith("grid_thw")}
@@ -127,7 +124,7 @@ def _full_vl_inputs(cfg, prompt, ids):
 
 @pytest.mark.parametrize("prompt", [IMAGE_PROMPT, VIDEO_PROMPT], ids=["image", "video"])
 def test_vl_cached_decoding_equals_full_forward(prompt, vl):
-    from ernie45.megatron.vl_model import vl_position_ids
+    from ernie45.megatron.vl_inputs import vl_position_ids
 
     cfg, _, chunks = vl
     batch = make_batch(cfg, [prompt], seed=2)

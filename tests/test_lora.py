@@ -49,7 +49,7 @@ def sources(tiny_ckpts, vl_dir):
 
 def _lora_model(family, src, targets, *, vit_impl="hf", dtype=DTYPE):
     from ernie45.config import load_config
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
     from ernie45.train.lora import apply_lora
 
     cfg = load_config(src)
@@ -82,7 +82,7 @@ def test_lora_equals_merged_and_peft(case, world1, sources, tmp_path):
     """TP1: the LoRA model's logits equal the merged model's, and transformers + peft with the exported adapter."""
     from peft import PeftModel
 
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
     from ernie45.reference import load_reference
     from ernie45.train.lora import merge_lora
     from ernie45.inspect import inspect_path
@@ -210,7 +210,7 @@ def test_base_frozen_and_bit_identical_after_a_step(world1, sources):
 
 def test_dropout_acts_in_training_only_and_not_on_routed_experts(world1, sources):
     from ernie45.config import load_config
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
     from ernie45.train.lora import adapted_modules, apply_lora
 
     cfg = load_config(sources["moe"])
@@ -238,7 +238,7 @@ def test_merged_export_converts_to_gguf(world1, sources, tmp_path):
     from ernie45.bridge.io import HFCheckpoint
     from ernie45.bridge.live import export_hf
     from ernie45.convert import convert
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
     from ernie45.train.lora import merge_lora
 
     from ernie45.testing import write_tiny_checkpoint
@@ -289,7 +289,7 @@ def test_merged_lora_gguf_runs_in_llama_cpp(world1, tmp_path):
 
     from ernie45.bridge.live import export_hf
     from ernie45.convert import convert
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
     from ernie45.reference import load_reference
     from ernie45.testing import write_tiny_checkpoint
     from ernie45.train.lora import merge_lora
@@ -354,8 +354,8 @@ def _initial_adapter(family, cfg, ck, targets, seed, out):
     exported as a PEFT adapter, and the base weights, from a TP1 model built like the trainer's."""
     from megatron.core import parallel_state as ps
 
+    from ernie45.layout import Layout
     from ernie45.megatron import parallel
-    from ernie45.megatron.parallel import Layout
     from ernie45.train.lora import apply_lora
     from ernie45.train.peft_export import export_peft_adapter
 

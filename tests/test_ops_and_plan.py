@@ -11,7 +11,7 @@ from ernie45.bridge.plan import PlanError, expand, plan_from_hf
 from ernie45.bridge.tables import Row, Split, effective_tie
 from ernie45.bridge.layout import from_grouped_name, placements, to_grouped_name
 from ernie45.config import ErnieConfig
-from ernie45.megatron.parallel import Layout, LayoutError
+from ernie45.layout import Layout, LayoutError
 from ernie45.testing import assert_bit_exact, tiny_hf_config
 
 g = torch.Generator().manual_seed(0)

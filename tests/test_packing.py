@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from ernie45.config import ConfigError, ErnieConfig, load_config
+from ernie45.layout import Layout
 from ernie45.megatron.model import causal_mask
-from ernie45.megatron.packing import block_causal_mask, forward_packed, pack, use_position_ids_rope
-from ernie45.megatron.parallel import Layout
-from ernie45.megatron.vl_model import lm_labels, masked_token_mean
+from ernie45.megatron.packing import block_causal_mask, forward_packed, pack
+from ernie45.megatron.vl_inputs import lm_labels, masked_token_mean
 from ernie45.testing import assert_bit_exact, tiny_hf_config
 
 from vl_helpers import make_batch
@@ -84,14 +84,18 @@ def moe(world1, tiny_ckpts):
 
     path = tiny_ckpts["moe"]
     cfg = load_config(path)
-    chunks = build_model(cfg, Layout())
-    load_hf(chunks, cfg, Layout(), path)
+    stock = build_model(cfg, Layout())
+    load_hf(stock, cfg, Layout(), path)
     g = torch.Generator().manual_seed(1)
     samples = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in TEXT_LENGTHS]
-    # the references: every sample alone, through the stock "rope" model, before any change to it
-    chunks[0].eval()
+    # the references: every sample alone, through the stock "rope" model (rotates by arange(S))
+    stock[0].eval()
     with torch.no_grad():
-        alone = [_alone_text(chunks[0], s) for s in samples]
+        alone = [_alone_text(stock[0], s) for s in samples]
+    # the model packed rows run on: the same weights, rotating by position_ids
+    chunks = build_model(cfg, Layout(), rope="position_ids")
+    load_hf(chunks, cfg, Layout(), path)
+    chunks[0].eval()
     return cfg, chunks, samples, alone
 
 
@@ -101,13 +105,12 @@ def test_text_packing_needs_position_driven_rope(moe):
     cfg, _, samples, _ = moe
 
     fresh = build_model(cfg, Layout())  # a stock model rotates by arange(S): refused rather than silently wrong
-    with pytest.raises(ConfigError, match="use_position_ids_rope"):
+    with pytest.raises(ConfigError, match="rope=.position_ids"):
         forward_packed(fresh[0], pack(samples, cfg), cfg)
 
 
 def test_position_ids_rope_is_bit_identical_to_rope(moe):
     cfg, chunks, samples, alone = moe
-    use_position_ids_rope(chunks, cfg)
     with torch.no_grad():
         for s, (ref, _) in zip(samples, alone):
             out, _ = _alone_text(chunks[0], s)
@@ -116,7 +119,6 @@ def test_position_ids_rope_is_bit_identical_to_rope(moe):
 
 def test_packed_text_moe_equals_samples_alone(moe):
     cfg, chunks, samples, alone = moe
-    use_position_ids_rope(chunks, cfg)
     p = pack(samples, cfg, pad_to_multiple_of=8)
     with torch.no_grad():
         logits = forward_packed(chunks[0], p, cfg, runtime_gather_output=True)
@@ -131,7 +133,6 @@ def test_packed_text_moe_equals_samples_alone(moe):
 def test_packed_text_moe_gradients_equal_samples_alone(moe):
     """Training-grade: d(sum of per-sample mean losses) is the same packed or one by one."""
     cfg, chunks, samples, _ = moe
-    use_position_ids_rope(chunks, cfg)
     chunk = chunks[0].train()
     trainable = [s for s in samples if s.numel() > 1]
     chunk.zero_grad(set_to_none=True)
@@ -151,7 +152,6 @@ def test_packed_text_moe_gradients_equal_samples_alone(moe):
 def test_packed_row_without_block_mask_differs(moe):
     """The negative control: a plain causal mask lets later samples attend to earlier ones."""
     cfg, chunks, samples, alone = moe
-    use_position_ids_rope(chunks, cfg)
     p = pack(samples, cfg)
     leaky = dataclasses.replace(p, attention_mask=causal_mask(p.seq_len))
     with torch.no_grad():

@@ -96,7 +96,7 @@ def test_vl_with_images_counts_each_pool(tmp_path):
     from PIL import Image
 
     from ernie45.config import load_config
-    from ernie45.megatron.vl_model import token_type_ids
+    from ernie45.megatron.vl_inputs import token_type_ids
     from ernie45.inputs import image_block, image_inputs
     from ernie45.runtime import TransformersRuntime
 

@@ -12,7 +12,7 @@ from ernie45.bridge.live import export_hf, load_hf
 from ernie45.bridge.source import open_source
 from ernie45.convert import convert
 from ernie45.errors import UsageError
-from ernie45.megatron import parallel
+from ernie45.layout import Layout
 from ernie45.megatron.model import build_model
 from ernie45.megatron.run import forward_logits
 from ernie45.reference import load_reference
@@ -41,7 +41,7 @@ def test_readme_python_api_on_a_tied_config_that_stores_lm_head(tied_with_head, 
     assert_bit_exact(hf.lm_head.weight.detach(), load_file(tied_with_head / "model.safetensors")["lm_head.weight"])
     assert hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr()
 
-    layout = parallel.Layout()
+    layout = Layout()
     megatron(layout)  # parallel.initialize(layout), torn down after the test
     source = open_source(tied_with_head)
     assert source.cfg.tie_word_embeddings and not source.tied

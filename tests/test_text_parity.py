@@ -13,8 +13,8 @@ from ernie45.bridge.io import HFCheckpoint
 from ernie45.bridge.live import gather_hf, load_hf
 from ernie45.bridge.tables import effective_tie
 from ernie45.config import load_config
+from ernie45.layout import Layout
 from ernie45.megatron.model import build_model
-from ernie45.megatron.parallel import Layout
 from ernie45.megatron.run import forward_backward, forward_logits
 from ernie45.reference import load_reference
 from ernie45.runtime import capture_routing

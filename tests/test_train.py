@@ -74,7 +74,7 @@ def _config(setup, name: str, out: Path, **kw):
 def _grads_by_step(cfg, steps):
     """on_step callback recording the clipped fp32 gradients, gathered in HF on-disk names."""
     from ernie45.bridge.live import gather_hf
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
 
     grads = {}
 

@@ -82,7 +82,7 @@ def test_bad_input_errors_share_one_root():
     from ernie45.bridge.io import CheckpointError
     from ernie45.config import ConfigError
     from ernie45.errors import InputError, UsageError
-    from ernie45.megatron.parallel import LayoutError
+    from ernie45.layout import LayoutError
 
     for cls in (ConfigError, CheckpointError, LayoutError, GGUFExportError, UsageError):
         assert issubclass(cls, InputError), cls

@@ -358,8 +358,8 @@ def _aux_router_grads(tmp_path, layers: int, megatron, aux_loss: bool = True):
     from ernie45.bridge.io import HFCheckpoint
     from ernie45.bridge.live import load_hf
     from ernie45.config import load_config
+    from ernie45.layout import Layout
     from ernie45.megatron.model import build_model, causal_mask
-    from ernie45.megatron.parallel import Layout
     from ernie45.testing import build_hf_model, tiny_hf_config
 
     coef = 0.01

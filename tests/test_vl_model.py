@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from ernie45.config import ErnieConfig
+from ernie45.config import ConfigError, ErnieConfig
 from ernie45.runtime import capture_routing
 from ernie45.testing import assert_bit_exact, build_hf_model, tiny_hf_config
 
@@ -45,7 +45,7 @@ def hf_dir(tmp_path_factory):
 
 def _build(cfg, hf_model, hf_dir=None, **kw):
     """Through the production bridge (``hf_dir``), or the independent test copy (``hf_dir=None``)."""
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
     from ernie45.megatron.vl_model import build_vl_model
 
     torch.manual_seed(1234)
@@ -144,7 +144,7 @@ def test_rope_band_layout_and_1d_reduction(world1, cfg):
 
 
 def test_position_ids_match_hf_get_rope_index(hf_model, cfg):
-    from ernie45.megatron.vl_model import vl_position_ids
+    from ernie45.megatron.vl_inputs import vl_position_ids
 
     batch = make_batch(cfg, CASES["padded_mix"] + [[("text", 1), ("video", (8, 4, 4)), ("text", 2)]], seed=3)
     ours = vl_position_ids(
@@ -210,7 +210,7 @@ def test_token_type_arrays_are_not_interchangeable(mg_model, cfg):
         ref = mg_model(**batch)
         swapped_moe = mg_model(**dict(batch, moe_mm_token_type_ids=batch["mm_token_type_ids"]))
     assert (swapped_moe - ref).abs().max() > 1e-3
-    from ernie45.megatron.vl_model import vl_position_ids
+    from ernie45.megatron.vl_inputs import vl_position_ids
 
     kw = dict(spatial_merge_size=2, temporal_merge_size=2)
     with pytest.raises(ValueError):  # the MoE types split the image run from its start token: no grid fits
@@ -237,7 +237,7 @@ def test_bool_padding_mask_is_refused(mg_model, cfg):
 
 @pytest.mark.parametrize("freeze", [dict(), dict(vision=True), dict(language=True, projection=False)], ids=str)
 def test_loss_and_grads_match_hf(freeze, world1, cfg, hf_model, hf_dir):
-    from ernie45.megatron.vl_model import lm_labels, masked_token_mean
+    from ernie45.megatron.vl_inputs import lm_labels, masked_token_mean
 
     mg = _build(cfg, hf_model, hf_dir)
     mg.train()
@@ -489,7 +489,7 @@ def test_bridge_equals_independent_copy(world1, cfg, hf_model, mg_model):
 def test_vl_bridge_round_trip_is_bit_exact(world1, cfg, hf_dir, mg_model):
     from ernie45.bridge.io import HFCheckpoint
     from ernie45.bridge.live import gather_hf
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
 
     src = HFCheckpoint(hf_dir / "hf")
     state = gather_hf([mg_model], cfg, Layout(), tied=False)
@@ -538,7 +538,7 @@ def test_megatron_vit_bridge_round_trip_is_bit_exact(world1, cfg, hf_dir, mg_vit
 
     from ernie45.bridge.io import HFCheckpoint
     from ernie45.bridge.live import gather_hf
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
 
     names = set(megatron_tensors(mg_vit_model))
     assert "vision_model.decoder.layers.0.self_attention.linear_qkv.weight" in names
@@ -548,3 +548,15 @@ def test_megatron_vit_bridge_round_trip_is_bit_exact(world1, cfg, hf_dir, mg_vit
     assert sorted(state) == sorted(src.keys())
     for name in src.keys():
         assert_bit_exact(state[name], src.get(name), name)
+
+
+def test_rope_option_is_refused_where_it_cannot_hold(cfg):
+    """The VL model always rotates by its 3-D positions; a text model takes one of the two named choices."""
+    from ernie45.layout import Layout
+    from ernie45.megatron.model import build_model
+    from ernie45.megatron.vl_model import build_vl_model
+
+    with pytest.raises(ConfigError, match="3-D position_ids"):
+        build_vl_model(cfg, Layout(), rope="arange")
+    with pytest.raises(ConfigError, match="rope must be"):
+        build_model(ErnieConfig.from_hf(tiny_hf_config("moe")), Layout(), rope="yarn")

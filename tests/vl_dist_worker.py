@@ -53,7 +53,7 @@ def _schedule(chunks, batch, *, forward_only: bool):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from ernie45.megatron import cpu
-    from ernie45.megatron.vl_model import masked_token_mean
+    from ernie45.megatron.vl_inputs import masked_token_mean
 
     B, S = batch["input_ids"].shape
     loss_mask = batch.pop("loss_mask", None)
@@ -176,9 +176,9 @@ def worker(rank: int, port: int, out_root: str) -> None:
 
         from ernie45.bridge.live import export_hf, gather_hf
         from ernie45.config import ErnieConfig
+        from ernie45.layout import Layout
         from ernie45.megatron import parallel
-        from ernie45.megatron.parallel import Layout
-        from ernie45.megatron.vl_model import lm_labels
+        from ernie45.megatron.vl_inputs import lm_labels
         from ernie45.testing import build_hf_model, tiny_hf_config
         from vl_helpers import expected_from_hf, make_batch
 

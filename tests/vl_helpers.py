@@ -158,7 +158,7 @@ def bridged_tiny_vl(tmp_dir, *, seed: int = 0):
     """(cfg, transformers model, Megatron chunks at TP1) of the tiny VL config, loaded through the production bridge
     from the model's own on-disk checkpoint. Process groups must exist."""
     from ernie45.config import ErnieConfig
-    from ernie45.megatron.parallel import Layout
+    from ernie45.layout import Layout
     from ernie45.megatron.vl_model import build_vl_model
     from ernie45.testing import build_hf_model, tiny_hf_config
 
@@ -204,7 +204,7 @@ def make_batch(cfg, samples, *, seed: int = 0, pad_side: str = "left", force_mas
     pixel rows of 588, each video ``START + t·h·w/8 placeholders + END`` with ``t·h·w`` rows (reference §F.1). Rows
     shorter than the longest are padded with id 0 and attention_mask 0.
     """
-    from ernie45.megatron.vl_model import token_type_ids
+    from ernie45.megatron.vl_inputs import token_type_ids
 
     g = torch.Generator().manual_seed(seed)
     ids = cfg.special_ids

@@ -323,7 +323,7 @@ def plan_gguf(
 
 def _write_hparams(w: gguf.GGUFWriter, cfg: ErnieConfig, plan: GGUFPlan) -> None:
     """The hyper-parameters llama.cpp reads for ERNIE 4.5 (llama-model.cpp load_hparams + ernie4-5.cpp)."""
-    ctx = cfg.hf_config.get("max_position_embeddings")
+    ctx = cfg.max_position_embeddings
     if ctx is None:
         # llama.cpp requires context_length; ERNIE 4.5 has no RoPE scaling, so it is the config value or nothing
         raise GGUFExportError("config.json has no max_position_embeddings; llama.cpp requires a context length")

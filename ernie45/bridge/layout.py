@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 
 from ..config import ErnieConfig
-from ..megatron.parallel import Layout
+from ..layout import Layout
 from .tables import Item, Split
 
 __all__ = ["Placement", "placements", "shard_bounds", "to_grouped_name", "from_grouped_name"]

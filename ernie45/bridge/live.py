@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ErnieConfig
-from ..megatron.parallel import Layout
+from ..layout import Layout
 from .io import HFCheckpoint, atomic_output, copy_side_files, read_hf_slices, side_files_of, write_hf_files
 from .layout import Placement, from_grouped_name, placements, shard_bounds
 from .plan import Plan, PlanError, expand, plan_from_hf

@@ -64,7 +64,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from ..config import ErnieConfig, load_config
 from ..errors import dcp_failure
-from ..megatron.parallel import Layout
+from ..layout import Layout
 from .io import (
     INFO_NAME,
     NO_PHASES,

@@ -43,7 +43,7 @@ _SHARED_SCOPES = ("model", "untied", "layer", "dense", "shared")
 
 def vision_prefix(cfg: ErnieConfig) -> str:
     """On-disk prefix of the ViT tensors for this config's layout (module docstring)."""
-    return "vision_model." if cfg.hf_config.get("model_type") == "ernie4_5_moe_vl" else "model.vision_model."
+    return "vision_model." if cfg.flat_vl else "model.vision_model."
 
 
 def _language_rows(cfg: ErnieConfig) -> tuple[Row, ...]:

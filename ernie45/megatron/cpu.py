@@ -1,9 +1,10 @@
 """Run-time shims that let Megatron-Core 0.16.1 run forward/backward on a CPU with gloo.
 
 Everything CPU-specific lives in this one module (``docs/megatron-on-cpu.md`` says why each shim is needed).
-The model code never imports it; tests, the CLI and the benchmarks call :func:`install` before they build
-a model when no GPU is present. On a CUDA machine :func:`install` only applies S4, which is a Megatron 0.16.1 bug
-(not a CPU issue) and a no-op on later releases.
+The model code never imports it, and importing it changes nothing. The shims that rebind torch globals are applied
+only when the caller asks for CPU mode: ``install(cpu=True)``, which ``ernie45.megatron.parallel.initialize`` calls
+with ``cpu=True`` by default exactly when no CUDA device is present. ``install(cpu=False)`` only applies S4, which
+is a Megatron 0.16.1 bug (not a CPU issue) and a no-op on later releases.
 
 =====  ===================================================================  ==========================================
 id     what                                                                 why
@@ -33,24 +34,24 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = ["install", "init_rng_tracker", "CudaToCpuMode", "on_cpu"]
 
-_installed = False
+# whether this process runs Megatron on the CPU: set once by install(cpu=True), never unset (the shims stay)
+_cpu_mode = False
 
 
 def on_cpu() -> bool:
-    return not torch.cuda.is_available()
+    """Whether the caller asked for CPU mode (:func:`install` with ``cpu=True``)."""
+    return _cpu_mode
 
 
-def install() -> None:
-    """Apply the process-wide shims (idempotent)."""
-    global _installed
-    if _installed:
-        return
+def install(*, cpu: bool) -> None:
+    """Apply S4, and with ``cpu`` the process-wide CPU shims (idempotent; CPU mode cannot be left again)."""
+    global _cpu_mode
     from megatron.core.transformer.moe import moe_utils
 
     # S4: defined only inside `try: import transformer_engine` in 0.16.1, but tested unconditionally.
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
-    if on_cpu():
+    if cpu and not _cpu_mode:
         # S1
         torch.cuda.current_device = lambda: torch.device("cpu")
         # S6
@@ -66,7 +67,7 @@ def install() -> None:
         from megatron.core.optimizer import optimizer as mg_optimizer
 
         mg_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
-    _installed = True
+        _cpu_mode = True
 
 
 def init_rng_tracker() -> None:
@@ -105,5 +106,5 @@ class CudaToCpuMode(TorchFunctionMode):
 
 
 def cpu_mode():
-    """A context for Megatron code paths that hard-code ``device="cuda"`` (S5); a no-op on GPU machines."""
+    """A context for Megatron code paths that hard-code ``device="cuda"`` (S5); a no-op outside CPU mode."""
     return CudaToCpuMode() if on_cpu() else contextlib.nullcontext()

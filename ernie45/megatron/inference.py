@@ -23,14 +23,14 @@ Positions
 * ``"rope"`` text models rotate the cache slot: position = slot index, ``arange`` from 0 including left padding.
   HF counts real tokens only (``cumsum(mask) - 1``); for a left-padded row the two differ by a constant per row,
   which RoPE's relative form cancels (scores equal up to rounding).
-* position-driven models (VL, or text after ``packing.use_position_ids_rope``) slice the rotary angles of the
+* position-driven models (VL, or text built with ``rope="position_ids"``) slice the rotary angles of the
   *whole* cache (``q`` = the new slots, ``k`` = all slots), so each call passes the position history ``[.., B, L]``.
   VL prefill positions are HF's ``get_rope_index`` (reference §F.4); a decode token continues at
   ``max(prompt positions) + 1 + k`` on all three axes, i.e. HF's ``cache_len + rope_delta`` (§F.4).
-* text models after ``use_position_ids_rope`` use HF's positions exactly (``cumsum(mask) - 1``).
+* text models built with ``rope="position_ids"`` use HF's positions exactly (``cumsum(mask) - 1``).
 
 Vision features are computed once, at prefill, from the prompt's pixels. Decode-time tokens are text and route to
-the text pool (spec J.20); cached vision positions keep the routing they had at prefill.
+the text pool (reference §J.20); cached vision positions keep the routing they had at prefill.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from typing import Optional
 import torch
 
 from ..config import ConfigError, ErnieConfig
-from .model import causal_mask
-from .packing import takes_position_ids, vl_forward
-from .vl_moe import PAD_TOKEN_TYPE
+from .model import causal_mask, takes_position_ids
+from .vl_inputs import model_positions_and_types
+from .vl_model import vl_forward
 
 __all__ = ["KVCacheSession", "generate", "teacher_forced_logits"]
 
@@ -130,24 +130,18 @@ class KVCacheSession:
         if self.vl:
             if moe_mm_token_type_ids is None and (pixel_values is not None or pixel_values_videos is not None):
                 raise ValueError("a multimodal prompt needs moe_mm_token_type_ids (processor output, reference §F.2)")
-            v = self.cfg.vision
-            from .vl_model import vl_position_ids
-
-            self.positions = vl_position_ids(
+            self.positions, moe_types_BP = model_positions_and_types(
                 input_ids_BP,
-                mm_token_type_ids,
-                image_grid_thw,
-                video_grid_thw,
-                attention_mask,
-                spatial_merge_size=v.spatial_merge_size,
-                temporal_merge_size=v.temporal_merge_size,
+                self.cfg,
+                attention_mask=attention_mask,
+                mm_token_type_ids=mm_token_type_ids,
+                moe_mm_token_type_ids=moe_mm_token_type_ids,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
             )
             # HF: rope_delta = max + 1 - n_valid; the next token sits at n_valid + delta = max + 1 (§F.4)
             masked_3BP = self.positions.masked_fill(~valid_BP.unsqueeze(0), -1)
             self.next_position_B = masked_3BP.amax(dim=(0, 2)) + 1
-            # None = all text, as in HF; padding routes with the text pool under its own type (vl_moe.py)
-            moe_types_BP = torch.zeros_like(input_ids_BP) if moe_mm_token_type_ids is None else moe_mm_token_type_ids
-            moe_types_BP = moe_types_BP.long().masked_fill(~valid_BP, PAD_TOKEN_TYPE)
             mm_inputs = dict(
                 pixel_values=pixel_values,
                 image_grid_thw=image_grid_thw,
@@ -183,7 +177,7 @@ class KVCacheSession:
         self.valid_BL = torch.cat([self.valid_BL, torch.ones(B, 1, dtype=torch.bool)], dim=1)
         # one query sees every cached key except left padding
         mask = None if bool(self.valid_BL.all()) else ~self.valid_BL.view(B, 1, 1, -1)
-        # decode-time tokens are text: text pool (spec J.20); an explicit zero tensor, not "no types"
+        # decode-time tokens are text: text pool (reference §J.20); an explicit zero tensor, not "no types"
         moe_types_B1 = torch.zeros_like(ids_B1) if self.vl else None
         return self._forward(ids_B1, mask, self._call_positions(1), moe_types_B1, {})[:, -1]
 

@@ -6,7 +6,10 @@ The model is Megatron's own GPTModel with Megatron's local layer specs, changed 
   and sequence-parallel capable (its parameters carry ``sequence_parallel``), which the torch norm of the local spec
   refuses (S8, docs/megatron-on-cpu.md);
 * ``ErnieTopKRouter`` in every MoE layer (softmax + selection-only expert bias, see ``router.py``);
-* the dense/MoE pattern comes from ``ErnieConfig.mlp_layer_types`` (``moe_layer_freq`` as a list).
+* the dense/MoE pattern comes from ``ErnieConfig.mlp_layer_types`` (``moe_layer_freq`` as a list);
+
+and, with ``rope="position_ids"`` (packed rows), ERNIE's rotary module fed by ``position_ids`` (:func:`build_chunks`).
+:func:`build_chunks` is the stage loop the VL model (``vl_model.py``) shares.
 
 Everything else is configuration: GQA with the config's head_dim (``kv_channels``), interleaved RoPE with the
 config's θ (``rotary_interleaved=True``; HF's "rotate_half" is the interleaved one, reference §B.4), SwiGLU, shared experts
@@ -16,17 +19,18 @@ of width ``n_shared · I_t``, tied or untied output head.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from ..config import ConfigError, ErnieConfig
-from .parallel import Layout
+from ..layout import Layout
+from .rope import ErnieMultimodalRotaryEmbedding
 from .router import ErnieTopKRouter
 
 __all__ = [
@@ -34,7 +38,11 @@ __all__ = [
     "ErnieTransformerConfig",
     "engine_settings",
     "transformer_config",
+    "build_chunks",
     "build_model",
+    "takes_position_ids",
+    "ROPE_ARANGE",
+    "ROPE_POSITION_IDS",
     "causal_mask",
     "padded_vocab_size",
 ]
@@ -166,12 +174,58 @@ def _ernie_layer_specs(tc: TransformerConfig) -> list:
     return specs
 
 
-def block_spec(tc: TransformerConfig, *, pp_rank: int, vp_stage: int | None) -> TransformerBlockSubmodules:
-    """The decoder block of one pipeline stage (chunk): Megatron's own offset rules pick the layers."""
-    specs = _ernie_layer_specs(tc)
-    offset = get_transformer_layer_offset(tc, vp_stage=vp_stage, pp_rank=pp_rank)
-    n = get_num_layers_to_build(tc, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=specs[offset : offset + n], layer_norm=ErnieRMSNorm)
+# how a chunk's rotary embedding takes its positions (the ``rope=`` option of the builders)
+ROPE_ARANGE = "arange"  # Megatron's 1-D "rope": rotates by arange(S) (by cache slot under the KV cache)
+ROPE_POSITION_IDS = "position_ids"  # by the caller's position_ids, through GPTModel's position-driven channel
+
+
+def build_chunks(
+    cfg: ErnieConfig,
+    layout: Layout,
+    tc: ErnieTransformerConfig,
+    layer_specs: list,
+    *,
+    tie: bool,
+    seq_length: int,
+    scatter_embedding_sequence_parallel: bool = True,
+    wrap: Callable[[GPTModel], torch.nn.Module] = lambda lm: lm,
+) -> list:
+    """This rank's chunks, one per virtual pipeline stage: the stage loop of both families. Process groups must exist.
+
+    ``layer_specs`` holds every layer's spec; each chunk's language model (a Megatron ``GPTModel``) gets the layers
+    :meth:`Layout.stage_layers` gives it. ``tc.mrope_section`` picks the rotary: None is Megatron's 1-D ``"rope"``;
+    a section makes GPTModel's ``"mrope"`` type hand ``position_ids`` to ERNIE's 3-D rotary of that section (the
+    stock module has Qwen2-VL's block layout and GPTModel no spec field for it, so it is replaced right after the
+    build; the rotary tables are non-persistent: nothing in the state dict changes). ``wrap`` turns the language
+    model into the family's chunk (the VL model adds its vision modules); it runs chunk by chunk so parameters are
+    created in chunk order.
+    """
+    from megatron.core import parallel_state as ps
+
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    chunks = []
+    for v in range(layout.vpp):
+        vp = v if layout.vpp > 1 else None
+        layers = layout.stage_layers(cfg, pp_rank, vp)
+        lm = GPTModel(
+            config=tc,
+            transformer_layer_spec=TransformerBlockSubmodules(
+                layer_specs=layer_specs[layers.start : layers.stop], layer_norm=ErnieRMSNorm
+            ),
+            vocab_size=padded_vocab_size(cfg, layout),
+            max_sequence_length=seq_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            share_embeddings_and_output_weights=tie,
+            position_embedding_type="rope" if tc.mrope_section is None else "mrope",
+            rotary_base=cfg.rope_theta,
+            scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
+            vp_stage=vp,
+        )
+        if tc.mrope_section is not None:
+            lm.rotary_pos_emb = ErnieMultimodalRotaryEmbedding(cfg.head_dim, cfg.rope_theta, tuple(tc.mrope_section))
+        chunks.append(wrap(lm))
+    return chunks
 
 
 def build_model(
@@ -184,20 +238,27 @@ def build_model(
     recompute: str | None = None,
     aux_loss: bool = False,
     seq_length: int = 4096,
+    rope: str = ROPE_ARANGE,
 ) -> list[GPTModel]:
     """Build this rank's model chunks (one per virtual pipeline stage). Process groups must exist.
 
     ``tie_word_embeddings`` overrides the config: transformers 5.23 loads an on-disk ``lm_head.weight`` untied even
     when the config says tied (reference §G), and the bridge mirrors that.
 
+    ``rope``: ``"arange"`` rotates token ``s`` of a row by position ``s`` (Megatron's ``"rope"``, which ignores
+    ``position_ids``); ``"position_ids"`` rotates by the ``position_ids`` passed to forward, which packed rows need
+    (positions restart at 0 in every sample). It is ERNIE's 3-D rotary with every band on the T row
+    (``mrope_section = (0, 0, head_dim/2)``), exactly the 1-D interleaved RoPE of reference §B.4 at those positions:
+    same inverse frequencies, same fp32 products (``test_packing`` checks bit equality with ``"arange"``).
+
     ``aux_loss``: transformers' load-balancing loss (``router_aux_loss_coef`` × ``load_balancing_loss_func``, pooled
     over every MoE layer of a forward) through one ``ernie45.megatron.router.PooledAuxLoss`` on the chunk
     (``chunk.pooled_aux``). Pooling needs every MoE layer and every token of a sequence in one process: refused with
     pipeline stages (pp > 1) or sequence parallelism.
     """
-    from megatron.core import parallel_state as ps
-
     layout.validate(cfg)
+    if rope not in (ROPE_ARANGE, ROPE_POSITION_IDS):
+        raise ConfigError(f"rope must be {ROPE_ARANGE!r} or {ROPE_POSITION_IDS!r}, got {rope!r}")
     if aux_loss and cfg.is_moe and (layout.pp > 1 or sequence_parallel):
         raise ConfigError(
             "aux_loss: transformers' load-balancing loss pools every MoE layer and token of a forward; "
@@ -206,31 +267,21 @@ def build_model(
     tc = transformer_config(
         cfg, layout, params_dtype=params_dtype, sequence_parallel=sequence_parallel, recompute=recompute, aux_loss=aux_loss
     )
+    if rope == ROPE_POSITION_IDS:
+        tc.mrope_section = [0, 0, cfg.head_dim // 2]
     tie = cfg.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
-    pp_rank = ps.get_pipeline_model_parallel_rank()
-    chunks = []
-    for v in range(layout.vpp):
-        vp = v if layout.vpp > 1 else None
-        chunks.append(
-            GPTModel(
-                config=tc,
-                transformer_layer_spec=block_spec(tc, pp_rank=pp_rank, vp_stage=vp),
-                vocab_size=padded_vocab_size(cfg, layout),
-                max_sequence_length=seq_length,
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-                share_embeddings_and_output_weights=tie,
-                position_embedding_type="rope",
-                rotary_base=cfg.rope_theta,
-                vp_stage=vp,
-            )
-        )
+    chunks = build_chunks(cfg, layout, tc, _ernie_layer_specs(tc), tie=tie, seq_length=seq_length)
     if aux_loss and cfg.is_moe:
         from .router import attach_pooled_aux_loss
 
         (chunk,) = chunks  # pp == 1
         attach_pooled_aux_loss(chunk, cfg.router_aux_loss_coef, cfg.moe_num_experts, cfg.moe_k)
     return chunks
+
+
+def takes_position_ids(chunk) -> bool:
+    """Whether a chunk (text GPTModel or VL model) rotates by the ``position_ids`` it is given (``rope=``)."""
+    return chunk.position_embedding_type == "mrope"
 
 
 def causal_mask(seq_len: int, device: torch.device | str = "cpu", padding_mask: torch.Tensor | None = None):

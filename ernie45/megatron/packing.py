@@ -30,13 +30,12 @@ Text models and positions
 -------------------------
 Megatron's ``"rope"`` position type ignores ``position_ids``: it rotates by ``arange(S)`` (or derives per-sample
 positions from ``cu_seqlens`` on the THD path). On the BSHD path the restart-at-0 positions must therefore reach
-RoPE another way: :func:`use_position_ids_rope` switches a text GPTModel to the position-driven rotary channel the VL
-model already uses (``"mrope"`` + ERNIE's 3-D rotary with every band on the T row, which *is* the 1-D interleaved RoPE
-bit for bit, reference §B.5(i)). That is a stand-in for a ``build_model`` option; see its docstring.
+RoPE another way: text models for packed rows are built with ``build_model(..., rope="position_ids")``, the
+position-driven rotary channel the VL model uses (``"mrope"`` + ERNIE's 3-D rotary with every band on the T row,
+which *is* the 1-D interleaved RoPE bit for bit, reference §B.5(i)).
 
-The VL model's public ``forward`` takes a ``[B, S]`` padding mask, not an explicit 4-D mask, so packed VL rows go
-through :func:`vl_forward`, which performs the same three steps (embed + vision features, 3-D positions, language
-model with the MoE token types in the ``padding_mask`` channel) with a caller-supplied mask.
+Packed VL rows run :func:`ernie45.megatron.vl_model.vl_forward` with the block-diagonal mask, the model's own
+forward taking a ``[B, S]`` padding mask instead.
 """
 
 from __future__ import annotations
@@ -47,17 +46,15 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from ..config import ConfigError, ErnieConfig
-from .rope import ErnieMultimodalRotaryEmbedding
-from .vl_model import lm_labels, token_type_ids, vl_position_ids
+from .model import takes_position_ids
+from .vl_inputs import lm_labels, token_type_ids, vl_position_ids
+from .vl_model import vl_forward
 from .vl_moe import PAD_TOKEN_TYPE
 
 __all__ = [
     "PackedBatch",
     "pack",
     "block_causal_mask",
-    "use_position_ids_rope",
-    "takes_position_ids",
-    "vl_forward",
     "forward_packed",
 ]
 
@@ -162,7 +159,7 @@ class PackedBatch:
         )
 
     def vl_inputs(self) -> dict[str, Any]:
-        """The multimodal keyword arguments of :func:`vl_forward`."""
+        """The multimodal keyword arguments of :func:`~ernie45.megatron.vl_model.vl_forward`."""
         return dict(
             pixel_values=self.pixel_values,
             image_grid_thw=self.image_grid_thw,
@@ -323,77 +320,6 @@ def pack(
 # running a packed row
 
 
-def takes_position_ids(chunk) -> bool:
-    """Whether a GPTModel (or VL model) chunk takes RoPE positions from ``position_ids``."""
-    lm = getattr(chunk, "language_model", chunk)
-    return lm.position_embedding_type == "mrope"
-
-
-def use_position_ids_rope(chunks, cfg: ErnieConfig) -> None:
-    """Make text GPTModel chunks rotate by the caller's ``position_ids`` instead of ``arange(S)``.
-
-    GPTModel's ``"mrope"`` type hands ``position_ids`` to ``rotary_pos_emb``; ERNIE's 3-D rotary with every band on
-    the T row (``mrope_section = (0, 0, head_dim/2)``) is then exactly the 1-D interleaved RoPE of reference §B.4 at those
-    positions: same inverse frequencies, same fp32 products (``test_packing`` checks bit equality with ``"rope"``).
-    Nothing in the state dict changes (the rotary tables are non-persistent), so bridges and checkpoints are
-    unaffected.
-
-    This edits built modules, the way ``vl_model.ErnieVLModel`` installs its rotary module after building
-    GPTModel. The proper home is a ``build_model(..., rope="position_ids")`` option in ``model.py``.
-    """
-    if cfg.family == "vl":
-        raise ConfigError("the VL model already takes 3-D position_ids")
-    for chunk in chunks:
-        if chunk.position_embedding_type == "mrope":
-            continue
-        if chunk.position_embedding_type != "rope":
-            kind = chunk.position_embedding_type
-            raise ConfigError(f"expected a RoPE GPTModel, got position_embedding_type={kind!r}")
-        section = (0, 0, cfg.head_dim // 2)
-        rotary = ErnieMultimodalRotaryEmbedding(cfg.head_dim, cfg.rope_theta, section)
-        device = next(chunk.parameters()).device
-        chunk.rotary_pos_emb = rotary.to(device)
-        chunk.mrope_section = list(section)
-        chunk.position_embedding_type = "mrope"
-
-
-def vl_forward(
-    chunk,
-    input_ids: torch.Tensor,
-    *,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    moe_token_types: Optional[torch.Tensor],
-    pixel_values: Optional[torch.Tensor] = None,
-    image_grid_thw: Optional[torch.Tensor] = None,
-    pixel_values_videos: Optional[torch.Tensor] = None,
-    video_grid_thw: Optional[torch.Tensor] = None,
-    labels: Optional[torch.Tensor] = None,
-    inference_context=None,
-    runtime_gather_output: Optional[bool] = None,
-) -> torch.Tensor:
-    """``ErnieVLModel.forward`` with an explicit attention mask ``[B|1, 1, Sq, Sk]`` (True = masked).
-
-    ``position_ids`` ``[3, B, S]`` and ``moe_token_types`` ``[B, Sq]`` (0 text, >0 vision, ``PAD_TOKEN_TYPE``
-    padding; None = all text) are taken as given. ``inference_context`` is Megatron's KV-cache context
-    (``inference.py``). Returns what ``GPTModel.forward`` returns.
-    """
-    decoder_input = None
-    if chunk.pre_process:
-        decoder_input = chunk.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-    types_BS = torch.zeros_like(input_ids) if moe_token_types is None else moe_token_types.long()
-    return chunk.language_model(
-        input_ids=None,
-        position_ids=position_ids,
-        attention_mask=attention_mask,
-        decoder_input=decoder_input,
-        labels=labels,
-        padding_mask=types_BS,  # the MoE token types (vl_moe.py)
-        inference_context=inference_context,
-        runtime_gather_output=runtime_gather_output,
-    )
-
-
 def forward_packed(
     chunk,
     packed: PackedBatch,
@@ -404,8 +330,8 @@ def forward_packed(
 ) -> torch.Tensor:
     """Logits ``[1, S, V(/tp)]`` of a packed row -- or Megatron's per-token loss ``[1, S]`` with ``with_loss``.
 
-    Text chunks must take positions from ``position_ids`` (:func:`use_position_ids_rope`); otherwise every sample
-    after the first would be rotated by its offset in the row instead of from 0.
+    Text chunks must take positions from ``position_ids`` (built with ``rope="position_ids"``); otherwise every
+    sample after the first would be rotated by its offset in the row instead of from 0.
     """
     labels = packed.labels if with_loss else None
     if cfg.family == "vl":
@@ -421,7 +347,7 @@ def forward_packed(
         )
     if not takes_position_ids(chunk):
         raise ConfigError(
-            "this text model rotates by arange(S), not by position_ids; call use_position_ids_rope(chunks, cfg) first"
+            'this text model rotates by arange(S), not by position_ids; build it with rope="position_ids"'
         )
     return chunk(
         packed.input_ids,

@@ -32,8 +32,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from ..config import ConfigError, ErnieConfig
+from ..layout import Layout
 from .model import engine_settings
-from .parallel import Layout
 
 __all__ = ["ErnieMegatronViT", "quick_gelu", "vit_transformer_config", "vision_position_ids", "frame_mask"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import ConfigError, ErnieConfig
-from ..megatron.parallel import Layout, LayoutError
+from ..layout import Layout, LayoutError
 
 __all__ = ["TrainConfig", "TrainConfigError", "Resolved", "SCHEDULES", "FREEZABLE", "load_yaml", "dry_run_text"]
 

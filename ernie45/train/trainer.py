@@ -182,11 +182,12 @@ def _use_distributed_optimizer(config: TrainConfig) -> bool:
 
 def _build(config: TrainConfig, r: Resolved, source: ModelSource, device: torch.device, dtype: torch.dtype):
     from ..bridge.live import load_hf
-    from ..megatron.packing import use_position_ids_rope
 
     cfg, layout = source.cfg, r.layout
+    # rope: packed rows restart positions at 0 in every sample
     kw = dict(tie_word_embeddings=source.tied, params_dtype=dtype, sequence_parallel=r.sequence_parallel,
-              recompute=config.recompute, aux_loss=config.aux_loss_coeff > 0, seq_length=config.seq_length)  # fmt: skip
+              recompute=config.recompute, aux_loss=config.aux_loss_coeff > 0, seq_length=config.seq_length,
+              rope="position_ids")  # fmt: skip
     if cfg.family == "vl":
         from ..megatron.vl_model import build_vl_model
 
@@ -195,7 +196,6 @@ def _build(config: TrainConfig, r: Resolved, source: ModelSource, device: torch.
         from ..megatron.model import build_model
 
         chunks = build_model(cfg, layout, **kw)
-        use_position_ids_rope(chunks, cfg)  # packed rows restart positions at 0 in every sample
     if source.format == "hf":
         load_hf(chunks, cfg, layout, source.path)
     else:  # Megatron's own loader, resharding the torch_dist checkpoint to this layout
