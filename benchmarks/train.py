@@ -133,9 +133,10 @@ def main() -> int:
     print(f"{'transformers + AdamW':24}{t_ref:10.4f}{tokens / t_ref:12.0f}")
     print(f"ratio (ernie45 / transformers): {t_ref / t_ours:.3f}x")
     if device == "cuda":
+        from ernie45.bridge.plan import parameter_counts
         from ernie45.config import ErnieConfig
 
-        _, active = ErnieConfig.from_hf(raw).parameter_counts()
+        _, active = parameter_counts(ErnieConfig.from_hf(raw))
         mfu = 6 * active * tokens / t_ours / (args.peak_tflops * 1e12)
         print(f"MFU (6·N_active·tokens / peak {args.peak_tflops:g} TFLOP/s): {100 * mfu:.1f}%")
     return 0

@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
          "tokenise JSONL text into a Megatron IndexedDataset (.bin/.idx) for pre-training",
          "ernie45 prepare-data corpus.jsonl more.jsonl --tokenizer ./ERNIE-4.5-0.3B-PT --out data/corpus\n"
          "  ernie45 train --model ./ERNIE-4.5-0.3B-PT --data data/corpus --out run/   # then train on it"),
-        ("train", train_config.add_arguments, train_config.run,
+        ("train", train_config.add_arguments, _lazy("ernie45.train.trainer"),
          "train (SFT / continued pre-training, text and VL) on Megatron-Core at any layout",
          train_config.EXAMPLES.strip()),
     ):  # fmt: skip

@@ -223,26 +223,6 @@ class ErnieConfig:
     def num_query_groups(self) -> int:
         return self.num_key_value_heads
 
-    def parameter_counts(self) -> tuple[int, int]:
-        """(total, active-per-token) parameters. Total: every tensor the HF checkpoint of this config holds (the
-        bridge table's shapes: language model, ViT and resampler, expert bias; a tied head once). Active: what one
-        text token passes through -- all but the routed experts it does not use (E - K of the pool's E per MoE
-        layer) and, for VL, the ViT, the resampler and the vision pool (so 28B-A3B comes out at ~3.3B)."""
-        from .bridge.plan import expand  # deferred: the tables import torch (ops), a config needs none
-
-        E, K = self.moe_num_experts or 1, self.moe_k or 1
-        total = idle = 0
-        for item in expand(self, tied=self.tie_word_embeddings):
-            n = sum(math.prod(shape) for shape in item.hf_shapes)
-            total += n
-            # an item's Megatron pieces are equal parts of it (e.g. the [2, E] VL expert bias: text, vision)
-            vision = sum(m.startswith(("vision_model.", "resampler_model.")) or ".vision_moe_layer." in m
-                         for m in item.mg)  # fmt: skip
-            idle += n * vision // len(item.mg)
-            if item.expert is not None and not vision:
-                idle += n * (E - K) // E
-        return total, total - idle
-
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, raw: Mapping[str, Any]) -> "ErnieConfig":

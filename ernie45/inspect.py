@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from .bridge.plan import parameter_counts
 from .bridge.source import detect_format, open_source
 from .bridge.torch_dist import inspect_torch_dist
 
@@ -21,7 +22,7 @@ def _human(n: float) -> str:
 
 def model_facts(cfg, *, tied: bool) -> dict:
     """The config-derived lines every format's report shares (HF and torch_dist)."""
-    total, active = cfg.parameter_counts()
+    total, active = parameter_counts(cfg)
     info = {
         "family": cfg.family,
         "model_type": cfg.model_type,

@@ -324,7 +324,8 @@ def test_merged_lora_gguf_runs_in_llama_cpp(world1, tmp_path):
 def test_describe_and_bad_targets(sources):
     from ernie45.config import ErnieConfig, load_config
     from ernie45.testing import tiny_hf_config
-    from ernie45.train.lora import LoraError, describe_lora
+    from ernie45.train.lora import LoraError
+    from ernie45.train.peft_export import describe_lora
 
     vl = ErnieConfig.from_hf(tiny_hf_config("vl"))
     text = describe_lora(vl, rank=4, targets=ALL)

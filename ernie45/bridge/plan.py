@@ -9,6 +9,7 @@ table of a config's family.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Mapping
@@ -23,7 +24,7 @@ from .vl_table import vl_rows
 if TYPE_CHECKING:
     from ..config import ErnieConfig
 
-__all__ = ["PlanError", "Plan", "megatron_rows", "expand", "check_source", "plan_from_hf"]
+__all__ = ["PlanError", "Plan", "megatron_rows", "expand", "parameter_counts", "check_source", "plan_from_hf"]
 
 
 class PlanError(InputError):
@@ -61,6 +62,25 @@ def expand(cfg: ErnieConfig, *, tied: bool) -> list[Item]:
     """Every concrete (HF names ⇄ Megatron names) pair for this config, in a deterministic order."""
     return expand_rows(megatron_rows(cfg), cfg, tied=tied)
 
+
+
+def parameter_counts(cfg: ErnieConfig) -> tuple[int, int]:
+    """(total, active-per-token) parameters. Total: every tensor the HF checkpoint of this config holds (the
+    bridge table's shapes: language model, ViT and resampler, expert bias; a tied head once). Active: what one
+    text token passes through -- all but the routed experts it does not use (E - K of the pool's E per MoE
+    layer) and, for VL, the ViT, the resampler and the vision pool (so 28B-A3B comes out at ~3.3B)."""
+    E, K = cfg.moe_num_experts or 1, cfg.moe_k or 1
+    total = idle = 0
+    for item in expand(cfg, tied=cfg.tie_word_embeddings):
+        n = sum(math.prod(shape) for shape in item.hf_shapes)
+        total += n
+        # an item's Megatron pieces are equal parts of it (e.g. the [2, E] VL expert bias: text, vision)
+        vision = sum(m.startswith(("vision_model.", "resampler_model.")) or ".vision_moe_layer." in m
+                     for m in item.mg)  # fmt: skip
+        idle += n * vision // len(item.mg)
+        if item.expert is not None and not vision:
+            idle += n * (E - K) // E
+    return total, total - idle
 
 def _fail(title: str, groups: Mapping[str, list[str]]) -> None:
     lines = [f"{title}:"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -479,17 +479,3 @@ def config_from_args(args) -> TrainConfig:
     merged = {str(k).replace("-", "_"): v for k, v in base.items()}
     merged.update(values)
     return TrainConfig.from_mapping(merged, where=where)
-
-
-def run(args) -> int:
-    from .trainer import train
-
-    config = config_from_args(args)
-    result = train(config)
-    if result.rank == 0:
-        if result.dry_run_text is not None:
-            print(result.dry_run_text)
-        else:
-            last = f"loss {result.losses[-1]:.4f}" if result.losses else "nothing left to run"
-            print(f"trained {result.steps} steps ({result.steps - result.start_step} in this run, {last}) -> {config.out}")
-    return 0

@@ -81,10 +81,8 @@ __all__ = [
     "adapter_sharded_state_dict",
     "load_adapter_state_dict",
     "merge_lora",
-    "describe_lora",
     "lora_target_weights",
     "lora_parts",
-    "export_peft_adapter",
 ]
 
 LORA_TARGET_GROUPS = ("attn", "mlp", "shared", "experts", "vision_experts", "vit", "resampler")
@@ -303,7 +301,7 @@ def _initial_A(global_name: str, rank: int, in_features: int, seed: int, dtype: 
     return ((torch.rand(rank, in_features, generator=g, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
 
 
-def _check_targets(cfg: ErnieConfig, targets: Sequence[str]) -> tuple[str, ...]:
+def check_targets(cfg: ErnieConfig, targets: Sequence[str]) -> tuple[str, ...]:
     targets = tuple(targets)
     unknown = [t for t in targets if t not in LORA_TARGET_GROUPS]
     if unknown:
@@ -330,7 +328,7 @@ def apply_lora(chunks, cfg: ErnieConfig, layout, *, rank: int, alpha: float, dro
     if not 0.0 <= dropout < 1.0:
         raise LoraError(f"LoRA dropout must be in [0, 1), got {dropout}")
     layout.validate(cfg)
-    targets = _check_targets(cfg, targets)
+    targets = check_targets(cfg, targets)
     for chunk in chunks:
         for p in chunk.parameters():
             p.requires_grad_(False)
@@ -432,45 +430,3 @@ def lora_target_weights(cfg: ErnieConfig) -> dict[str, tuple[int, int]]:
             if name.endswith(".weight") and len(shape) == 2 and group_of(name[: -len(".weight")]):
                 out[name[: -len(".weight")]] = tuple(shape)
     return out
-
-
-def describe_lora(cfg: ErnieConfig, *, rank: int, targets: Sequence[str] = DEFAULT_LORA_TARGETS,
-                  alpha: float | None = None, dropout: float = 0.0) -> str:  # fmt: skip
-    """For ``--dry-run``: per target group the adapted linears, adapter and base parameters, and what the PEFT
-    export (``--save-peft``) does with it."""
-    from .peft_export import peft_limitations
-
-    targets = _check_targets(cfg, targets)
-    weights = lora_target_weights(cfg)
-    settings = f"rank {rank}" + (f", alpha {alpha:g}" if alpha is not None else "") + f", dropout {dropout:g}"
-    lines = [f"LoRA {settings}; "
-             f"base weights frozen; one rank-r LoRA per transformers linear (fused q/k/v and gate/up hold one "
-             f"per part); "
-             f"A replicated for column-parallel bases, sharded on the input dim for row-parallel ones; B sharded "
-             f"like a column-parallel weight"]  # fmt: skip
-    total = base = 0
-    for g in LORA_TARGET_GROUPS:
-        shapes = [s for n, s in weights.items() if group_of(n) == g]
-        if not shapes:
-            continue
-        n_ad = sum(rank * (o + len(lora_parts(n)) * i) for n, (o, i) in weights.items() if group_of(n) == g)
-        n_base = sum(o * i for o, i in shapes)
-        mark = "adapted" if g in targets else "not targeted"
-        lines.append(f"  {g:15s} {mark:13s} {len(shapes):5d} linears  {n_ad:>14,} adapter params  "
-                     f"(base {n_base:,})")  # fmt: skip
-        if g in targets:
-            total += n_ad
-            base += n_base
-    share = 100 * total / max(base, 1)
-    lines.append(f"  trainable: {total:,} adapter parameters ({share:.3f}% of the adapted weights)")
-    lines.append("  PEFT export (--save-peft): every target group is expressible as a peft adapter")
-    lines += [f"    note: {n}" for n in peft_limitations(cfg, targets, dropout=dropout)]
-    return "\n".join(lines)
-
-
-def export_peft_adapter(chunks, cfg: ErnieConfig, layout, out_dir, *, base_model: str, **kw) -> list[str]:
-    """:func:`ernie45.train.peft_export.export_peft_adapter`, reachable from here too (the trainer's one LoRA
-    namespace; peft_export imports this module, so the import is deferred)."""
-    from .peft_export import export_peft_adapter as export
-
-    return export(chunks, cfg, layout, out_dir, base_model=base_model, **kw)

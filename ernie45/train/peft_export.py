@@ -42,9 +42,19 @@ import torch
 import torch.distributed as dist
 
 from ..config import ErnieConfig
-from .lora import LoraError, adapted_modules, lora_parts
+from .lora import (
+    DEFAULT_LORA_TARGETS,
+    LORA_TARGET_GROUPS,
+    LoraError,
+    adapted_modules,
+    check_targets,
+    group_of,
+    lora_parts,
+    lora_target_weights,
+)
 
 __all__ = [
+    "describe_lora",
     "export_peft_adapter",
     "describe_adapter_dir",
     "gather_adapters",
@@ -127,6 +137,38 @@ def peft_limitations(cfg: ErnieConfig, targets: Sequence[str], *, dropout: float
             f"only acts in training; inference is unchanged)"
         )
     return notes
+
+
+def describe_lora(cfg: ErnieConfig, *, rank: int, targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+                  alpha: float | None = None, dropout: float = 0.0) -> str:  # fmt: skip
+    """For ``--dry-run``: per target group the adapted linears, adapter and base parameters, and what the PEFT
+    export (``--save-peft``) does with it."""
+    targets = check_targets(cfg, targets)
+    weights = lora_target_weights(cfg)
+    settings = f"rank {rank}" + (f", alpha {alpha:g}" if alpha is not None else "") + f", dropout {dropout:g}"
+    lines = [f"LoRA {settings}; "
+             f"base weights frozen; one rank-r LoRA per transformers linear (fused q/k/v and gate/up hold one "
+             f"per part); "
+             f"A replicated for column-parallel bases, sharded on the input dim for row-parallel ones; B sharded "
+             f"like a column-parallel weight"]  # fmt: skip
+    total = base = 0
+    for g in LORA_TARGET_GROUPS:
+        shapes = [s for n, s in weights.items() if group_of(n) == g]
+        if not shapes:
+            continue
+        n_ad = sum(rank * (o + len(lora_parts(n)) * i) for n, (o, i) in weights.items() if group_of(n) == g)
+        n_base = sum(o * i for o, i in shapes)
+        mark = "adapted" if g in targets else "not targeted"
+        lines.append(f"  {g:15s} {mark:13s} {len(shapes):5d} linears  {n_ad:>14,} adapter params  "
+                     f"(base {n_base:,})")  # fmt: skip
+        if g in targets:
+            total += n_ad
+            base += n_base
+    share = 100 * total / max(base, 1)
+    lines.append(f"  trainable: {total:,} adapter parameters ({share:.3f}% of the adapted weights)")
+    lines.append("  PEFT export (--save-peft): every target group is expressible as a peft adapter")
+    lines += [f"    note: {n}" for n in peft_limitations(cfg, targets, dropout=dropout)]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -250,8 +292,6 @@ def export_peft_adapter(chunks, cfg: ErnieConfig, layout, out_dir: str | Path, *
     (what the export changed, :func:`peft_limitations`), the same on every rank.
 
     ``dtype``: of the written tensors (default: the adapters' own dtype)."""
-    from .lora import group_of
-
     if importlib.util.find_spec("peft") is None:  # checked on every rank, before any collective
         raise LoraError("the PEFT adapter export needs peft: pip install 'ernie45[peft]'")
     settings = sorted({(m.lora.rank, m.lora.alpha, m.lora.run_dropout, str(m.lora.A.dtype),

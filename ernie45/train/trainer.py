@@ -35,7 +35,6 @@ Legend: ``B`` micro-batch rows, ``S`` sequence, ``V`` (padded) vocab on this TP 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import time
@@ -48,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ErnieConfig
-from .config import Resolved, TrainConfig, TrainConfigError, dump_yaml, dry_run_text
+from .config import Resolved, TrainConfig, TrainConfigError, config_from_args, dump_yaml, dry_run_text
 
 __all__ = ["train", "TrainResult", "open_model_source"]
 
@@ -517,7 +516,7 @@ def _train(config: TrainConfig, data, on_step) -> TrainResult:
     if config.dry_run:
         text = dry_run_text(config, r, cfg, source.shapes, bf16=bf16, data_text=data.describe())
         if config.lora:
-            from .lora import describe_lora
+            from .peft_export import describe_lora
 
             text += "\n" + describe_lora(cfg, rank=config.lora, targets=config.lora_targets, alpha=config.lora_alpha,
                                           dropout=config.lora_dropout)  # fmt: skip
@@ -620,7 +619,7 @@ def _final_exports(config: TrainConfig, r: Resolved, source: ModelSource, chunks
 
     cfg = source.cfg
     if config.save_peft:
-        from .lora import export_peft_adapter
+        from .peft_export import export_peft_adapter
 
         export_peft_adapter(chunks, cfg, r.layout, config.save_peft, base_model=str(source.path))
     if config.save_hf:
@@ -633,3 +632,16 @@ def _final_exports(config: TrainConfig, r: Resolved, source: ModelSource, chunks
         if source.format == "megatron" and dist.get_rank() == 0:  # a torch_dist source's own copies of them
             for f in source.side_files:
                 shutil.copy2(f, Path(config.save_hf) / f.name)
+
+
+def run(args) -> int:
+    """``ernie45 train``: the flags (and ``--config`` YAML) to a :class:`TrainConfig`, then :func:`train`."""
+    config = config_from_args(args)
+    result = train(config)
+    if result.rank == 0:
+        if result.dry_run_text is not None:
+            print(result.dry_run_text)
+        else:
+            last = f"loss {result.losses[-1]:.4f}" if result.losses else "nothing left to run"
+            print(f"trained {result.steps} steps ({result.steps - result.start_step} in this run, {last}) -> {config.out}")
+    return 0
