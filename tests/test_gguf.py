@@ -78,11 +78,16 @@ class EditedSource:
     def shape(self, name):
         return tuple(self.get(name).shape)
 
+    def dtype(self, name):
+        return self.get(name).dtype
 
-class StreamOnlySource(EditedSource):
-    """Same, but cannot tell shapes up front (only ``keys`` / ``get``), so a bad tensor surfaces mid-write."""
 
-    shape = None  # type: ignore[assignment]
+class MisreportingSource(EditedSource):
+    """Same, but its stored shapes say what the config implies while a tensor read is another (a header that lies
+    about its data), so the bad tensor surfaces only mid-write."""
+
+    def shape(self, name):
+        return tuple(self.base.shape(name)) if name in self.add and name in self.base.keys() else super().shape(name)
 
 
 def _no_partials(d: Path):
@@ -357,11 +362,11 @@ def test_wrong_shapes_are_listed_before_writing(ckpts, tmp_path):
 
 
 def test_error_mid_write_leaves_nothing_and_keeps_the_old_file(ckpts, tmp_path):
-    """A bad tensor found only while streaming (source cannot give shapes up front): no output, no temp file,
-    and with overwrite=True the existing file is left untouched."""
+    """A bad tensor found only while streaming (the source's stored shapes pass the plan, its data does not): no
+    output, no temp file, and with overwrite=True the existing file is left untouched."""
     out = tmp_path / "m.gguf"
     # output.weight is written last, after the header and every other tensor
-    bad = StreamOnlySource(HFCheckpoint(ckpts["moe"]), add={"lm_head.weight": torch.zeros(160, 47)})
+    bad = MisreportingSource(HFCheckpoint(ckpts["moe"]), add={"lm_head.weight": torch.zeros(160, 47)})
     with pytest.raises(GGUFExportError, match=r"lm_head.weight: shape \[160, 47\]"):
         _export(ckpts["moe"], out, bad)
     assert list(tmp_path.iterdir()) == []

@@ -169,6 +169,12 @@ class _ZeroExpertBias:
     def keys(self):
         return self.base.keys()
 
+    def shape(self, name):
+        return self.base.shape(name)
+
+    def dtype(self, name):
+        return self.base.dtype(name)
+
     def get(self, name):
         t = self.base.get(name)
         return torch.zeros_like(t) if name.endswith("e_score_correction_bias") else t

@@ -113,9 +113,14 @@ class GGUFExportError(InputError):
 
 
 class TensorSource(Protocol):
-    """What :func:`export_gguf` reads from: HF on-disk names and full tensors (``HFCheckpoint`` is one)."""
+    """What :func:`export_gguf` reads from: HF on-disk names, their stored shapes and dtypes (checked in the plan,
+    before anything is written) and full tensors (every ``bridge.source`` source and ``HFCheckpoint`` are one)."""
 
     def keys(self) -> Iterable[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
 
     def get(self, name: str) -> torch.Tensor: ...
 
@@ -499,11 +504,6 @@ def _read(source: TensorSource, name: str, shape: tuple[int, ...]) -> torch.Tens
     return t
 
 
-def _source_meta(source: TensorSource, keys: list[str], attr: str) -> dict[str, Any] | None:
-    fn = getattr(source, attr, None)
-    return {k: fn(k) for k in keys} if callable(fn) else None
-
-
 def export_gguf(
     source: TensorSource,
     cfg: ErnieConfig,
@@ -529,7 +529,7 @@ def export_gguf(
         raise GGUFExportError(f"{out_path}: exists (pass overwrite=True to replace it)")
     keys = list(source.keys())
     plan = plan_gguf(
-        cfg, keys, outtype=outtype, shapes=_source_meta(source, keys, "shape"), dtypes=_source_meta(source, keys, "dtype")
+        cfg, keys, outtype=outtype, shapes={k: source.shape(k) for k in keys}, dtypes={k: source.dtype(k) for k in keys}
     )
 
     w = gguf.GGUFWriter(path=None, arch=plan.arch_name)
