@@ -59,6 +59,7 @@ from .bridge.io import (
     side_files_of,
     write_safetensors_streaming,
 )
+from .bridge.dcp_write import file_rows
 from .bridge.layout import shard_bounds
 from .bridge.live import _read_hf_slices
 from .bridge.ops import ConcatGLU, Identity
@@ -353,7 +354,8 @@ def _vocab_row_blocks(item: Item, source, shard_rows: int, i: int, gshape, dtype
             pad = (g1 - g0) - real.shape[0]
             return torch.cat([real, real.new_zeros((pad, *gshape[1:]))]) if pad else real
 
-        out.append(ChunkSpec(key, (g0, *([0] * (len(gshape) - 1))), (g1 - g0, *gshape[1:]), gshape, dtype, produce))
+        copy = _unchanged(source, item.hf[0], g0, g1) if g1 <= rows_V else None
+        out.append(ChunkSpec(key, (g0, *([0] * (len(gshape) - 1))), (g1 - g0, *gshape[1:]), gshape, dtype, produce, copy))
     return out
 
 
@@ -372,8 +374,8 @@ def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig, row_block_
         gshape = shape if x is None else (cfg.moe_num_experts, *shape)
         lead = (1,) * len(prefix)
 
-        def spec(offsets, sizes, produce):
-            out.append(ChunkSpec(key, (*prefix, *offsets), (*lead, *sizes), gshape, dtype, produce))
+        def spec(offsets, sizes, produce, copy=None):
+            out.append(ChunkSpec(key, (*prefix, *offsets), (*lead, *sizes), gshape, dtype, produce, copy))
 
         if isinstance(item.op, ConcatGLU):
             # Megatron's own layout for [gate; up]: each half cut into TP pieces (reference §H.4)
@@ -383,7 +385,8 @@ def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig, row_block_
                     a, b, _ = shard_bounds(item.split, F, n, i)
                     offsets = (half * F + a, *([0] * (len(shape) - 1)))
                     sizes = (b - a, *shape[1:])
-                    spec(offsets, sizes, lambda src=src, a=a, b=b, lead=lead: source.read(src, 0, a, b).reshape(*lead, b - a, *shape[1:]))
+                    spec(offsets, sizes, lambda src=src, a=a, b=b, lead=lead: source.read(src, 0, a, b).reshape(*lead, b - a, *shape[1:]),
+                         _unchanged(source, src, a, b))  # fmt: skip
             continue
         dim = item.split.dim
         for i in range(n):
@@ -401,8 +404,18 @@ def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig, row_block_
                     and dtype.itemsize * math.prod(sizes) > row_block_bytes):  # fmt: skip
                 out += _vocab_row_blocks(item, source, sizes[0], i, gshape, dtype, row_block_bytes)
                 continue
-            spec(tuple(offsets), tuple(sizes), produce)
+            # the HF tensor's own rows (an Identity: whole, or one dim-0 slice short of the vocab padding): copied
+            rows = (offsets[0], offsets[0] + sizes[0]) if sizes else (0, None)
+            same = isinstance(item.op, Identity) and (dim is None or n == 1 or (
+                dim == 0 and item.op.hf_blocks == 1 and rows[1] <= item.hf_shapes[0][0]))  # fmt: skip
+            spec(tuple(offsets), tuple(sizes), produce, _unchanged(source, item.hf[0], *rows) if same else None)
     return out
+
+
+def _unchanged(source, name: str, start: int = 0, stop: int | None = None):
+    """Where rows ``[start, stop)`` of ``name`` lie unchanged in an HF source's file (a chunk copied in the kernel,
+    :mod:`ernie45.bridge.dcp_write`); None for a torch_dist source (its chunks are read through DCP)."""
+    return file_rows(source.ckpt, name, start, stop) if isinstance(source, HFSource) else None
 
 
 @dataclass
@@ -459,7 +472,7 @@ def plan_megatron(source, layout: Layout, *, row_block_bytes: int = ROW_BLOCK_BY
     for name in _carried(source):
         shape = tuple(source.shape(name))
         chunks.append(ChunkSpec(CARRY_PREFIX + name, (0,) * len(shape), shape, shape, source.dtype(name),
-                                lambda name=name: source.get(name)))
+                                lambda name=name: source.get(name), _unchanged(source, name)))
     # The local spec's linears carry an (empty) TE-style _extra_state; Megatron stores each ShardedObject as the
     # torch.save of a one-element list ([None] here), which is what its loader unwraps.
     buf = io.BytesIO()

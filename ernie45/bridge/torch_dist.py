@@ -36,7 +36,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -49,7 +49,8 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWrite
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from ..errors import dcp_failure
-from .io import NO_PHASES, Checksums, CheckpointError, HashingFile, Phases, read_json, regular_file
+from .dcp_write import FileRange, ZeroCopyWriter
+from .io import NO_PHASES, Checksums, CheckpointError, Phases, read_json, regular_file
 
 __all__ = ["dist_key", "extra_state_keys", "ChunkSpec", "write_dcp", "TorchDistReader", "MEGATRON_METADATA"]
 
@@ -106,6 +107,9 @@ class ChunkSpec:
     global_shape: tuple[int, ...]
     dtype: torch.dtype
     produce: Callable[[], torch.Tensor]
+    # where the chunk's bytes lie unchanged in a source file (:func:`~ernie45.bridge.dcp_write.file_rows`), found
+    # when it is written: copied in the kernel, never produced (None: a chunk that needs an op is produced)
+    copy_from: Callable[[], FileRange] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -123,7 +127,6 @@ class _LazySavePlanner(DefaultSavePlanner):
         self._objects = objects
         self._on_chunk = on_chunk
         self._phases = phases
-        self._last: torch.Tensor | None = None
 
     def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False) -> None:
         self.state_dict, self.is_coordinator = state_dict, is_coordinator
@@ -150,53 +153,22 @@ class _LazySavePlanner(DefaultSavePlanner):
         return self.plan
 
     def resolve_data(self, write_item: WriteItem):
+        """A byte object's bytes, a chunk's tensor, or where a chunk's unchanged bytes lie (a :class:`FileRange`,
+        copied by :class:`~ernie45.bridge.dcp_write.ZeroCopyWriter`, the one writer this planner is used with)."""
         if write_item.type == WriteItemType.BYTE_IO:
             return io.BytesIO(self._objects[write_item.index.fqn])
-        # DCP's file writer keeps a reference to every tensor of a file until the file is closed (it needs them
-        # only for its safetensors format). Its serial loader asks for the next chunk only after writing the
-        # previous one, so the previous chunk's storage can be released here: memory stays at one chunk.
-        if self._last is not None and self._last.untyped_storage().resizable():
-            self._last.untyped_storage().resize_(0)
         c = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+        if c.copy_from is not None:
+            with self._phases("plan"):
+                where = c.copy_from()
+            self._on_chunk(c.nbytes)
+            return where
         with self._phases("op"):  # the source's reads time themselves (exclusive)
             t = c.produce()
         if tuple(t.shape) != c.sizes or t.dtype != c.dtype:
             raise CheckpointError(f"{c.key}@{c.offsets}: produced {list(t.shape)} {t.dtype}, planned {list(c.sizes)} {c.dtype}")
         self._on_chunk(c.nbytes)
-        self._last = t.contiguous()
-        return self._last
-
-
-class _ReproducibleWriter(FileSystemWriter):
-    """DCP's file writer without the storage metadata it would pickle into ``.metadata`` (a random save id and the
-    temporary directory's path): two conversions of the same source give identical files. Loaders do not need it."""
-
-    def storage_meta(self):
-        return None
-
-
-class _HashingFileSystem(FileSystem):
-    """DCP's local file system, every file it writes hashed while written (:class:`HashingFile`): the checksums
-    ernie45 records cost no second pass over the output. ``records``: ``{file name: {"bytes", "sha256"}}``."""
-
-    def __init__(self, phases: Phases, fsync: bool) -> None:
-        super().__init__()
-        self.phases, self.fsync = phases, fsync
-        self.records: dict[str, dict] = {}
-
-    @contextlib.contextmanager
-    def create_stream(self, path, mode: str):
-        if mode != "wb":
-            with super().create_stream(path, mode) as stream:
-                yield stream
-            return
-        with HashingFile(Path(path), phases=self.phases, fsync=self.fsync) as stream:
-            yield stream
-        self.records[Path(path).name] = stream.record()
-
-    def rename(self, path, new_path) -> None:  # DCP writes .metadata under a temporary name first
-        super().rename(path, new_path)
-        self.records[Path(new_path).name] = self.records.pop(Path(path).name)
+        return t.contiguous()
 
 
 @contextlib.contextmanager
@@ -218,21 +190,23 @@ def _without_zip_crc32():
 
 
 def write_dcp(path: Path, chunks: list[ChunkSpec], objects: dict[str, bytes], on_chunk=lambda n: None, *,
-              phases: Phases = NO_PHASES, fsync: bool = False) -> dict[str, dict]:
+              phases: Phases = NO_PHASES, fsync: bool = False, threads: int = 2) -> dict[str, dict]:
     """Write a DCP checkpoint from lazily produced chunks (no process group needed). Returns ``{file name:
     {"bytes", "sha256"}}`` of the files written (``.metadata`` and the ``.distcp`` data), hashed while written.
 
-    ``phases``: "serialise" is DCP's own work (``torch.save`` of each chunk into the stream, the metadata), the
-    kernel's write, the hashing, the source's reads and ops are timed apart. ``fsync``: each file synced."""
-    writer = _ReproducibleWriter(str(path), single_file_per_rank=True, thread_count=1, sync_files=False)
-    writer.fs = fs = _HashingFileSystem(phases, fsync)
+    A chunk with ``copy_from`` is copied from its source file in the kernel inside its ``torch.save`` framing;
+    the others are produced and ``torch.save``-d (:class:`~ernie45.bridge.dcp_write.ZeroCopyWriter`). ``threads``:
+    data files written side by side, each hashed on its own thread. ``phases``: "serialise" is DCP's own work (the
+    framing, ``torch.save`` of produced chunks, the metadata), the kernel's writes and copies, the hashing, the
+    source's reads and ops are timed apart. ``fsync``: each file synced."""
+    writer = ZeroCopyWriter(path, threads=threads, phases=phases, fsync=fsync)
     try:
         with phases("serialise"), _without_zip_crc32():
             dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects, on_chunk, phases),
                      no_dist=True)  # fmt: skip
     except CheckpointException as e:  # a BaseException: re-raise what went wrong (a bad tensor, a full disk) itself
         raise (dcp_failure(e) or CheckpointError(f"{path}: DCP could not write the checkpoint ({e})")) from None
-    return fs.records
+    return writer.fs.records
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,346 @@
+"""The torch_dist writer's storage layer: PyTorch DCP's file format, the unchanged bytes copied in the kernel.
+
+A DCP ``.distcp`` file written in DCP's default ``TORCH_SAVE`` format is a sequence of ``torch.save`` zip archives,
+one per chunk, each placed by ``.metadata`` (``_StorageInfo``: file, offset, length). Inside an archive the chunk's
+storage is one stored (uncompressed) record. Most chunks of an HF → torch_dist conversion are byte ranges of the
+source's safetensors files unchanged (Identity rows, dim-0 TP slices, gate / up halves, whole experts), so
+:class:`ZeroCopyWriter` writes such a chunk as
+
+    the archive's framing (``torch.save`` under ``torch.serialization.skip_data``: every record but the storage's
+    bytes, which it leaves a hole for)  +  the storage bytes, ``os.copy_file_range`` from the source file
+
+and the bytes never enter this process: the kernel copies page cache to page cache, as ``cp`` does. The archive is
+byte for byte the one ``torch.save`` of the tensor writes (tests/test_dcp_zero_copy.py), so DCP's reader and
+Megatron-Core's ``dist_checkpointing.load`` read it as any other. A chunk that needs an op (a FuseQKV regroup, a
+dim-1 slice) is produced as a tensor and ``torch.save``-d as before.
+
+The sha256 of each output file (what ernie45 records and checks on reading) is computed on a second thread, in
+file order, beside the writes: a copied range is hashed from the source's page cache. sha256 (≈1.1 GB/s a core
+here) is slower than the kernel's copy (≈2.5 GB/s): it is what bounds a conversion's speed, so the chunks are
+spread over ``threads`` files, each written and hashed by its own pair of threads (docs/convert-speed.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import io
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystem, FileSystemWriter, _StorageInfo
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+
+from .io import NO_PHASES, CheckpointError, HashingFile, Phases, _data_offsets
+
+__all__ = ["FileRange", "file_rows", "ZeroCopyWriter"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRange:
+    """``length`` bytes at ``offset`` of ``path``: a chunk's bytes exactly as a source file holds them."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+def file_rows(ckpt, name: str, start: int = 0, stop: int | None = None) -> Callable[[], FileRange]:
+    """Where rows ``[start, stop)`` of tensor ``name`` of an :class:`~ernie45.bridge.io.HFCheckpoint` lie in its file,
+    found when the chunk is written (the file's recorded checksum, if any, checked first, as a read would)."""
+
+    def locate() -> FileRange:
+        f = ckpt.file_of(name)
+        if ckpt.checksums is not None:
+            with ckpt.phases("hash input"):
+                ckpt.checksums.check(f.relative_to(ckpt.path).as_posix())
+        shape = ckpt.shape(name)
+        row_bytes = ckpt.dtype(name).itemsize
+        for s in shape[1:]:
+            row_bytes *= s
+        rows = shape[0] if shape else 1
+        end = rows if stop is None else stop
+        a, b = _data_offsets(f)[name]
+        if not 0 <= start <= end <= rows or b - a != rows * row_bytes:
+            raise ValueError(f"{name}: rows [{start}, {end}) outside its {rows} rows")
+        return FileRange(f, a + start * row_bytes, (end - start) * row_bytes)
+
+    return locate
+
+
+class _Framing(io.RawIOBase):
+    """What ``torch.save`` writes under ``skip_data``: the bytes before the storage's hole, the hole's length, the
+    bytes after it (the zip writer seeks over the hole, relative to where it is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[bytearray] = [bytearray()]
+        self.hole: int | None = None
+        self.pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        n = len(memoryview(b).cast("B"))
+        self.parts[-1] += b
+        self.pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence != io.SEEK_CUR or self.hole is not None:
+            raise RuntimeError("torch.save under skip_data wrote a layout this writer does not know (one hole expected)")
+        self.hole = offset
+        self.parts.append(bytearray())
+        self.pos += offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def _framing(sizes: tuple[int, ...], dtype: torch.dtype) -> tuple[bytes, int, bytes]:
+    """The ``torch.save`` archive of a contiguous ``sizes`` ``dtype`` tensor, less its storage's bytes: (head, hole
+    length, tail). The empty tensor is never touched, so its (virtual) memory never becomes resident."""
+    sink = _Framing()
+    with torch.serialization.skip_data():
+        torch.save(torch.empty(sizes, dtype=dtype), sink)
+    if sink.hole is None:  # a zero-byte storage leaves no hole
+        return bytes(sink.parts[0]), 0, b""
+    return bytes(sink.parts[0]), sink.hole, bytes(sink.parts[1])
+
+
+class _OutputFile:
+    """One ``.distcp`` being written: bytes appended (:meth:`write`) or copied from another file in the kernel
+    (:meth:`copy`), everything hashed (sha256) in file order on one worker thread while the writes go on.
+
+    Phases: "write" is the kernel's write / copy, "hash output" the hashing the writes did not hide."""
+
+    _COALESCE = 2**20  # smaller writes (the archives' framing) are gathered into one write syscall
+    _HASH_BLOCK = 2**20  # a copied range is read back for hashing in blocks of this (kept in the CPU's cache)
+
+    def __init__(self, path: Path, *, phases: Phases, fsync: bool) -> None:
+        self.path, self.phases, self._fsync = path, phases, fsync
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._h = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="ernie45-sha256")
+        self._pending = bytearray()
+        self._hashed: Future | None = None  # the latest hashing job (jobs run in order on the one worker)
+        self._block = bytearray(self._HASH_BLOCK)
+        self.nbytes = 0  # the file's length so far, pending bytes included
+
+    def tell(self) -> int:
+        return self.nbytes
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if len(view) < self._COALESCE:
+            self._pending += view
+            if len(self._pending) >= self._COALESCE:
+                self._flush()
+        else:  # the caller may free the buffer when this returns: hashed and written before returning
+            self._flush()
+            job = self._hash(self._h.update, view)
+            self._write(view)
+            with self.phases("hash output"):
+                job.result()
+        self.nbytes += len(view)
+        return len(view)
+
+    def flush(self) -> None:  # torch.save flushes its buffer at the end of an archive; _flush is what writes
+        pass
+
+    def copy(self, src: FileRange) -> None:
+        """Append ``src``'s bytes, copied by the kernel (no user-space copy); hashed from the page cache."""
+        self._flush()
+        fd = os.open(src.path, os.O_RDONLY)
+        try:
+            self._hash(self._hash_range, src)
+            with self.phases("write"):
+                _copy_range(fd, self._fd, src, self.nbytes)
+        finally:
+            os.close(fd)
+        self.nbytes += src.length
+        os.lseek(self._fd, self.nbytes, os.SEEK_SET)  # copy_file_range at an offset leaves the file position
+
+    def _hash_range(self, src: FileRange) -> None:
+        view = memoryview(self._block)
+        with open(src.path, "rb", buffering=0) as f:
+            done = 0
+            while done < src.length:
+                n = os.preadv(f.fileno(), [view[: min(len(view), src.length - done)]], src.offset + done)
+                if n <= 0:
+                    raise CheckpointError(f"{src.path}: truncated while copying bytes {src.offset}+{src.length}")
+                self._h.update(view[:n])
+                done += n
+
+    def _hash(self, fn: Callable[[Any], None], arg) -> Future:
+        self._hashed = self._hasher.submit(fn, arg)
+        return self._hashed
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        data, self._pending = bytes(self._pending), bytearray()
+        self._hash(self._h.update, data)
+        self._write(memoryview(data))
+
+    def _write(self, view: memoryview) -> None:
+        with self.phases("write"):
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+
+    def close(self) -> None:
+        try:
+            self._flush()
+            with self.phases("hash output"):
+                if self._hashed is not None:
+                    self._hashed.result()
+            if self._fsync:
+                with self.phases("fsync"):
+                    os.fsync(self._fd)
+        finally:
+            self._hasher.shutdown()
+            os.close(self._fd)
+
+    def record(self) -> dict[str, Any]:
+        """``{"bytes", "sha256"}`` of what was written (as :func:`~ernie45.bridge.io.record_checksums` records it)."""
+        return {"bytes": self.nbytes, "sha256": self._h.hexdigest()}
+
+
+def _copy_range(src_fd: int, dst_fd: int, src: FileRange, dst_offset: int) -> None:
+    """``src``'s bytes to ``dst_offset`` of ``dst_fd``, in the kernel: ``copy_file_range``, or ``sendfile`` where the
+    file systems do not support it (across devices on older kernels)."""
+    done = 0
+    use_sendfile = False
+    while done < src.length:
+        left = src.length - done
+        if not use_sendfile:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, left, src.offset + done, dst_offset + done)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL) or done:
+                    raise
+                use_sendfile = True
+                os.lseek(dst_fd, dst_offset, os.SEEK_SET)
+                continue
+        else:
+            n = os.sendfile(dst_fd, src_fd, src.offset + done, left)
+        if n == 0:
+            raise CheckpointError(f"{src.path}: truncated while copying bytes {src.offset}+{src.length}")
+        done += n
+
+
+class HashingFileSystem(FileSystem):
+    """DCP's local file system, every file it writes (the ``.metadata``) hashed while written
+    (:class:`~ernie45.bridge.io.HashingFile`). ``records``: ``{file name: {"bytes", "sha256"}}``, the ``.distcp``
+    files :class:`ZeroCopyWriter` writes included."""
+
+    def __init__(self, phases: Phases, fsync: bool) -> None:
+        super().__init__()
+        self.phases, self.fsync = phases, fsync
+        self.records: dict[str, dict] = {}
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str):
+        if mode != "wb":
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with HashingFile(Path(path), phases=self.phases, fsync=self.fsync) as stream:
+            yield stream
+        self.records[Path(path).name] = stream.record()
+
+    def rename(self, path, new_path) -> None:  # DCP writes .metadata under a temporary name first
+        super().rename(path, new_path)
+        self.records[Path(new_path).name] = self.records.pop(Path(path).name)
+
+
+class ZeroCopyWriter(FileSystemWriter):
+    """DCP's file writer, its data written by :class:`_OutputFile`: a chunk the planner resolves to a
+    :class:`FileRange` is copied in the kernel inside its ``torch.save`` framing, a tensor is ``torch.save``-d, a
+    byte object written as is. The items are spread over ``threads`` files (largest first, each to the least
+    filled), written in parallel; in each file the byte objects come first and the chunks follow in plan order, as
+    in DCP's own writer. No storage metadata is pickled into ``.metadata`` (a random save id and the temporary
+    directory's path): two conversions of the same source give identical files. ``fs.records``: the checksums."""
+
+    def __init__(self, path: Path, *, threads: int = 2, phases: Phases = NO_PHASES, fsync: bool = False) -> None:
+        super().__init__(str(path), single_file_per_rank=True, thread_count=threads, sync_files=False)
+        self.fs = HashingFileSystem(phases, fsync)
+        self.phases, self.fsync = phases, fsync
+
+    def storage_meta(self):
+        return None
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
+        where = _spread(plan.items, self.thread_count)
+        names = [f"{plan.storage_data.prefix}{i}{DEFAULT_SUFFIX}" for i in range(max(where, default=-1) + 1)]
+        # One thread writes every file, the items in plan order, the byte objects first (as DCP's own writer); each
+        # file hashes on its own thread, so the hashing (the slowest part) runs on as many cores as there are files.
+        files, results = [], []
+        try:
+            for name in names:
+                files.append(_OutputFile(Path(self.path) / name, phases=self.phases, fsync=self.fsync))
+            order = sorted(range(len(plan.items)), key=lambda i: plan.items[i].type != WriteItemType.BYTE_IO)
+            for i in order:
+                item, f = plan.items[i], files[where[i]]
+                offset = f.tell()
+                self._write_item(item, planner.resolve_data(item), f)
+                length = f.tell() - offset
+                results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                           storage_data=_StorageInfo(names[where[i]], offset, length)))  # fmt: skip
+        finally:
+            for f in files:
+                f.close()
+        for name, f in zip(names, files):
+            self.fs.records[name] = f.record()
+        done: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
+        done.set_result(results)
+        return done
+
+    def _write_item(self, item: WriteItem, data, f: _OutputFile) -> None:
+        if isinstance(data, io.BytesIO):
+            f.write(data.getbuffer())
+        elif isinstance(data, FileRange):
+            td = item.tensor_data
+            with self.phases("serialise"):
+                head, hole, tail = _framing(tuple(td.chunk.sizes), td.properties.dtype)
+            if hole != data.length:
+                raise CheckpointError(f"{item.index.fqn}@{list(item.index.offset)}: {data.length} bytes at "
+                                      f"{data.path}:{data.offset}, planned {hole}")  # fmt: skip
+            f.write(head)
+            f.copy(data)
+            f.write(tail)
+        else:
+            with self.phases("serialise"):
+                torch.save(data, f)
+            # the source hands each chunk a storage of its own: freed here, memory stays at one chunk
+            if data.untyped_storage().resizable():
+                data.untyped_storage().resize_(0)
+
+
+def _spread(items: list[WriteItem], n: int) -> list[int]:
+    """The file (``0 .. n-1``) of each of ``items``, the files of about equal bytes: largest first, each to the
+    least filled (ties: the first). Deterministic, so two conversions write the same files."""
+
+    def size(item: WriteItem) -> int:
+        if item.type == WriteItemType.BYTE_IO:
+            return 0
+        td = item.tensor_data
+        k = td.properties.dtype.itemsize
+        for s in td.chunk.sizes:
+            k *= s
+        return k
+
+    fill, where = [0] * n, [0] * len(items)
+    for i in sorted(range(len(items)), key=lambda i: -size(items[i])):
+        where[i] = min(range(n), key=lambda j: fill[j])
+        fill[where[i]] += size(items[i])
+    return where

@@ -1,0 +1,87 @@
+"""HF → torch_dist with the unchanged bytes copied in the kernel (``ernie45.bridge.dcp_write``).
+
+Oracles independent of the writer: ``torch.save`` itself (each archive must be byte for byte what it writes for
+the tensor), PyTorch's stock DCP ``FileSystemReader`` with its default planner, ``hashlib`` over the bytes on disk,
+``safetensors.torch.load_file``. That Megatron-Core's ``dist_checkpointing.load`` reads a checkpoint written this
+way into live models at TP2 and at EP2 with transformers' logits is
+tests/test_convert_speed_paths.py::test_vocab_written_in_row_blocks_loads_with_megatron_at_two_layouts and
+tests/test_distributed.py::test_offline_checkpoint_loads_into_live_models_at_two_layouts (both convert through
+this writer; here it is checked that they do copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+from ernie45.bridge import torch_dist
+from ernie45.bridge.dcp_write import _framing
+from ernie45.bridge.torch_dist import write_dcp
+from ernie45.convert import HFSource, plan_megatron
+from ernie45.megatron.parallel import Layout
+from ernie45.testing import assert_bit_exact, write_tiny_checkpoint
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 5), torch.bfloat16), ((1, 7, 4), torch.float32), ((6,), torch.float16),
+                                          ((), torch.float32), ((0, 4), torch.bfloat16), ((2, 3), torch.int64)])  # fmt: skip
+def test_framing_around_the_bytes_is_what_torch_save_writes(shape, dtype):
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch_dist._without_zip_crc32():
+        want = io.BytesIO()
+        torch.save(t, want)
+        head, hole, tail = _framing(tuple(shape), dtype)
+    assert hole == t.numel() * t.element_size()
+    assert head + bytes(t.untyped_storage()) + tail == want.getvalue()
+
+
+@pytest.fixture(scope="module")
+def big_vocab(tmp_path_factory):
+    # a 24576-row vocab: the embedding in several 256 KiB row blocks below
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("zc") / "hf", "moe", seed=4, vocab_size=24576)
+
+
+@pytest.mark.parametrize("layout", [Layout(tp=2, pp=2, ep=2), Layout(tp=2, ep=2, etp=2)], ids=str)
+def test_copied_checkpoint_is_the_torch_save_one_byte_for_byte(big_vocab, tmp_path, layout):
+    """The same plan written with the unchanged chunks copied, and with every chunk produced and ``torch.save``-d:
+    identical files. Most bytes are copied (all but the fused QKV and the dim-1 slices)."""
+    source = HFSource(big_vocab)
+    chunks, objects = plan_megatron(source, layout, row_block_bytes=2**18)
+    copied = sum(c.nbytes for c in chunks if c.copy_from is not None)
+    assert copied > 0.6 * sum(c.nbytes for c in chunks)
+    assert not any(c.copy_from for c in chunks if c.key.endswith("linear_qkv.weight"))  # FuseQKV: an op
+    fast = write_dcp(tmp_path / "fast", chunks, objects)
+    slow = write_dcp(tmp_path / "slow", [dataclasses.replace(c, copy_from=None) for c in chunks], objects)
+    assert fast == slow and len([n for n in fast if n.endswith(".distcp")]) == 2
+    for name, rec in fast.items():  # the checksums, hashed while copied, are those of the bytes on disk
+        data = (tmp_path / "fast" / name).read_bytes()
+        assert data == (tmp_path / "slow" / name).read_bytes(), name
+        assert rec == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+
+
+def test_copied_checkpoint_reads_with_pytorch_dcp_bit_exact(big_vocab, tmp_path):
+    """PyTorch's own reader: every Identity tensor equals the HF one, bit for bit (the vocab without its padding)."""
+    source = HFSource(big_vocab)
+    chunks, objects = plan_megatron(source, Layout(tp=2, ep=2), row_block_bytes=2**18)
+    write_dcp(tmp_path / "mg", chunks, objects, threads=3)
+    md = FileSystemReader(str(tmp_path / "mg")).read_metadata()
+    state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in md.state_dict_metadata.items()
+             if hasattr(v, "properties")}  # fmt: skip
+    dcp.load(state, storage_reader=FileSystemReader(str(tmp_path / "mg")), planner=DefaultLoadPlanner(), no_dist=True)
+    hf = load_file(big_vocab / "model.safetensors")
+    assert_bit_exact(state["embedding.word_embeddings.weight"][:24576], hf["model.embed_tokens.weight"])
+    assert_bit_exact(state["output_layer.weight"][:24576], hf["lm_head.weight"])
+    assert_bit_exact(state["decoder.final_layernorm.weight"], hf["model.norm.weight"])
+    fc2 = state["decoder.layers.1.mlp.experts.experts.linear_fc2.weight"]
+    fc1 = state["decoder.layers.1.mlp.experts.experts.linear_fc1.weight"]
+    for x in range(fc2.shape[0]):
+        p = f"model.layers.1.mlp.experts.{x}."
+        assert_bit_exact(fc2[x], hf[p + "down_proj.weight"], f"expert {x} fc2")
+        assert_bit_exact(fc1[x], torch.cat([hf[p + "gate_proj.weight"], hf[p + "up_proj.weight"]]), f"expert {x} fc1")
