@@ -1,5 +1,6 @@
 """The converter's fast paths: checksums hashed while written (a second thread for big buffers), DCP chunks written
-without the zip CRC32, ``--fsync``, the opt-in phase accounting.
+without the zip CRC32 (the unchanged ones copied in the kernel: tests/test_dcp_zero_copy.py), ``--fsync``, the
+opt-in phase accounting.
 
 Oracles are independent of ernie45: ``hashlib`` over the bytes on disk, PyTorch's stock DCP ``FileSystemReader``
 with its default planner, ``safetensors.torch.load_file``. (That Megatron-Core's ``dist_checkpointing.load`` reads

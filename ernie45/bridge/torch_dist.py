@@ -6,7 +6,8 @@ with two small planners:
 
 * :class:`_LazySavePlanner` declares every chunk up front (key, offsets, sizes, dtype) and produces its data only
   when the DCP writer asks for it (``resolve_data``): tensors stream from the source one chunk at a time, so peak
-  memory is one chunk, whatever the model size.
+  memory is one chunk, whatever the model size; a chunk whose bytes lie unchanged in a source file is copied from
+  it in the kernel instead (:mod:`.dcp_write`, docs/convert-speed.md).
 * :class:`_RegionLoadPlanner` reads any region of any key (e.g. one expert of a stacked ``[E, 2F, H]`` tensor),
   whatever chunking the writer used (Megatron's own checkpoints from any layout included).
 
