@@ -59,7 +59,7 @@ from .bridge.io import (
     side_files_of,
     write_safetensors_streaming,
 )
-from .bridge.dcp_write import file_rows
+from .bridge.dcp_write import StoredChunks, file_rows
 from .bridge.layout import shard_bounds
 from .bridge.live import _read_hf_slices
 from .bridge.ops import ConcatGLU, Identity
@@ -467,12 +467,19 @@ def plan_megatron(source, layout: Layout, *, row_block_bytes: int = ROW_BLOCK_BY
     cfg = source.cfg
     layout.validate(cfg)
     chunks: list[ChunkSpec] = []
+    # a reshard re-cuts stored bytes: a chunk that stored chunks tile is copied from them (not the vocab padding)
+    stored = StoredChunks(source.reader) if isinstance(source, MegatronSource) else None
     for item in source.plan.items:
-        chunks += _chunks_for(item, source, layout, cfg, row_block_bytes)
+        cut = _chunks_for(item, source, layout, cfg, row_block_bytes)
+        if stored is not None:
+            rows = item.hf_shapes[0][0] if item.split is Split.VOCAB else None
+            cut = [replace(c, copy_from=stored.region(c.key, c.offsets, c.sizes, rows=rows)) for c in cut]
+        chunks += cut
     for name in _carried(source):
         shape = tuple(source.shape(name))
+        copy = _unchanged(source, name) if stored is None else stored.region(CARRY_PREFIX + name, (0,) * len(shape), shape)
         chunks.append(ChunkSpec(CARRY_PREFIX + name, (0,) * len(shape), shape, shape, source.dtype(name),
-                                lambda name=name: source.get(name), _unchanged(source, name)))
+                                lambda name=name: source.get(name), copy))
     # The local spec's linears carry an (empty) TE-style _extra_state; Megatron stores each ShardedObject as the
     # torch.save of a one-element list ([None] here), which is what its loader unwraps.
     buf = io.BytesIO()

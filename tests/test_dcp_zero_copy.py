@@ -85,3 +85,27 @@ def test_copied_checkpoint_reads_with_pytorch_dcp_bit_exact(big_vocab, tmp_path)
         p = f"model.layers.1.mlp.experts.{x}."
         assert_bit_exact(fc2[x], hf[p + "down_proj.weight"], f"expert {x} fc2")
         assert_bit_exact(fc1[x], torch.cat([hf[p + "gate_proj.weight"], hf[p + "up_proj.weight"]]), f"expert {x} fc1")
+
+
+@pytest.mark.parametrize("to", [Layout(tp=1, ep=4), Layout(tp=2, pp=1, ep=1), Layout(tp=2, ep=2, etp=2)], ids=str)
+def test_reshard_copies_stored_bytes_into_the_torch_save_files(big_vocab, tmp_path, to):
+    """A reshard (TP2·PP2·EP2 -> ``to``): every chunk is re-cut from stored chunks (row runs of them for a TP
+    change of a row-parallel tensor), and the files are those of producing and ``torch.save``-ing every chunk;
+    the way back to HF is bit-exact."""
+    from ernie45.convert import MegatronSource, write_hf, write_megatron
+
+    write_megatron(HFSource(big_vocab), tmp_path / "a", Layout(tp=2, pp=2, ep=2), progress=False, row_block_bytes=2**18)
+    source = MegatronSource(tmp_path / "a")
+    chunks, objects = plan_megatron(source, to, row_block_bytes=3 * 2**17)  # blocks straddling the stored ones
+    assert all(c.copy_from is not None for c in chunks)
+    fast = write_dcp(tmp_path / "fast", chunks, objects)
+    slow = write_dcp(tmp_path / "slow", [dataclasses.replace(c, copy_from=None) for c in chunks], objects)
+    assert fast == slow
+    for name in fast:
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "slow" / name).read_bytes(), name
+    write_megatron(source, tmp_path / "b", to, progress=False, row_block_bytes=3 * 2**17)
+    write_hf(MegatronSource(tmp_path / "b"), tmp_path / "hf", progress=False)
+    want, got = load_file(big_vocab / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert_bit_exact(got[name], want[name], name)
