@@ -108,9 +108,10 @@ class ChunkSpec:
     global_shape: tuple[int, ...]
     dtype: torch.dtype
     produce: Callable[[], torch.Tensor]
-    # where the chunk's bytes lie unchanged in a source file (:func:`~ernie45.bridge.dcp_write.file_rows`), found
-    # when it is written: copied in the kernel, never produced (None: a chunk that needs an op is produced)
-    copy_from: Callable[[], FileRange] | None = None
+    # where the chunk's bytes lie unchanged in source files, in order (an HF file's rows: dcp_write.file_rows; a
+    # torch_dist's stored records: dcp_write.StoredChunks), found when it is written: copied in the kernel, never
+    # produced (None: a chunk that needs an op is produced)
+    copy_from: Callable[[], list[FileRange]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -154,7 +155,7 @@ class _LazySavePlanner(DefaultSavePlanner):
         return self.plan
 
     def resolve_data(self, write_item: WriteItem):
-        """A byte object's bytes, a chunk's tensor, or where a chunk's unchanged bytes lie (a :class:`FileRange`,
+        """A byte object's bytes, a chunk's tensor, or where a chunk's unchanged bytes lie (:class:`FileRange` s,
         copied by :class:`~ernie45.bridge.dcp_write.ZeroCopyWriter`, the one writer this planner is used with)."""
         if write_item.type == WriteItemType.BYTE_IO:
             return io.BytesIO(self._objects[write_item.index.fqn])
