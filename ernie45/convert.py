@@ -404,18 +404,20 @@ def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig, row_block_
                     and dtype.itemsize * math.prod(sizes) > row_block_bytes):  # fmt: skip
                 out += _vocab_row_blocks(item, source, sizes[0], i, gshape, dtype, row_block_bytes)
                 continue
-            # the HF tensor's own rows (an Identity: whole, or one dim-0 slice short of the vocab padding): copied
-            rows = (offsets[0], offsets[0] + sizes[0]) if sizes else (0, None)
-            same = isinstance(item.op, Identity) and (dim is None or n == 1 or (
-                dim == 0 and item.op.hf_blocks == 1 and rows[1] <= item.hf_shapes[0][0]))  # fmt: skip
-            spec(tuple(offsets), tuple(sizes), produce, _unchanged(source, item.hf[0], *rows) if same else None)
+            # the HF tensor's own bytes (an Identity: whole, a dim-0 slice short of the vocab padding, a dim-1 slice
+            # row by row): copied
+            d = 0 if dim is None or n == 1 else dim
+            cut = (offsets[d], offsets[d] + sizes[d]) if sizes else (0, None)
+            same = isinstance(item.op, Identity) and (d == 0 or item.op.hf_blocks == 1) and (
+                dim != 0 or n == 1 or item.op.hf_blocks == 1 and cut[1] <= item.hf_shapes[0][0])  # fmt: skip
+            spec(tuple(offsets), tuple(sizes), produce, _unchanged(source, item.hf[0], *cut, dim=d) if same else None)
     return out
 
 
-def _unchanged(source, name: str, start: int = 0, stop: int | None = None):
-    """Where rows ``[start, stop)`` of ``name`` lie unchanged in an HF source's file (a chunk copied in the kernel,
-    :mod:`ernie45.bridge.dcp_write`); None for a torch_dist source (its chunks are read through DCP)."""
-    return file_rows(source.ckpt, name, start, stop) if isinstance(source, HFSource) else None
+def _unchanged(source, name: str, start: int = 0, stop: int | None = None, *, dim: int = 0):
+    """Where the slice ``[start, stop)`` along ``dim`` of ``name`` lies unchanged in an HF source's file (a chunk
+    copied in the kernel, :mod:`ernie45.bridge.dcp_write`); None for a torch_dist source (``StoredChunks``)."""
+    return file_rows(source.ckpt, name, start, stop, dim=dim) if isinstance(source, HFSource) else None
 
 
 @dataclass

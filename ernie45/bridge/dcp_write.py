@@ -57,25 +57,30 @@ class FileRange:
     length: int
 
 
-def file_rows(ckpt, name: str, start: int = 0, stop: int | None = None) -> Callable[[], list[FileRange]]:
-    """Where rows ``[start, stop)`` of tensor ``name`` of an :class:`~ernie45.bridge.io.HFCheckpoint` lie in its file,
-    found when the chunk is written (the file's recorded checksum, if any, checked first, as a read would)."""
+def file_rows(ckpt, name: str, start: int = 0, stop: int | None = None, *, dim: int = 0
+              ) -> Callable[[], list[FileRange]]:  # fmt: skip
+    """Where the slice ``[start, stop)`` along ``dim`` (0: rows, one range; 1: columns of a matrix, a range per
+    row) of tensor ``name`` of an :class:`~ernie45.bridge.io.HFCheckpoint` lies in its file, found when the chunk is
+    written (the file's recorded checksum, if any, checked first, as a read would)."""
 
     def locate() -> list[FileRange]:
         f = ckpt.file_of(name)
         if ckpt.checksums is not None:
             with ckpt.phases("hash input"):
                 ckpt.checksums.check(f.relative_to(ckpt.path).as_posix())
-        shape = ckpt.shape(name)
-        row_bytes = ckpt.dtype(name).itemsize
-        for s in shape[1:]:
-            row_bytes *= s
-        rows = shape[0] if shape else 1
-        end = rows if stop is None else stop
+        shape, itemsize = ckpt.shape(name), ckpt.dtype(name).itemsize
         a, b = _data_offsets(f)[name]
-        if not 0 <= start <= end <= rows or b - a != rows * row_bytes:
-            raise ValueError(f"{name}: rows [{start}, {end}) outside its {rows} rows")
-        return [FileRange(f, a + start * row_bytes, (end - start) * row_bytes)]
+        if b - a != itemsize * math.prod(shape) or (dim == 1 and len(shape) != 2) or dim not in (0, 1):
+            raise ValueError(f"{name}: {list(shape)} cannot be sliced along dim {dim} here")
+        n = shape[dim] if shape else 1
+        end = n if stop is None else stop
+        if not 0 <= start <= end <= n:
+            raise ValueError(f"{name}: [{start}, {end}) along dim {dim} outside its {n}")
+        if dim == 0:
+            row = itemsize * math.prod(shape[1:])
+            return [FileRange(f, a + start * row, (end - start) * row)]
+        row = itemsize * shape[1]
+        return [FileRange(f, a + r * row + start * itemsize, (end - start) * itemsize) for r in range(shape[0])]
 
     return locate
 
