@@ -3,8 +3,8 @@
 A DCP ``.distcp`` file written in DCP's default ``TORCH_SAVE`` format is a sequence of ``torch.save`` zip archives,
 one per chunk, each placed by ``.metadata`` (``_StorageInfo``: file, offset, length). Inside an archive the chunk's
 storage is one stored (uncompressed) record. Most chunks of an HF → torch_dist conversion are byte ranges of the
-source's safetensors files unchanged (Identity rows, dim-0 TP slices, gate / up halves, whole experts:
-:func:`file_rows`), and every chunk of a reshard is runs of the source's stored records (:class:`StoredChunks`), so
+source's safetensors files unchanged (Identity tensors, dim-0 TP slices, gate / up halves, whole experts; a dim-1
+TP slice row by row: :func:`file_rows`), and every chunk of a reshard is runs of the source's stored records (:class:`StoredChunks`), so
 :class:`ZeroCopyWriter` writes such a chunk as
 
     the archive's framing (``torch.save`` under ``torch.serialization.skip_data``: every record but the storage's
@@ -12,8 +12,8 @@ source's safetensors files unchanged (Identity rows, dim-0 TP slices, gate / up 
 
 and the bytes never enter this process: the kernel copies page cache to page cache, as ``cp`` does. The archive is
 byte for byte the one ``torch.save`` of the tensor writes (tests/test_dcp_zero_copy.py), so DCP's reader and
-Megatron-Core's ``dist_checkpointing.load`` read it as any other. A chunk that needs an op (a FuseQKV regroup, a
-dim-1 slice of an HF tensor) is produced as a tensor and ``torch.save``-d as before.
+Megatron-Core's ``dist_checkpointing.load`` read it as any other. A chunk that needs an op (FuseQKV's regroup,
+Squeeze0) is produced as a tensor and ``torch.save``-d as before.
 
 The sha256 of each output file (what ernie45 records and checks on reading) is computed on a thread of its own, in
 file order, beside the writes: a copied range is hashed from the source's page cache. sha256 (≈1.2 GiB/s a core
