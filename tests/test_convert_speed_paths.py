@@ -1,5 +1,6 @@
 """The converter's fast paths: checksums hashed while written (a second thread for big buffers), DCP chunks written
-without the zip CRC32, ``--fsync``, the opt-in phase accounting.
+without the zip CRC32 (the unchanged ones copied in the kernel: tests/test_dcp_zero_copy.py), ``--fsync``, the
+opt-in phase accounting.
 
 Oracles are independent of ernie45: ``hashlib`` over the bytes on disk, PyTorch's stock DCP ``FileSystemReader``
 with its default planner, ``safetensors.torch.load_file``. (That Megatron-Core's ``dist_checkpointing.load`` reads
@@ -144,28 +145,38 @@ def test_torch_dist_to_hf_streams_the_vocab_in_row_blocks_bit_exact(tiny_ckpts, 
 
 
 def test_reshard_of_row_blocked_vocab_reads_only_rows_bit_exact(tiny_ckpts, tmp_path):
-    """A reshard (TP2 -> TP1·EP2 -> HF) whose vocab tensors are stored in row blocks reads them row range by row range
-    (``TorchDistReader.read_rows``), never whole: the round trip is bit-exact."""
-    from ernie45.bridge.torch_dist import TorchDistReader
+    """A reshard (TP2 -> TP1·EP2 -> HF) whose vocab tensors are stored in row blocks copies them from the stored
+    blocks, never reading them, and the round trip is bit-exact. Produced instead (the path of a chunk stored bytes
+    do not tile, e.g. a vocab padding that grows) they are read row range by row range
+    (``TorchDistReader.read_rows``), never whole, into the same files."""
+    import dataclasses
+
     from ernie45.bridge.source import HFSource
-    from ernie45.bridge.torch_dist import MegatronSource, write_megatron
+    from ernie45.bridge.torch_dist import MegatronSource, TorchDistReader, plan_megatron, write_dcp, write_megatron
     from ernie45.convert import write_hf
     from ernie45.layout import Layout
 
     hf_dir = tiny_ckpts["moe"]
     write_megatron(HFSource(hf_dir), tmp_path / "a", Layout(tp=2), progress=False, row_block_bytes=4096)
+    vocab = {"embedding.word_embeddings.weight", "output_layer.weight"}
     calls = []
     source = MegatronSource(tmp_path / "a")
     read_rows = source.reader.read_rows
     source.reader.read_rows = lambda key, a=0, b=None: calls.append((key, a, b)) or read_rows(key, a, b)
     write_megatron(source, tmp_path / "b", Layout(ep=2), progress=False, row_block_bytes=4096)
-    vocab = {"embedding.word_embeddings.weight", "output_layer.weight"}
-    ranges = [(k, a, b) for k, a, b in calls if k in vocab]
-    assert {k for k, _, _ in ranges} == vocab  # (read_rows also serves every other read, whole)
-    assert all(b is not None and b - a < 160 for _, a, b in ranges)  # row ranges (vocab 160), never the whole
+    assert not [k for k, _, _ in calls if k in vocab]  # copied from the stored blocks, never read
     assert len(TorchDistReader(tmp_path / "b").metadata.state_dict_metadata["output_layer.weight"].chunks) > 1
     write_hf(MegatronSource(tmp_path / "b"), tmp_path / "hf", progress=False)
     want, got = load_file(hf_dir / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
     assert sorted(got) == sorted(want)
     for name in want:
         assert_bit_exact(got[name], want[name], name)
+
+    chunks, objects = plan_megatron(source, Layout(ep=2), row_block_bytes=4096)
+    calls.clear()
+    written = write_dcp(tmp_path / "produced", [dataclasses.replace(c, copy_from=None) for c in chunks], objects)
+    ranges = [(k, a, b) for k, a, b in calls if k in vocab]
+    assert {k for k, _, _ in ranges} == vocab  # (read_rows also serves every other read, whole)
+    assert all(b is not None and b - a < 160 for _, a, b in ranges)  # row ranges (vocab 160), never the whole
+    for name in written:
+        assert (tmp_path / "produced" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

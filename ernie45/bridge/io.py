@@ -471,6 +471,10 @@ class HFCheckpoint:
             n *= s
         return n
 
+    def byte_range(self, name: str) -> tuple[Path, int, int]:
+        """``(file, start, end)``: where ``name``'s data bytes lie (what a kernel copy of it reads)."""
+        return (self._file_of[name], *self._offsets[name])
+
     def file_of(self, name: str) -> Path:
         return self._file_of[name]
 

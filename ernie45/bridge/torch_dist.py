@@ -17,7 +17,8 @@ with two small planners:
 
 * :class:`_LazySavePlanner` declares every chunk up front (key, offsets, sizes, dtype) and produces its data only
   when the DCP writer asks for it (``resolve_data``): tensors stream from the source one chunk at a time, so peak
-  memory is one chunk, whatever the model size.
+  memory is one chunk, whatever the model size; a chunk whose bytes lie unchanged in a source file is copied from
+  it in the kernel instead (:mod:`.dcp_write`, docs/convert-speed.md).
 * :class:`_RegionLoadPlanner` reads any region of any key (e.g. one expert of a stacked ``[E, 2F, H]`` tensor),
   whatever chunking the writer used (Megatron's own checkpoints from any layout included).
 
@@ -49,8 +50,11 @@ from typing import Callable
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import (
+    DefaultLoadPlanner,
+    DefaultSavePlanner,
+)
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -59,18 +63,26 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.planner_helpers import (
+    create_read_items_for_chunk_list,
+)
 
 from ..config import ErnieConfig, load_config
 from ..errors import dcp_failure
 from ..layout import Layout
+from .dcp_write import FileRange, StoredChunks, ZeroCopyWriter, file_rows
 from .io import (
     INFO_NAME,
     NO_PHASES,
-    Checksums,
     CheckpointError,
-    HashingFile,
+    Checksums,
     Phases,
     atomic_output,
     copy_side_files,
@@ -149,6 +161,10 @@ class ChunkSpec:
     global_shape: tuple[int, ...]
     dtype: torch.dtype
     produce: Callable[[], torch.Tensor]
+    # where the chunk's bytes lie unchanged in source files, in order (an HF file's rows: dcp_write.file_rows; a
+    # torch_dist's stored records: dcp_write.StoredChunks), found when it is written: copied in the kernel, never
+    # produced (None: a chunk that needs an op is produced)
+    copy_from: Callable[[], list[FileRange]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -166,7 +182,6 @@ class _LazySavePlanner(DefaultSavePlanner):
         self._objects = objects
         self._on_chunk = on_chunk
         self._phases = phases
-        self._last: torch.Tensor | None = None
 
     def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False) -> None:
         self.state_dict, self.is_coordinator = state_dict, is_coordinator
@@ -193,53 +208,22 @@ class _LazySavePlanner(DefaultSavePlanner):
         return self.plan
 
     def resolve_data(self, write_item: WriteItem):
+        """A byte object's bytes, a chunk's tensor, or where a chunk's unchanged bytes lie (:class:`FileRange` s,
+        copied by :class:`~ernie45.bridge.dcp_write.ZeroCopyWriter`, the one writer this planner is used with)."""
         if write_item.type == WriteItemType.BYTE_IO:
             return io.BytesIO(self._objects[write_item.index.fqn])
-        # DCP's file writer keeps a reference to every tensor of a file until the file is closed (it needs them
-        # only for its safetensors format). Its serial loader asks for the next chunk only after writing the
-        # previous one, so the previous chunk's storage can be released here: memory stays at one chunk.
-        if self._last is not None and self._last.untyped_storage().resizable():
-            self._last.untyped_storage().resize_(0)
         c = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+        if c.copy_from is not None:
+            with self._phases("plan"):
+                where = c.copy_from()
+            self._on_chunk(c.nbytes)
+            return where
         with self._phases("op"):  # the source's reads time themselves (exclusive)
             t = c.produce()
         if tuple(t.shape) != c.sizes or t.dtype != c.dtype:
             raise CheckpointError(f"{c.key}@{c.offsets}: produced {list(t.shape)} {t.dtype}, planned {list(c.sizes)} {c.dtype}")
         self._on_chunk(c.nbytes)
-        self._last = t.contiguous()
-        return self._last
-
-
-class _ReproducibleWriter(FileSystemWriter):
-    """DCP's file writer without the storage metadata it would pickle into ``.metadata`` (a random save id and the
-    temporary directory's path): two conversions of the same source give identical files. Loaders do not need it."""
-
-    def storage_meta(self):
-        return None
-
-
-class _HashingFileSystem(FileSystem):
-    """DCP's local file system, every file it writes hashed while written (:class:`HashingFile`): the checksums
-    ernie45 records cost no second pass over the output. ``records``: ``{file name: {"bytes", "sha256"}}``."""
-
-    def __init__(self, phases: Phases, fsync: bool) -> None:
-        super().__init__()
-        self.phases, self.fsync = phases, fsync
-        self.records: dict[str, dict] = {}
-
-    @contextlib.contextmanager
-    def create_stream(self, path, mode: str):
-        if mode != "wb":
-            with super().create_stream(path, mode) as stream:
-                yield stream
-            return
-        with HashingFile(Path(path), phases=self.phases, fsync=self.fsync) as stream:
-            yield stream
-        self.records[Path(path).name] = stream.record()
-
-    def rename(self, path, new_path) -> None:  # DCP writes .metadata under a temporary name first
-        super().rename(path, new_path)
-        self.records[Path(new_path).name] = self.records.pop(Path(path).name)
+        return t.contiguous()
 
 
 @contextlib.contextmanager
@@ -261,21 +245,23 @@ def _without_zip_crc32():
 
 
 def write_dcp(path: Path, chunks: list[ChunkSpec], objects: dict[str, bytes], on_chunk=lambda n: None, *,
-              phases: Phases = NO_PHASES, fsync: bool = False) -> dict[str, dict]:
+              phases: Phases = NO_PHASES, fsync: bool = False, threads: int = 2) -> dict[str, dict]:
     """Write a DCP checkpoint from lazily produced chunks (no process group needed). Returns ``{file name:
     {"bytes", "sha256"}}`` of the files written (``.metadata`` and the ``.distcp`` data), hashed while written.
 
-    ``phases``: "serialise" is DCP's own work (``torch.save`` of each chunk into the stream, the metadata), the
-    kernel's write, the hashing, the source's reads and ops are timed apart. ``fsync``: each file synced."""
-    writer = _ReproducibleWriter(str(path), single_file_per_rank=True, thread_count=1, sync_files=False)
-    writer.fs = fs = _HashingFileSystem(phases, fsync)
+    A chunk with ``copy_from`` is copied from its source file in the kernel inside its ``torch.save`` framing;
+    the others are produced and ``torch.save``-d (:class:`~ernie45.bridge.dcp_write.ZeroCopyWriter`). ``threads``:
+    data files written side by side, each hashed on its own thread. ``phases``: "serialise" is DCP's own work (the
+    framing, ``torch.save`` of produced chunks, the metadata), the kernel's writes and copies, the hashing, the
+    source's reads and ops are timed apart. ``fsync``: each file synced."""
+    writer = ZeroCopyWriter(path, threads=threads, phases=phases, fsync=fsync)
     try:
         with phases("serialise"), _without_zip_crc32():
             dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects, on_chunk, phases),
                      no_dist=True)  # fmt: skip
     except CheckpointException as e:  # a BaseException: re-raise what went wrong (a bad tensor, a full disk) itself
         raise (dcp_failure(e) or CheckpointError(f"{path}: DCP could not write the checkpoint ({e})")) from None
-    return fs.records
+    return writer.fs.records
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -683,7 +669,8 @@ def _vocab_row_blocks(item: Item, source, shard_rows: int, i: int, gshape, dtype
             pad = (g1 - g0) - real.shape[0]
             return torch.cat([real, real.new_zeros((pad, *gshape[1:]))]) if pad else real
 
-        out.append(ChunkSpec(key, (g0, *([0] * (len(gshape) - 1))), (g1 - g0, *gshape[1:]), gshape, dtype, produce))
+        copy = _unchanged(source, item.hf[0], g0, g1) if g1 <= rows_V else None
+        out.append(ChunkSpec(key, (g0, *([0] * (len(gshape) - 1))), (g1 - g0, *gshape[1:]), gshape, dtype, produce, copy))
     return out
 
 
@@ -702,8 +689,8 @@ def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig, row_block_
         gshape = shape if x is None else (cfg.moe_num_experts, *shape)
         lead = (1,) * len(prefix)
 
-        def spec(offsets, sizes, produce):
-            out.append(ChunkSpec(key, (*prefix, *offsets), (*lead, *sizes), gshape, dtype, produce))
+        def spec(offsets, sizes, produce, copy=None):
+            out.append(ChunkSpec(key, (*prefix, *offsets), (*lead, *sizes), gshape, dtype, produce, copy))
 
         if item.op.mg_blocks > 1:
             # Megatron's own layout for a blocked tensor ([gate; up]): each block cut into TP pieces (reference
@@ -714,7 +701,8 @@ def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig, row_block_
                     a, b, _ = shard_bounds(item.split, F, n, i)
                     offsets = (half * F + a, *([0] * (len(shape) - 1)))
                     sizes = (b - a, *shape[1:])
-                    spec(offsets, sizes, lambda src=src, a=a, b=b, lead=lead: source.read(src, 0, a, b).reshape(*lead, b - a, *shape[1:]))
+                    spec(offsets, sizes, lambda src=src, a=a, b=b, lead=lead: source.read(src, 0, a, b).reshape(*lead, b - a, *shape[1:]),
+                         _unchanged(source, src, a, b))  # fmt: skip
             continue
         dim = item.split.dim
         for i in range(n):
@@ -732,8 +720,20 @@ def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig, row_block_
                     and dtype.itemsize * math.prod(sizes) > row_block_bytes):  # fmt: skip
                 out += _vocab_row_blocks(item, source, sizes[0], i, gshape, dtype, row_block_bytes)
                 continue
-            spec(tuple(offsets), tuple(sizes), produce)
+            # the HF tensor's own bytes (an unchanged single input: whole, a dim-0 slice short of the vocab padding,
+            # a dim-1 slice row by row): copied
+            d = 0 if dim is None or n == 1 else dim
+            cut = (offsets[d], offsets[d] + sizes[d]) if sizes else (0, None)
+            same = item.op.verbatim and item.op.n_hf == 1 and (d == 0 or item.op.hf_blocks == 1) and (
+                dim != 0 or n == 1 or item.op.hf_blocks == 1 and cut[1] <= item.hf_shapes[0][0])  # fmt: skip
+            spec(tuple(offsets), tuple(sizes), produce, _unchanged(source, item.hf[0], *cut, dim=d) if same else None)
     return out
+
+
+def _unchanged(source, name: str, start: int = 0, stop: int | None = None, *, dim: int = 0) -> list[FileRange] | None:
+    """Where the slice ``[start, stop)`` along ``dim`` of ``name`` lies unchanged in an HF source's file (a chunk
+    copied in the kernel, :mod:`ernie45.bridge.dcp_write`); None for a torch_dist source (``StoredChunks``)."""
+    return file_rows(source.ckpt, name, start, stop, dim=dim) if source.format == "hf" else None
 
 
 def plan_megatron(source, layout: Layout, *, row_block_bytes: int = ROW_BLOCK_BYTES
@@ -741,12 +741,19 @@ def plan_megatron(source, layout: Layout, *, row_block_bytes: int = ROW_BLOCK_BY
     cfg = source.cfg
     layout.validate(cfg)
     chunks: list[ChunkSpec] = []
+    # a reshard re-cuts stored bytes: a chunk that stored chunks tile is copied from them (not the vocab padding)
+    stored = StoredChunks(source.reader) if source.format == "megatron" else None
     for item in source.plan.items:
-        chunks += _chunks_for(item, source, layout, cfg, row_block_bytes)
+        cut = _chunks_for(item, source, layout, cfg, row_block_bytes)
+        if stored is not None:
+            rows = item.hf_shapes[0][0] if item.split is Split.VOCAB else None
+            cut = [dataclasses.replace(c, copy_from=stored.region(c.key, c.offsets, c.sizes, rows=rows)) for c in cut]
+        chunks += cut
     for name in source.carried:
         shape = tuple(source.shape(name))
+        copy = _unchanged(source, name) if stored is None else stored.region(CARRY_PREFIX + name, (0,) * len(shape), shape)
         chunks.append(ChunkSpec(CARRY_PREFIX + name, (0,) * len(shape), shape, shape, source.dtype(name),
-                                lambda name=name: source.get(name)))
+                                lambda name=name: source.get(name), copy))
     # The local spec's linears carry an (empty) TE-style _extra_state; Megatron stores each ShardedObject as the
     # torch.save of a one-element list ([None] here), which is what its loader unwraps.
     buf = io.BytesIO()

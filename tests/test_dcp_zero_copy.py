@@ -1,0 +1,142 @@
+"""HF → torch_dist with the unchanged bytes copied in the kernel (``ernie45.bridge.dcp_write``).
+
+Oracles independent of the writer: ``torch.save`` itself (each archive must be byte for byte what it writes for
+the tensor), PyTorch's stock DCP ``FileSystemReader`` with its default planner, ``hashlib`` over the bytes on disk,
+``safetensors.torch.load_file``. That Megatron-Core's ``dist_checkpointing.load`` reads a checkpoint written this
+way into live models at TP2 and at EP2 with transformers' logits is
+tests/test_convert_speed_paths.py::test_vocab_written_in_row_blocks_loads_with_megatron_at_two_layouts and
+tests/test_distributed.py::test_offline_checkpoint_loads_into_live_models_at_two_layouts (both convert through
+this writer; here it is checked that they do copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+from ernie45.bridge import torch_dist
+from ernie45.bridge.dcp_write import _framing
+from ernie45.bridge.source import HFSource
+from ernie45.bridge.torch_dist import plan_megatron, write_dcp
+from ernie45.layout import Layout
+from ernie45.testing import assert_bit_exact, write_tiny_checkpoint
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 5), torch.bfloat16), ((1, 7, 4), torch.float32), ((6,), torch.float16),
+                                          ((), torch.float32), ((0, 4), torch.bfloat16), ((2, 3), torch.int64)])  # fmt: skip
+def test_framing_around_the_bytes_is_what_torch_save_writes(shape, dtype):
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch_dist._without_zip_crc32():
+        want = io.BytesIO()
+        torch.save(t, want)
+        head, hole, tail = _framing(tuple(shape), dtype)
+    assert hole == t.numel() * t.element_size()
+    assert head + bytes(t.untyped_storage()) + tail == want.getvalue()
+
+
+@pytest.fixture(scope="module")
+def big_vocab(tmp_path_factory):
+    # a 24576-row vocab: the embedding in several 256 KiB row blocks below
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("zc") / "hf", "moe", seed=4, vocab_size=24576)
+
+
+@pytest.mark.parametrize("layout", [Layout(tp=2, pp=2, ep=2), Layout(tp=2, ep=2, etp=2)], ids=str)
+def test_copied_checkpoint_is_the_torch_save_one_byte_for_byte(big_vocab, tmp_path, layout):
+    """The same plan written with the unchanged chunks copied, and with every chunk produced and ``torch.save``-d:
+    identical files. Every chunk but the fused QKV and the squeezed expert bias (ops) is copied: whole tensors,
+    dim-0 slices and row blocks in one range, the row-parallel (dim-1) slices row by row."""
+    source = HFSource(big_vocab)
+    chunks, objects = plan_megatron(source, layout, row_block_bytes=2**18)
+    produced = {c.key.rsplit(".", 2)[-2] for c in chunks if c.copy_from is None}
+    assert produced == {"linear_qkv", "router"}  # FuseQKV, Squeeze0
+    assert any(c.copy_from for c in chunks if "linear_proj" in c.key)  # a dim-1 (row-parallel) TP slice
+    fast = write_dcp(tmp_path / "fast", chunks, objects)
+    slow = write_dcp(tmp_path / "slow", [dataclasses.replace(c, copy_from=None) for c in chunks], objects)
+    assert fast == slow and len([n for n in fast if n.endswith(".distcp")]) == 2
+    for name, rec in fast.items():  # the checksums, hashed while copied, are those of the bytes on disk
+        data = (tmp_path / "fast" / name).read_bytes()
+        assert data == (tmp_path / "slow" / name).read_bytes(), name
+        assert rec == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+
+
+def test_copied_checkpoint_reads_with_pytorch_dcp_bit_exact(big_vocab, tmp_path):
+    """PyTorch's own reader: every Identity tensor equals the HF one, bit for bit (the vocab without its padding)."""
+    source = HFSource(big_vocab)
+    chunks, objects = plan_megatron(source, Layout(tp=2, ep=2), row_block_bytes=2**18)
+    write_dcp(tmp_path / "mg", chunks, objects, threads=3)
+    md = FileSystemReader(str(tmp_path / "mg")).read_metadata()
+    state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in md.state_dict_metadata.items()
+             if hasattr(v, "properties")}  # fmt: skip
+    dcp.load(state, storage_reader=FileSystemReader(str(tmp_path / "mg")), planner=DefaultLoadPlanner(), no_dist=True)
+    hf = load_file(big_vocab / "model.safetensors")
+    assert_bit_exact(state["embedding.word_embeddings.weight"][:24576], hf["model.embed_tokens.weight"])
+    assert_bit_exact(state["output_layer.weight"][:24576], hf["lm_head.weight"])
+    assert_bit_exact(state["decoder.final_layernorm.weight"], hf["model.norm.weight"])
+    fc2 = state["decoder.layers.1.mlp.experts.experts.linear_fc2.weight"]
+    fc1 = state["decoder.layers.1.mlp.experts.experts.linear_fc1.weight"]
+    for x in range(fc2.shape[0]):
+        p = f"model.layers.1.mlp.experts.{x}."
+        assert_bit_exact(fc2[x], hf[p + "down_proj.weight"], f"expert {x} fc2")
+        assert_bit_exact(fc1[x], torch.cat([hf[p + "gate_proj.weight"], hf[p + "up_proj.weight"]]), f"expert {x} fc1")
+
+
+@pytest.mark.parametrize("to", [Layout(tp=1, ep=4), Layout(tp=2, pp=1, ep=1), Layout(tp=2, ep=2, etp=2)], ids=str)
+def test_reshard_copies_stored_bytes_into_the_torch_save_files(big_vocab, tmp_path, to):
+    """A reshard (TP2·PP2·EP2 -> ``to``): every chunk is re-cut from stored chunks (row runs of them for a TP
+    change of a row-parallel tensor), and the files are those of producing and ``torch.save``-ing every chunk;
+    the way back to HF is bit-exact."""
+    from ernie45.bridge.torch_dist import MegatronSource, write_megatron
+    from ernie45.convert import write_hf
+
+    write_megatron(HFSource(big_vocab), tmp_path / "a", Layout(tp=2, pp=2, ep=2), progress=False, row_block_bytes=2**18)
+    source = MegatronSource(tmp_path / "a")
+    chunks, objects = plan_megatron(source, to, row_block_bytes=3 * 2**17)  # blocks straddling the stored ones
+    assert all(c.copy_from is not None for c in chunks)
+    fast = write_dcp(tmp_path / "fast", chunks, objects)
+    slow = write_dcp(tmp_path / "slow", [dataclasses.replace(c, copy_from=None) for c in chunks], objects)
+    assert fast == slow
+    for name in fast:
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "slow" / name).read_bytes(), name
+    write_megatron(source, tmp_path / "b", to, progress=False, row_block_bytes=3 * 2**17)
+    write_hf(MegatronSource(tmp_path / "b"), tmp_path / "hf", progress=False)
+    want, got = load_file(big_vocab / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert_bit_exact(got[name], want[name], name)
+
+
+def test_copy_across_file_systems_falls_back_to_sendfile(tmp_path):
+    """A source on another file system (``copy_file_range`` says EXDEV between tmpfs and the test's disk): the
+    chunks go through ``sendfile``, still in the kernel; the round trip is bit-exact and the checksums hold."""
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from ernie45.convert import convert
+
+    if not Path("/dev/shm").is_dir() or Path("/dev/shm").stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a file system other than the test's temporary directory")
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        hf = write_tiny_checkpoint(shm / "hf", "moe", seed=5, vocab_size=8192)
+        convert(hf, tmp_path / "mg", to="megatron", tp=2, ep=2, progress=False)
+        info = json.loads((tmp_path / "mg" / "ernie45.json").read_text())
+        for name, rec in info["checksums"].items():
+            data = (tmp_path / "mg" / name).read_bytes()
+            assert rec == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+        convert(tmp_path / "mg", tmp_path / "back", to="hf", progress=False)
+        want, got = load_file(hf / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+        assert sorted(got) == sorted(want)
+        for name in want:
+            assert_bit_exact(got[name], want[name], name)
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
