@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from ..config import ConfigError, ErnieConfig
+from .attention import ErnieCoreAttention
 from .parallel import Layout
 from .router import ErnieTopKRouter
 
@@ -161,6 +162,7 @@ def _ernie_layer_specs(tc: TransformerConfig) -> list:
     for spec in {id(s): s for s in specs}.values():  # dense and MoE specs are shared objects
         spec.submodules.input_layernorm = ErnieRMSNorm
         spec.submodules.pre_mlp_layernorm = ErnieRMSNorm
+        spec.submodules.self_attention.submodules.core_attention = ErnieCoreAttention
         if hasattr(spec.submodules.mlp.submodules, "router"):
             spec.submodules.mlp.submodules.router = ErnieTopKRouter
     return specs
