@@ -127,7 +127,8 @@ def main() -> int:
     tokens = args.batch * args.seq
     t_ours, t_ref = statistics.median(ours), statistics.median(ref)
     print(f"model: {family}, {args.layers} layers, hidden {raw['hidden_size']}, batch {args.batch} x {args.seq}, "
-          f"{device} {'bf16' if device == 'cuda' else 'fp32'}, threads {torch.get_num_threads()}")  # fmt: skip
+          f"{device} {'bf16' if device == 'cuda' else 'fp32'}, threads {torch.get_num_threads()}, "
+          f"median of {args.steps} timed steps per side after {args.warmup} warm-up")  # fmt: skip
     print(f"{'':24}{'step s':>10}{'tokens/s':>12}")
     print(f"{'ernie45 (Megatron-Core)':24}{t_ours:10.4f}{tokens / t_ours:12.0f}")
     print(f"{'transformers + AdamW':24}{t_ref:10.4f}{tokens / t_ref:12.0f}")

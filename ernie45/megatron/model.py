@@ -30,6 +30,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from ..config import ConfigError, ErnieConfig
 from ..layout import Layout
+from .attention import ErnieCoreAttention
 from .rope import ErnieMultimodalRotaryEmbedding
 from .router import ErnieTopKRouter
 
@@ -169,6 +170,7 @@ def _ernie_layer_specs(tc: TransformerConfig) -> list:
     for spec in {id(s): s for s in specs}.values():  # dense and MoE specs are shared objects
         spec.submodules.input_layernorm = ErnieRMSNorm
         spec.submodules.pre_mlp_layernorm = ErnieRMSNorm
+        spec.submodules.self_attention.submodules.core_attention = ErnieCoreAttention
         if hasattr(spec.submodules.mlp.submodules, "router"):
             spec.submodules.mlp.submodules.router = ErnieTopKRouter
     return specs

@@ -282,28 +282,35 @@ def _to_device(batch, device: torch.device):
     return type(batch)(**moved)
 
 
-def _loss_func(mb, vocab_start: int, real_vocab: int, pooled_aux, logits_BSV: torch.Tensor):
+def _loss_func(mb, vocab_start: int, real_vocab: int, pooled_aux, out: torch.Tensor):
     """Sum of the masked token losses of one micro-batch, its loss-token count, and both for logging.
 
+    ``out``: Megatron's per-token loss ``[B, S]`` -- or, when the vocabulary is padded to a multiple of TP, the
+    logits ``[B, S, V]``, whose padded rows get ``-inf`` (no probability mass) before the same vocab-parallel
+    cross-entropy.
     ``pooled_aux`` (the chunk's PooledAuxLoss, or None): its gradient is scaled by this micro-batch's loss-token
     count, like the summed LM loss it joins (see the module docstring)."""
     from megatron.core import tensor_parallel
 
-    logits_SBV = logits_BSV.transpose(0, 1).float()
-    V_local = logits_SBV.shape[-1]
-    if vocab_start + V_local > real_vocab:  # this TP rank holds padded vocab rows: no probability mass there
-        pad_V = torch.arange(vocab_start, vocab_start + V_local, device=logits_SBV.device) >= real_vocab
-        logits_SBV = logits_SBV.masked_fill(pad_V, float("-inf"))
-    loss_SB = tensor_parallel.vocab_parallel_cross_entropy(logits_SBV.contiguous(), mb.labels.t().contiguous())
-    mask_SB = mb.loss_mask.t().to(loss_SB.dtype)
-    total = (loss_SB * mask_SB).sum()
-    count = mask_SB.sum()
+    if out.dim() == 3:
+        logits_BSV = out.float()
+        V_local = logits_BSV.shape[-1]
+        if vocab_start + V_local > real_vocab:  # this TP rank holds padded vocab rows
+            pad_V = torch.arange(vocab_start, vocab_start + V_local, device=logits_BSV.device) >= real_vocab
+            logits_BSV = logits_BSV.masked_fill(pad_V, float("-inf"))
+        # [B, S, V] as it is: the cross-entropy takes any leading dims (a transposed copy would cost 2 x B·S·V)
+        loss_BS = tensor_parallel.vocab_parallel_cross_entropy(logits_BSV, mb.labels)
+    else:
+        loss_BS = out
+    mask_BS = mb.loss_mask.to(loss_BS.dtype)
+    total = (loss_BS * mask_BS).sum()
+    count = mask_BS.sum()
     if pooled_aux is not None:
         pooled_aux.scale = float(count)
     return total, count.to(torch.int), {"lm": torch.stack([total.detach(), count.detach()])}
 
 
-def _forward_step(cfg: ErnieConfig, vocab_start: int, aux: bool, data_iterator, model):
+def _forward_step(cfg: ErnieConfig, vocab_start: int, with_loss: bool, aux: bool, data_iterator, model):
     from ..megatron.packing import forward_packed
 
     mb = next(data_iterator)
@@ -311,7 +318,7 @@ def _forward_step(cfg: ErnieConfig, vocab_start: int, aux: bool, data_iterator, 
     pooled_aux = module.pooled_aux if aux else None
     if pooled_aux is not None:
         pooled_aux.set_real_tokens(mb.segment_ids >= 0)  # the padding tail is not routed in transformers
-    out = forward_packed(module, mb, cfg)
+    out = forward_packed(module, mb, cfg, with_loss=with_loss)
     return out, partial(_loss_func, mb, vocab_start, cfg.vocab_size, pooled_aux)
 
 
@@ -324,9 +331,13 @@ def _run_schedule(model, micro, cfg, config: TrainConfig, *, forward_only: bool)
 
     tp_rank = ps.get_tensor_model_parallel_rank()
     vocab_local = -(-cfg.vocab_size // config.tp)  # rows per TP rank of the padded vocab
+    # no padded vocab rows: Megatron's own per-token loss (its cross-entropy on the [S, B, V] logits); the logits
+    # path would first have Megatron transpose them to [B, S, V] -- a copy of the largest activation, and another
+    # in backward -- only to mask the padded rows
+    with_loss = vocab_local * config.tp == cfg.vocab_size
     with cpu.cpu_mode():
         out = get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, cfg, tp_rank * vocab_local, config.aux_loss_coeff > 0),
+            forward_step_func=partial(_forward_step, cfg, tp_rank * vocab_local, with_loss, config.aux_loss_coeff > 0),
             data_iterator=[iter(micro) for _ in model] if len(model) > 1 else iter(micro),
             model=model if len(model) > 1 else model[0],
             num_microbatches=len(micro),
