@@ -1,11 +1,13 @@
 """ERNIE 4.5 text models (dense and MoE) as a Megatron-Core ``GPTModel``.
 
-The model is Megatron's own GPTModel with Megatron's local layer specs, changed in exactly three places:
+The model is Megatron's own GPTModel with Megatron's local layer specs, changed in exactly four places:
 
 * ``ErnieRMSNorm`` for every norm: HF's formula (fp32 statistics, cast back, *then* the weight multiply, reference §B.2)
   and sequence-parallel capable (its parameters carry ``sequence_parallel``), which the torch norm of the local spec
   refuses (S8, docs/megatron-on-cpu.md);
 * ``ErnieTopKRouter`` in every MoE layer (softmax + selection-only expert bias, see ``router.py``);
+* ``ErnieCoreAttention`` as every layer's core attention: Megatron's ``DotProductAttention`` semantics on
+  ``scaled_dot_product_attention`` (half the eager kernel's time on a CPU, see ``attention.py``);
 * the dense/MoE pattern comes from ``ErnieConfig.mlp_layer_types`` (``moe_layer_freq`` as a list);
 
 and, with ``rope="position_ids"`` (packed rows), ERNIE's rotary module fed by ``position_ids`` (:func:`build_chunks`).
