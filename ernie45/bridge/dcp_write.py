@@ -370,6 +370,15 @@ def _spread(items: list[WriteItem], n: int) -> list[int]:
     return where
 
 
+def _one_run(lo, hi, chunk_sizes, target_sizes) -> bool:
+    """Whether the box ``[lo, hi)`` is one contiguous byte run both in the stored chunk and in the target chunk:
+    past its first dim of extent > 1 it spans both whole. Anything else (a column slice: a run per row) is
+    produced instead -- thousands of small kernel copies measured slower than one user-space pass."""
+    ext = [b - a for a, b in zip(lo, hi)]
+    first = next((d for d, e in enumerate(ext) if e > 1), len(ext))
+    return all(ext[d] == chunk_sizes[d] == target_sizes[d] for d in range(first + 1, len(ext)))
+
+
 class StoredChunks:
     """A torch_dist checkpoint's stored chunks as byte ranges of its files (``reader``: a
     :class:`~ernie45.bridge.torch_dist.TorchDistReader`). A reshard re-cuts stored bytes: whatever the ops between
@@ -396,6 +405,8 @@ class StoredChunks:
             if all(a < b for a, b in zip(lo, hi)):
                 info = self.reader.metadata.storage_data[MetadataIndex(key, c.offsets)]
                 if getattr(info, "transform_descriptors", None):  # a DCP stream extension (compression...)
+                    return None
+                if not _one_run(lo, hi, c.sizes, sizes):
                     return None
                 boxes.append((c, lo, hi))
         if sum(math.prod(b - a for a, b in zip(lo, hi)) for _, lo, hi in boxes) != math.prod(sizes):

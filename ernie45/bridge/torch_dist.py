@@ -724,7 +724,7 @@ def _chunks_for(item: Item, source, layout: Layout, cfg: ErnieConfig, row_block_
             # a dim-1 slice row by row): copied
             d = 0 if dim is None or n == 1 else dim
             cut = (offsets[d], offsets[d] + sizes[d]) if sizes else (0, None)
-            same = item.op.verbatim and item.op.n_hf == 1 and (d == 0 or item.op.hf_blocks == 1) and (
+            same = item.op.verbatim and item.op.n_hf == 1 and d == 0 and (
                 dim != 0 or n == 1 or item.op.hf_blocks == 1 and cut[1] <= item.hf_shapes[0][0])  # fmt: skip
             spec(tuple(offsets), tuple(sizes), produce, _unchanged(source, item.hf[0], *cut, dim=d) if same else None)
     return out
