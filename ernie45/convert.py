@@ -9,9 +9,12 @@ and this module only orchestrates it: the sources are ``bridge.source`` (HF), ``
 PyTorch DCP pulls them one at a time), :func:`write_hf` (``bridge.io.write_hf_files``: sharded safetensors + index,
 streamed) and ``bridge.gguf.export_gguf``.
 
-Speed (``ERNIE45_PHASES`` / ``benchmarks/convert.py`` say where the time goes): output checksums are hashed as the
-bytes are written, on a second thread beside the kernel's write; DCP's ``torch.save`` of each chunk skips the zip
-CRC32 that ``torch.load`` never checks (the sha256 covers it); ``--fsync`` syncs files, directory and rename.
+Speed (``ERNIE45_PHASES`` / ``benchmarks/convert.py`` say where the time goes; docs/convert-speed.md): a
+torch_dist chunk that is unchanged bytes of a source file (HF tensors whole or cut along dim 0, gate / up halves,
+experts, a reshard's re-cut stored chunks) is copied in the kernel (``bridge/dcp_write.py``) inside the archive
+``torch.save`` would write; output checksums are hashed on one thread per data file beside the writes; DCP's
+``torch.save`` of a produced chunk skips the zip CRC32 that ``torch.load`` never checks (the sha256 covers it);
+``--fsync`` syncs files, directory and rename; the CLI leaves with ``os._exit`` once the output is in place.
 
 Trust: a destination that is, contains or lies inside the source (links resolved) is refused for every target; a
 source's stored shapes are checked against its config when it is opened; ernie45 records per-file sha256 checksums
