@@ -638,11 +638,10 @@ def _final_exports(config: TrainConfig, r: Resolved, source: ModelSource, chunks
             from .lora import merge_lora
 
             merge_lora(chunks)
-        side = source.path if source.format == "hf" else None  # export_hf carries an HF directory's side files
-        export_hf(chunks, cfg, r.layout, config.save_hf, tied=source.tied, side_files_from=side, overwrite=config.overwrite)
-        if source.format == "megatron" and dist.get_rank() == 0:  # a torch_dist source's own copies of them
-            for f in source.side_files:
-                shutil.copy2(f, Path(config.save_hf) / f.name)
+        # the source's tokenizer / processor / generation files (an HF or a torch_dist directory alike), written
+        # inside the export's atomic output
+        export_hf(chunks, cfg, r.layout, config.save_hf, tied=source.tied, side_files_from=source.path,
+                  overwrite=config.overwrite)  # fmt: skip
 
 
 def run(args) -> int:
