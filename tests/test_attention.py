@@ -1,4 +1,5 @@
-"""ERNIE's SDPA core attention equals Megatron-Core's own ``DotProductAttention`` (the oracle), forward and backward.
+"""ERNIE's SDPA core attention equals Megatron-Core's own ``DotProductAttention`` (the oracle), forward and backward;
+ERNIE's rotary and ``ErnieSelfAttention`` equal Megatron's own interleaved rotary and ``SelfAttention``.
 
 Both modules are built from the same config of a tiny ERNIE model and fed the same random ``[S, B, H, D]`` queries
 and ``[K, B, G, D]`` keys/values under every mask the project builds: causal, right padding, left padding (fully
@@ -15,7 +16,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from ernie45.config import ConfigError, ErnieConfig
-from ernie45.megatron.attention import ErnieCoreAttention
+from ernie45.megatron.attention import ErnieCoreAttention, ErnieSelfAttention, apply_interleaved_rotary
 from ernie45.megatron.model import build_model, causal_mask, transformer_config
 from ernie45.megatron.packing import block_causal_mask
 from ernie45.layout import Layout
@@ -90,3 +91,59 @@ def test_ernie_layers_use_it(world1):
     (chunk,) = build_model(cfg, Layout())
     cores = [layer.self_attention.core_attention for layer in chunk.decoder.layers]
     assert cores and all(type(c) is ErnieCoreAttention for c in cores)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("angles", ["1-D", "3-D"])
+def test_rotary_equals_megatrons_interleaved_rotary(dtype, angles):
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    g = torch.Generator().manual_seed(0)
+    Sq, Bq, H, D = 7, 3, 4, 16
+    # queries as Megatron hands them over: a strided view into the fused QKV projection's output
+    fused = torch.randn(Sq, Bq, H * D + 2 * D, generator=g).to(dtype)
+    ang_SBF = torch.rand(Sq, 1 if angles == "1-D" else Bq, D // 2, generator=g, dtype=torch.float64) * 40
+    freqs_SB1D = ang_SBF.repeat_interleave(2, dim=-1).unsqueeze(2).float()  # every band twice, as Megatron lays it out
+    grad_out = torch.randn(Sq, Bq, H, D, generator=g).to(dtype)
+    results = []
+    for fn in (apply_interleaved_rotary, lambda x, f: _apply_rotary_pos_emb_bshd(x, f, rotary_interleaved=True)):
+        leaf = fused.clone().requires_grad_()
+        out = fn(leaf[..., : H * D].view(Sq, Bq, H, D), freqs_SB1D)
+        out.backward(grad_out)
+        results.append((out.detach(), leaf.grad))
+    tol = {torch.float32: 2e-6, torch.float64: 1e-12, torch.bfloat16: 0.0}[dtype]  # bf16: the same roundings
+    for name, a, b in zip(("output", "grad"), *results):
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape, name
+        diff = (a.double() - b.double()).abs().max().item()
+        assert diff <= tol * b.abs().max().item(), f"{name}: max|Δ| {diff:.3g}"
+
+
+def test_self_attention_equals_megatrons(world1):
+    """A whole tiny MoE chunk with ERNIE's attention vs the same chunk, same weights, with every layer's attention
+    turned back into Megatron's own ``SelfAttention`` (its rotary and forward): logits and every gradient."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    cfg = ErnieConfig.from_hf(tiny_hf_config("moe"))
+    (ours,), (ref,) = build_model(cfg, Layout()), build_model(cfg, Layout())
+    assert all(type(layer.self_attention) is ErnieSelfAttention for layer in ours.decoder.layers)
+    for layer in ref.decoder.layers:
+        layer.self_attention.__class__ = SelfAttention
+    with torch.no_grad():  # re-randomise every parameter, the expert bias included, identically in both
+        for (_, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+            q.copy_(p.copy_(torch.randn_like(p) * 0.2))
+        for (_, b), (_, c) in zip(ours.named_buffers(), ref.named_buffers()):
+            if b.is_floating_point():
+                c.copy_(b.copy_(torch.randn_like(b)))
+    ids = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(10).expand(2, 10)
+    outs = []
+    for model in (ours, ref):
+        logits = model(input_ids=ids, position_ids=pos, attention_mask=causal_mask(10))
+        logits.float().square().mean().backward()
+        outs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (lo, go), (lr, gr) = outs
+    assert (lo - lr).abs().max().item() <= 1e-5 * lr.abs().max().item()
+    assert go.keys() == gr.keys()
+    for name in gr:
+        assert gr[name] is not None and go[name] is not None, name
+        assert (go[name] - gr[name]).abs().max().item() <= 1e-5 * max(gr[name].abs().max().item(), 1e-8), name

@@ -1,4 +1,6 @@
-"""ERNIE's core attention for Megatron's local layer spec: Megatron's ``DotProductAttention`` on torch's SDPA.
+"""ERNIE's attention for Megatron's local layer spec: Megatron's ``DotProductAttention`` on torch's SDPA, and
+Megatron's ``SelfAttention`` with the interleaved rotary applied as one complex multiply (:class:`ErnieSelfAttention`,
+whose own docstring says why).
 
 Legend (shape suffixes): ``S`` query positions, ``K`` key positions, ``B`` batch rows (``1`` where a mask is
 broadcast over rows), ``H`` query heads on this TP rank, ``G`` key/value head groups on this TP rank, ``D`` head dim.
@@ -51,12 +53,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from ..config import ConfigError
 
-__all__ = ["ErnieCoreAttention"]
+__all__ = ["ErnieCoreAttention", "ErnieSelfAttention", "apply_interleaved_rotary"]
 
 
 class ErnieCoreAttention(DotProductAttention):
@@ -112,3 +115,83 @@ class ErnieCoreAttention(DotProductAttention):
             enable_gqa=H != G,
         )  # fmt: skip
         return out_BHSD.permute(2, 0, 1, 3).reshape(S, B, H * D)
+
+
+_COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def apply_interleaved_rotary(x_SBHD: torch.Tensor, freqs_SB1D: torch.Tensor) -> torch.Tensor:
+    """ERNIE's interleaved RoPE: the pair ``(x[2f], x[2f+1])`` of every head turned by the angle of band ``f``.
+
+    ``freqs_SB1D``: Megatron's interleaved angle layout, every band's angle twice (``[θ0, θ0, θ1, θ1, ...]``; the
+    ``B`` axis is 1 for Megatron's 1-D rotary, the batch for ERNIE's 3-D one). Legend: ``F = D / 2`` bands.
+
+        x'[2f]   = x[2f] · cos θ_f − x[2f+1] · sin θ_f
+        x'[2f+1] = x[2f+1] · cos θ_f + x[2f] · sin θ_f
+
+    which is Megatron's ``t · cos + rotate_half(t) · sin`` -- and the product of the complex number
+    ``x[2f] + i·x[2f+1]`` with ``e^{iθ_f}``: in fp32/fp64 one complex multiply over a view of ``x`` (its backward is
+    one more, by the conjugate). Complex bf16/fp16 does not exist, so those dtypes take the same formula on the two
+    halves of each pair, with cos/sin rounded to the input's dtype first as Megatron does."""
+    ang_SB1F = freqs_SB1D[..., ::2]
+    if x_SBHD.dtype in _COMPLEX:
+        if x_SBHD.stride(-1) != 1 or x_SBHD.storage_offset() % 2 or any(st % 2 for st in x_SBHD.stride()[:-1]):
+            x_SBHD = x_SBHD.contiguous()  # a complex view needs whole (re, im) pairs
+        # cos/sin in the angles' dtype, then cast (Megatron's order of rounding)
+        cis_SB1F = torch.complex(ang_SB1F.cos(), ang_SB1F.sin()).to(_COMPLEX[x_SBHD.dtype])
+        return torch.view_as_real(torch.view_as_complex(x_SBHD.unflatten(-1, (-1, 2))) * cis_SB1F).flatten(-2)
+    cos_SB1F, sin_SB1F = ang_SB1F.cos().to(x_SBHD.dtype), ang_SB1F.sin().to(x_SBHD.dtype)
+    even_SBHF, odd_SBHF = x_SBHD.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((even_SBHF * cos_SB1F - odd_SBHF * sin_SB1F, odd_SBHF * cos_SB1F + even_SBHF * sin_SB1F),
+                       dim=-1).flatten(-2)  # fmt: skip
+
+
+class ErnieSelfAttention(SelfAttention):
+    """Megatron's ``SelfAttention`` whose training/eval forward rotates queries and keys with
+    :func:`apply_interleaved_rotary`.
+
+    Why: Megatron's unfused interleaved rotary (``rope_utils._apply_rotary_pos_emb_bshd``, the path of every run
+    without TransformerEngine) takes strided slices of the whole tensor, stacks them into a rotated copy, multiplies
+    cos and sin into two more full-size tensors, adds them and concatenates an empty remainder -- a full copy -- per
+    call, and recomputes cos/sin each time: on a CPU (fp32, ``[256, 4]`` tokens, 8 heads, head dim 64, forward +
+    backward) about 10x the time of the single complex multiply. Megatron's only other path is TE's fused kernel
+    (``apply_rope_fusion``, TE >= 2.3 for interleaved), and its ``apply_rotary_pos_emb`` is a module function with
+    no hook. What it does let a subclass change is ``get_query_key_value_tensors``, so:
+
+    * ``forward`` keeps the angles for this call and hands Megatron ``rotary_pos_emb=None`` (it then applies none);
+    * ``get_query_key_value_tensors`` rotates the query and key it returns with them.
+
+    Same angles, same formula; fp32 results agree with Megatron's to rounding (~5e-7). Everything else is
+    Megatron's: the fused QKV projection and its TP split, the core attention, the output projection, recompute.
+    With a KV cache (``inference_context``) or THD packing (``packed_seq_params``) the call is Megatron's own, rotary
+    included: those paths slice the angles by cache position or sequence, and are not training's hot path."""
+
+    def __init__(self, config, *args, **kw) -> None:
+        super().__init__(config, *args, **kw)
+        if not config.rotary_interleaved or config.multi_latent_attention:
+            raise ConfigError("ErnieSelfAttention applies ERNIE's interleaved rotary (rotary_interleaved=True, no MLA)")
+        # the (query, key) angles of the forward call in progress, None between calls (forward sets and clears it)
+        self._rotary_this_call: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, hidden_states, attention_mask, *, rotary_pos_emb=None, inference_context=None,
+                packed_seq_params=None, **kw):  # fmt: skip
+        if rotary_pos_emb is None or inference_context is not None or packed_seq_params is not None:
+            return super().forward(hidden_states, attention_mask, rotary_pos_emb=rotary_pos_emb,
+                                   inference_context=inference_context, packed_seq_params=packed_seq_params, **kw)  # fmt: skip
+        self._rotary_this_call = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+        try:
+            return super().forward(hidden_states, attention_mask, rotary_pos_emb=None, **kw)
+        finally:
+            self._rotary_this_call = None  # never carried into a later call (or a KV-cache one)
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+        qkv = super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
+                                                  split_qkv=split_qkv)  # fmt: skip
+        rotary = self._rotary_this_call
+        if rotary is None:
+            return qkv
+        if not split_qkv:
+            raise ValueError("ERNIE's rotary needs split query/key/value tensors (fused_single_qkv_rope is not used)")
+        q_freqs, k_freqs = rotary
+        query, key, *rest = qkv
+        return (apply_interleaved_rotary(query, q_freqs), apply_interleaved_rotary(key, k_freqs), *rest)

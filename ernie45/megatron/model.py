@@ -7,7 +7,8 @@ The model is Megatron's own GPTModel with Megatron's local layer specs, changed 
   refuses (S8, docs/megatron-on-cpu.md);
 * ``ErnieTopKRouter`` in every MoE layer (softmax + selection-only expert bias, see ``router.py``);
 * ``ErnieCoreAttention`` as every layer's core attention: Megatron's ``DotProductAttention`` semantics on
-  ``scaled_dot_product_attention`` (half the eager kernel's time on a CPU, see ``attention.py``);
+  ``scaled_dot_product_attention`` (half the eager kernel's time on a CPU, see ``attention.py``), inside
+  ``ErnieSelfAttention``: Megatron's ``SelfAttention`` with the interleaved rotary as one complex multiply;
 * the dense/MoE pattern comes from ``ErnieConfig.mlp_layer_types`` (``moe_layer_freq`` as a list);
 
 and, with ``rope="position_ids"`` (packed rows), ERNIE's rotary module fed by ``position_ids`` (:func:`build_chunks`).
@@ -32,7 +33,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from ..config import ConfigError, ErnieConfig
 from ..layout import Layout
-from .attention import ErnieCoreAttention
+from .attention import ErnieCoreAttention, ErnieSelfAttention
 from .rope import ErnieMultimodalRotaryEmbedding
 from .router import ErnieTopKRouter
 
@@ -172,6 +173,7 @@ def _ernie_layer_specs(tc: TransformerConfig) -> list:
     for spec in {id(s): s for s in specs}.values():  # dense and MoE specs are shared objects
         spec.submodules.input_layernorm = ErnieRMSNorm
         spec.submodules.pre_mlp_layernorm = ErnieRMSNorm
+        spec.submodules.self_attention.module = ErnieSelfAttention
         spec.submodules.self_attention.submodules.core_attention = ErnieCoreAttention
         if hasattr(spec.submodules.mlp.submodules, "router"):
             spec.submodules.mlp.submodules.router = ErnieTopKRouter
