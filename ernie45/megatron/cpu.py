@@ -20,9 +20,17 @@ S11    ``Tensor.cuda()`` -> the tensor itself                               tied
                                                                             all-reduces ``weight.data.cuda()``
 S12    the optimizer's ``clip_grad_by_total_norm_fp32`` -> a device-free    it asserts ``torch.cuda.FloatTensor``
        copy (same coefficient ``max_norm / (norm + 1e-6)``, in place)       grads; the optimizer imports it by name
+S13    apex's ``fused_weight_gradient_mlp_cuda`` -> :class:`CpuWgradGemm`  gradient accumulation fusion (below)
 =====  ===================================================================  ==========================================
 
 S3 (explicit causal mask) is a call convention, handled by :func:`ernie45.megatron.model.causal_mask`.
+
+S13 is a speed shim, not a correctness one. Without gradient accumulation fusion, every weight gradient of a Megatron
+linear layer is a fresh tensor that DDP's backward hook then adds into the parameter's ``main_grad`` buffer: one more
+pass over every weight gradient and an allocation the size of each weight, per micro-batch. With it, the weight
+gradient GEMM accumulates straight into ``main_grad`` (BLAS with beta = 1) -- what apex's CUDA extension does on a
+GPU, and what ``CpuWgradGemm`` does with ``Tensor.addmm_``. The trainer turns the fusion on only for layers whose
+weights DDP gave a ``main_grad`` (``ernie45.train.trainer``); every other use of a model is unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import contextlib
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["install", "init_rng_tracker", "CudaToCpuMode", "on_cpu"]
+__all__ = ["install", "init_rng_tracker", "CudaToCpuMode", "CpuWgradGemm", "on_cpu"]
 
 # whether this process runs Megatron on the CPU: set once by install(cpu=True), never unset (the shims stay)
 _cpu_mode = False
@@ -67,6 +75,12 @@ def install(*, cpu: bool) -> None:
         from megatron.core.optimizer import optimizer as mg_optimizer
 
         mg_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+        # S13
+        from megatron.core.tensor_parallel import layers as tp_layers
+
+        if not tp_layers._grad_accum_fusion_available:
+            tp_layers.fused_weight_gradient_mlp_cuda = CpuWgradGemm
+            tp_layers._grad_accum_fusion_available = True
         _cpu_mode = True
 
 
@@ -92,6 +106,19 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if clip_coeff < 1.0:
         torch._foreach_mul_(grads, clip_coeff)
+
+
+class CpuWgradGemm:
+    """S13: apex's ``fused_weight_gradient_mlp_cuda`` interface on a CPU: ``main_grad += grad_output^T · input``
+    (``[T, out]`` and ``[T, in]`` flattened tokens) in one GEMM that writes into ``main_grad`` itself."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input_TI: torch.Tensor, grad_output_TO: torch.Tensor, main_grad_OI: torch.Tensor):
+        main_grad_OI.addmm_(grad_output_TO.t(), total_input_TI)
+
+    @staticmethod
+    def wgrad_gemm_accum_fp16(total_input_TI: torch.Tensor, grad_output_TO: torch.Tensor, main_grad_OI: torch.Tensor):
+        raise RuntimeError("a 16-bit main_grad is not used on a CPU (DDP reduces gradients in fp32 here)")
 
 
 class CudaToCpuMode(TorchFunctionMode):

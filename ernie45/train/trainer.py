@@ -238,10 +238,29 @@ def _wrap_ddp(chunks, use_dist_opt: bool):
         DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
         for i, c in enumerate(chunks)
     ]
+    _fuse_wgrad_accumulation(chunks)
     tc = chunks[0].config
     tc.finalize_model_grads_func = finalize_model_grads
     tc.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     return model
+
+
+def _fuse_wgrad_accumulation(chunks) -> None:
+    """Megatron's gradient accumulation fusion for the linear layers of DDP-wrapped ``chunks``: weight-gradient
+    GEMMs accumulate into DDP's ``main_grad`` instead of producing a gradient that DDP's hook adds there (one pass
+    and one weight-sized allocation less per weight and micro-batch). Needs apex's CUDA extension on a GPU (left off
+    without it) or ``cpu.CpuWgradGemm`` (S13) on a CPU. Switched on per layer after wrapping, when every trainable
+    weight has its ``main_grad`` (the fused backward writes there; a frozen weight takes Megatron's frozen-weight
+    path whatever the flag). A tied head is covered by Megatron itself: it marks the shared embedding weight
+    ``zero_out_wgrad``, so DDP's hook still adds the embedding lookup's gradient (``test_train``'s dense-tied case)."""
+    from megatron.core.tensor_parallel import layers as tp_layers
+
+    if not tp_layers._grad_accum_fusion_available:
+        return
+    for chunk in chunks:
+        for m in chunk.modules():
+            if isinstance(m, (tp_layers.ColumnParallelLinear, tp_layers.RowParallelLinear)):
+                m.gradient_accumulation_fusion = True
 
 
 def _optimizer(config: TrainConfig, model, bf16: bool, dtype: torch.dtype, use_dist_opt: bool, total_steps: int):
