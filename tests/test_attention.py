@@ -95,13 +95,14 @@ def test_ernie_layers_use_it(world1):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("angles", ["1-D", "3-D"])
-def test_rotary_equals_megatrons_interleaved_rotary(dtype, angles):
+@pytest.mark.parametrize("extra", [2, 1], ids=["even-strides", "odd-strides"])  # odd: no complex view, a copy
+def test_rotary_equals_megatrons_interleaved_rotary(dtype, angles, extra):
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
     g = torch.Generator().manual_seed(0)
     Sq, Bq, H, D = 7, 3, 4, 16
     # queries as Megatron hands them over: a strided view into the fused QKV projection's output
-    fused = torch.randn(Sq, Bq, H * D + 2 * D, generator=g).to(dtype)
+    fused = torch.randn(Sq, Bq, H * D + extra * D // 2 + extra % 2, generator=g).to(dtype)
     ang_SBF = torch.rand(Sq, 1 if angles == "1-D" else Bq, D // 2, generator=g, dtype=torch.float64) * 40
     freqs_SB1D = ang_SBF.repeat_interleave(2, dim=-1).unsqueeze(2).float()  # every band twice, as Megatron lays it out
     grad_out = torch.randn(Sq, Bq, H, D, generator=g).to(dtype)
