@@ -143,3 +143,72 @@ def test_copy_across_file_systems_falls_back_to_sendfile(tmp_path):
             assert_bit_exact(got[name], want[name], name)
     finally:
         shutil.rmtree(shm, ignore_errors=True)
+
+
+def _regions_brute_force(stored, key, offsets, sizes, rows=None):
+    """The reference for ``StoredChunks.region``: every stored chunk of ``key`` scanned (what it did before its
+    chunks were indexed); the same None cases, else the FileRange list."""
+    import math
+
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    from ernie45.bridge.dcp_write import _one_run
+
+    md = stored.reader.metadata.state_dict_metadata[key]
+    if math.prod(sizes) == 0 or (rows is not None and offsets[0] + sizes[0] > rows):
+        return None
+    boxes = []
+    for c in md.chunks:
+        lo = [max(o, co) for o, co in zip(offsets, c.offsets)]
+        hi = [min(o + z, co + cz) for o, z, co, cz in zip(offsets, sizes, c.offsets, c.sizes)]
+        if all(a < b for a, b in zip(lo, hi)):
+            assert not getattr(stored.reader.metadata.storage_data[MetadataIndex(key, c.offsets)],
+                               "transform_descriptors", None)  # fmt: skip
+            if not _one_run(lo, hi, c.sizes, sizes):
+                return None
+            boxes.append((c, lo, hi))
+    if sum(math.prod(b - a for a, b in zip(lo, hi)) for _, lo, hi in boxes) != math.prod(sizes):
+        return None
+    return stored._ranges(key, tuple(offsets), tuple(sizes), boxes, md.properties.dtype.itemsize)
+
+
+@pytest.mark.parametrize("layout", [Layout(tp=2, pp=2, ep=2), Layout(tp=2, ep=2, etp=2)], ids=str)
+def test_indexed_region_lookup_is_the_brute_force_scan(big_vocab, tmp_path, layout):
+    """``StoredChunks.region`` visits only the stored chunks its index says may overlap: over a grid of regions of
+    every key (each dim cut at the stored chunks' bounds, their midpoints and the ends; whole, exact, straddling,
+    partial, empty, past the vocab rows) it gives exactly the FileRange lists (and the None cases) of scanning
+    every chunk."""
+    import itertools
+    import random
+
+    from ernie45.bridge.dcp_write import StoredChunks
+    from ernie45.bridge.torch_dist import MegatronSource, write_megatron
+
+    write_megatron(HFSource(big_vocab), tmp_path / "mg", layout, progress=False, row_block_bytes=2**18)
+    reader = MegatronSource(tmp_path / "mg").reader
+    indexed, oracle = StoredChunks(reader), StoredChunks(reader)
+    rng = random.Random(0)
+    compared = located = 0
+    for key in reader.keys():
+        md = reader.metadata.state_dict_metadata[key]
+        cuts = []
+        for d, n in enumerate(md.size):
+            bounds = {0, n} | {c.offsets[d] for c in md.chunks} | {c.offsets[d] + c.sizes[d] for c in md.chunks}
+            bounds |= {(a + b) // 2 for a, b in itertools.pairwise(sorted(bounds))}
+            cuts.append(sorted(bounds))
+        per_dim = [[(a, b) for a in c for b in c if a <= b] for c in cuts]
+        grid = list(itertools.product(*per_dim))
+        rows = [None] + ([md.size[0] - 1] if md.size and md.size[0] > 1 else [])
+        for box in rng.sample(grid, min(len(grid), 150)):
+            offsets, sizes = tuple(a for a, _ in box), tuple(b - a for a, b in box)
+            for r in rows:
+                got = indexed.region(key, offsets, sizes, rows=r)
+                want = _regions_brute_force(oracle, key, offsets, sizes, rows=r)
+                assert (got is None) == (want is None), (key, offsets, sizes, r)
+                if got is not None:
+                    assert got() == want, (key, offsets, sizes, r)
+                    located += 1
+                compared += 1
+        whole = indexed.region(key, (0,) * len(md.size), tuple(md.size))  # the whole key: tiled by its chunks
+        assert whole is None or whole() == _regions_brute_force(oracle, key, (0,) * len(md.size), tuple(md.size))
+    assert compared > 5000 and located > 500, (compared, located)
