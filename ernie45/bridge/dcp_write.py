@@ -444,28 +444,37 @@ class StoredChunks:
                 self.reader.checksums.check(info.relative_path)
         where = (info.relative_path, info.offset)
         if where not in self._payload:
-            md = self.reader.metadata.state_dict_metadata[key]
-            want = md.properties.dtype.itemsize * math.prod(chunk.sizes)
-            with open(path, "rb") as f:
-                view = _Slice(f, info.offset, info.length)
-                with torch.serialization.skip_data():
-                    t = torch.load(view, map_location="cpu", weights_only=True)
-                view.seek(0)
-                records = [z for z in zipfile.ZipFile(view).infolist() if "/data/" in z.filename]
-                ok = (isinstance(t, torch.Tensor) and tuple(t.shape) == tuple(chunk.sizes) and t.is_contiguous()
-                      and t.dtype == md.properties.dtype and t.storage_offset() == 0 and len(records) == 1
-                      and records[0].compress_type == zipfile.ZIP_STORED and records[0].file_size == want)  # fmt: skip
-                if not ok:
-                    raise CheckpointError(f"{path}: the stored chunk {key}@{list(chunk.offsets)} is not one "
-                                          "contiguous storage of its size")  # fmt: skip
-                view.seek(records[0].header_offset)
-                local = view.read(30)  # the local file header: its name and extra field lengths end it
-                if local[:4] != b"PK\x03\x04":
-                    raise CheckpointError(f"{path}: corrupted archive of {key}@{list(chunk.offsets)}")
-                start = records[0].header_offset + 30 + int.from_bytes(local[26:28], "little") + \
-                    int.from_bytes(local[28:30], "little")  # fmt: skip
-            self._payload[where] = info.offset + start
+            try:
+                self._payload[where] = info.offset + self._record_start(path, info, key, chunk)
+            except CheckpointError:
+                raise
+            except Exception as e:  # not a torch.save archive (a file replaced, no checksum recorded to say so)
+                raise CheckpointError(f"{path}: cannot read {key}@{list(chunk.offsets)} "
+                                      f"({type(e).__name__}: {e})") from None  # fmt: skip
         return path, self._payload[where]
+
+    def _record_start(self, path: Path, info, key: str, chunk) -> int:
+        """Where the storage bytes of the stored ``chunk`` start in its archive, checked to be the chunk's."""
+        md = self.reader.metadata.state_dict_metadata[key]
+        want = md.properties.dtype.itemsize * math.prod(chunk.sizes)
+        with open(path, "rb") as f:
+            view = _Slice(f, info.offset, info.length)
+            with torch.serialization.skip_data():
+                t = torch.load(view, map_location="cpu", weights_only=True)
+            view.seek(0)
+            records = [z for z in zipfile.ZipFile(view).infolist() if "/data/" in z.filename]
+            ok = (isinstance(t, torch.Tensor) and tuple(t.shape) == tuple(chunk.sizes) and t.is_contiguous()
+                  and t.dtype == md.properties.dtype and t.storage_offset() == 0 and len(records) == 1
+                  and records[0].compress_type == zipfile.ZIP_STORED and records[0].file_size == want)  # fmt: skip
+            if not ok:
+                raise CheckpointError(f"{path}: the stored chunk {key}@{list(chunk.offsets)} is not one "
+                                      "contiguous storage of its size")  # fmt: skip
+            view.seek(records[0].header_offset)
+            local = view.read(30)  # the local file header: its name and extra field lengths end it
+            if local[:4] != b"PK\x03\x04":
+                raise CheckpointError(f"{path}: corrupted archive of {key}@{list(chunk.offsets)}")
+            return records[0].header_offset + 30 + int.from_bytes(local[26:28], "little") + \
+                int.from_bytes(local[28:30], "little")  # fmt: skip
 
 
 class _ChunkIndex:
@@ -478,9 +487,8 @@ class _ChunkIndex:
         self.chunks = list(chunks)
         ndim = len(self.chunks[0].offsets) if self.chunks else 0
         self.dim = max(range(ndim), key=lambda d: len({c.offsets[d] for c in self.chunks}), default=0)
-        by_start = sorted(range(len(self.chunks)), key=lambda i: self._start(i))
-        self.order = by_start  # chunk numbers, by their start along dim
-        self.starts = [self._start(i) for i in by_start]
+        self.order = sorted(range(len(self.chunks)), key=self._start)  # chunk numbers, by their start along dim
+        self.starts = [self._start(i) for i in self.order]
         # the longest extent along dim: a chunk starting further than this before a region's start cannot reach it
         self.reach = max((self._extent(i) for i in range(len(self.chunks))), default=0)
 
