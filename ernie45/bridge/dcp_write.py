@@ -19,6 +19,10 @@ The sha256 of each output file (what ernie45 records and checks on reading) is c
 file order, beside the writes: a copied range is hashed from the source's page cache. sha256 (≈1.2 GiB/s a core
 here) is slower than the kernel's copy (≈2.4 GiB/s): it is what bounds a conversion's speed, so the chunks are
 spread over ``threads`` files, each hashed on its own thread (docs/convert-speed.md).
+
+torch_dist → HF uses the same pieces the other way: an HF tensor that is a region of a stored key, byte for byte
+(:meth:`StoredChunks.region`), is copied from the stored records into its safetensors shard by :class:`_OutputFile`
+(``bridge.io.write_safetensors_streaming`` writes every shard through it).
 """
 
 from __future__ import annotations
