@@ -85,17 +85,27 @@ class ConversionReport:
 
 def write_hf(source: Source, dst: Path, *, overwrite=False, progress=True, max_shard_bytes: int = 2 * 2**30,
              phases: Phases = NO_PHASES, fsync: bool = False, row_block_bytes: int = ROW_BLOCK_BYTES) -> int:
-    """``source`` as an HF checkpoint at ``dst``: its model tensors, then the carried ones (MTP), streamed.
+    """``source`` as an HF checkpoint at ``dst``: its model tensors, then the carried ones (MTP), streamed; a
+    torch_dist source's tensors that are its stored bytes unchanged (``MegatronSource.locate``) copied by the kernel.
     ``fsync``: durable (files, directory and rename synced); ``phases``: where the time goes;
     ``row_block_bytes``: a torch_dist source's vocab tensors are streamed in row blocks of this."""
     with phases("plan"):
         names = [n for it in source.plan.items for n in it.hf] + source.carried
         entries = [(n, tuple(source.shape(n)), source.dtype(n)) for n in names]
     total = sum(d.itemsize * math.prod(s) for _, s, d in entries)
+
+    def produce(name: str):
+        # a torch_dist source's tensor that is stored records byte for byte: where they lie (copied by the kernel)
+        where = source.locate(name) if source.format == "megatron" else None
+        if where is None:
+            return source.stream(name, row_block_bytes)
+        with phases("plan"):
+            return where()
+
     with (atomic_output(dst, overwrite=overwrite, phases=phases, fsync=fsync) as tmp,
           progress_bar(total, "-> HF safetensors", progress) as bar):  # fmt: skip
-        write_hf_files(tmp, source.cfg.to_hf(), entries, lambda n: source.stream(n, row_block_bytes),
-                       max_shard_bytes=max_shard_bytes, on_tensor=bar.update, phases=phases, fsync=fsync)  # fmt: skip
+        write_hf_files(tmp, source.cfg.to_hf(), entries, produce, max_shard_bytes=max_shard_bytes,
+                       on_tensor=bar.update, phases=phases, fsync=fsync)  # fmt: skip
         copy_side_files(source.side_files(), tmp)
     return total
 

@@ -143,3 +143,175 @@ def test_copy_across_file_systems_falls_back_to_sendfile(tmp_path):
             assert_bit_exact(got[name], want[name], name)
     finally:
         shutil.rmtree(shm, ignore_errors=True)
+
+
+def _regions_brute_force(stored, key, offsets, sizes, rows=None):
+    """The reference for ``StoredChunks.region``: every stored chunk of ``key`` scanned (what it did before its
+    chunks were indexed); the same None cases, else the FileRange list."""
+    import math
+
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    from ernie45.bridge.dcp_write import _one_run
+
+    md = stored.reader.metadata.state_dict_metadata[key]
+    if math.prod(sizes) == 0 or (rows is not None and offsets[0] + sizes[0] > rows):
+        return None
+    boxes = []
+    for c in md.chunks:
+        lo = [max(o, co) for o, co in zip(offsets, c.offsets)]
+        hi = [min(o + z, co + cz) for o, z, co, cz in zip(offsets, sizes, c.offsets, c.sizes)]
+        if all(a < b for a, b in zip(lo, hi)):
+            assert not getattr(stored.reader.metadata.storage_data[MetadataIndex(key, c.offsets)],
+                               "transform_descriptors", None)  # fmt: skip
+            if not _one_run(lo, hi, c.sizes, sizes):
+                return None
+            boxes.append((c, lo, hi))
+    if sum(math.prod(b - a for a, b in zip(lo, hi)) for _, lo, hi in boxes) != math.prod(sizes):
+        return None
+    return stored._ranges(key, tuple(offsets), tuple(sizes), boxes, md.properties.dtype.itemsize)
+
+
+@pytest.mark.parametrize("layout", [Layout(tp=2, pp=2, ep=2), Layout(tp=2, ep=2, etp=2)], ids=str)
+def test_indexed_region_lookup_is_the_brute_force_scan(big_vocab, tmp_path, layout):
+    """``StoredChunks.region`` visits only the stored chunks its index says may overlap: over a grid of regions of
+    every key (each dim cut at the stored chunks' bounds, their midpoints and the ends; whole, exact, straddling,
+    partial, empty, past the vocab rows) it gives exactly the FileRange lists (and the None cases) of scanning
+    every chunk."""
+    import itertools
+    import random
+
+    from ernie45.bridge.dcp_write import StoredChunks
+    from ernie45.bridge.torch_dist import MegatronSource, write_megatron
+
+    write_megatron(HFSource(big_vocab), tmp_path / "mg", layout, progress=False, row_block_bytes=2**18)
+    reader = MegatronSource(tmp_path / "mg").reader
+    indexed, oracle = StoredChunks(reader), StoredChunks(reader)
+    rng = random.Random(0)
+    compared = located = 0
+    for key in reader.keys():
+        md = reader.metadata.state_dict_metadata[key]
+        cuts = []
+        for d, n in enumerate(md.size):
+            bounds = {0, n} | {c.offsets[d] for c in md.chunks} | {c.offsets[d] + c.sizes[d] for c in md.chunks}
+            bounds |= {(a + b) // 2 for a, b in itertools.pairwise(sorted(bounds))}
+            cuts.append(sorted(bounds))
+        per_dim = [[(a, b) for a in c for b in c if a <= b] for c in cuts]
+        grid = list(itertools.product(*per_dim))
+        rows = [None] + ([md.size[0] - 1] if md.size and md.size[0] > 1 else [])
+        for box in rng.sample(grid, min(len(grid), 150)):
+            offsets, sizes = tuple(a for a, _ in box), tuple(b - a for a, b in box)
+            for r in rows:
+                got = indexed.region(key, offsets, sizes, rows=r)
+                want = _regions_brute_force(oracle, key, offsets, sizes, rows=r)
+                assert (got is None) == (want is None), (key, offsets, sizes, r)
+                if got is not None:
+                    assert got() == want, (key, offsets, sizes, r)
+                    located += 1
+                compared += 1
+        whole = indexed.region(key, (0,) * len(md.size), tuple(md.size))  # the whole key: tiled by its chunks
+        assert whole is None or whole() == _regions_brute_force(oracle, key, (0,) * len(md.size), tuple(md.size))
+    assert compared > 5000 and located > 500, (compared, located)
+
+
+@pytest.fixture(scope="module")
+def mg_sources(big_vocab, tmp_path_factory):
+    """name -> a torch_dist checkpoint at TP2·PP2·EP2 (vocab in row blocks): the MoE (24576-row vocab, two MTP
+    tensors carried) and a VL one (8 heads / 4 KV groups, two expert pools, both ViTs' layouts)."""
+    from safetensors.torch import save_file
+
+    from ernie45.bridge.torch_dist import write_megatron
+    from ernie45.testing import tiny_hf_config
+
+    root = tmp_path_factory.mktemp("mg-sources")
+    tensors = load_file(big_vocab / "model.safetensors")
+    H = tensors["model.norm.weight"].shape[0]
+    g = torch.Generator().manual_seed(7)
+    tensors["model.mtp_hidden_norm.0.weight"] = torch.randn(H, generator=g)
+    tensors["model.mtp_linear_proj.0.weight"] = torch.randn(H, 2 * H, generator=g)
+    moe = root / "moe-hf"
+    moe.mkdir()
+    for f in big_vocab.iterdir():
+        if f.name != "model.safetensors":
+            (moe / f.name).write_bytes(f.read_bytes())
+    save_file(tensors, moe / "model.safetensors", metadata={"format": "pt"})
+    text = dict(tiny_hf_config("vl")["text_config"], num_attention_heads=8, num_key_value_heads=4, hidden_size=128,
+                num_hidden_layers=4, mlp_layer_types=["dense"] + ["sparse"] * 3)  # fmt: skip
+    vision = dict(tiny_hf_config("vl")["vision_config"], num_heads=4)
+    vl = write_tiny_checkpoint(root / "vl-hf", "vl", seed=23, text_config=text, vision_config=vision)
+    out = {}
+    for name, hf, vit in (("moe", moe, None), ("vl", vl, None), ("vl-megatron-vit", vl, "megatron")):
+        source = HFSource(hf, vit=vit) if vit else HFSource(hf)
+        write_megatron(source, root / name, Layout(tp=2, pp=2, ep=2), progress=False, row_block_bytes=2**18)
+        out[name] = (hf, root / name)
+    return out
+
+
+@pytest.mark.parametrize("name", ["moe", "vl", "vl-megatron-vit"])
+def test_torch_dist_to_hf_copies_stored_bytes_into_the_same_files(mg_sources, tmp_path, name):
+    """torch_dist → HF with the tensors that are stored records byte for byte (Identity, ConcatGLU halves, whole
+    experts, the vocab short of its padding, the carried MTP) copied by the kernel, never streamed through memory,
+    and with every tensor produced: files identical (sha256 of each whole file, the recorded checksums included),
+    some tensors of each kind; the way back is bit-exact, the checksums those of the bytes on disk."""
+    from ernie45.bridge.torch_dist import MegatronSource
+    from ernie45.convert import write_hf
+
+    hf, mg = mg_sources[name]
+    source = MegatronSource(mg)
+    copied, streamed = [], []
+    locate, stream = source.locate, source.stream
+    source.locate = lambda n: (lambda where: (where is not None and copied.append(n)) or where)(locate(n))
+    source.stream = lambda n, *a: streamed.append(n) or stream(n, *a)
+    write_hf(source, tmp_path / "fast", progress=False, max_shard_bytes=2**21)  # several shards
+    produced = MegatronSource(mg)
+    produced.locate = lambda n: None
+    write_hf(produced, tmp_path / "slow", progress=False, max_shard_bytes=2**21)
+
+    assert copied and streamed and not set(copied) & set(streamed), (copied, streamed)
+    assert sorted(copied + streamed) == sorted(source.keys())
+    assert any("gate_proj" in n for n in copied) and any("up_proj" in n for n in copied)
+    assert any("q_proj" in n for n in streamed)  # FuseQKV: an op, produced
+    if name == "moe":
+        assert {"model.embed_tokens.weight", "model.mtp_linear_proj.0.weight"} <= set(copied)
+    files = sorted(p.name for p in (tmp_path / "fast").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "slow").iterdir()) and "model.safetensors.index.json" in files
+    for f in files:
+        digest = [hashlib.sha256((tmp_path / d / f).read_bytes()).hexdigest() for d in ("fast", "slow")]
+        assert digest[0] == digest[1], f
+    import json
+
+    for f, rec in json.loads((tmp_path / "fast" / "ernie45.json").read_text())["checksums"].items():
+        data = (tmp_path / "fast" / f).read_bytes()
+        assert rec == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, f
+    from ernie45.bridge.io import HFCheckpoint
+
+    want, got = HFCheckpoint(hf), HFCheckpoint(tmp_path / "fast")
+    assert sorted(got.keys()) == sorted(want.keys())
+    for n in want.keys():
+        assert_bit_exact(got.get(n), want.get(n), n)
+
+
+def test_a_flipped_byte_in_a_copied_range_is_caught_by_the_checksum(mg_sources, tmp_path, capsys):
+    """A byte flipped inside a stored record that torch_dist → HF would copy: locating it checks the file's
+    recorded sha256 first (as a read would), so the copy never happens; the CLI exits 2 naming the file."""
+    import shutil
+
+    from ernie45.bridge.io import CheckpointError
+    from ernie45.bridge.torch_dist import MegatronSource
+    from ernie45.cli import main as cli
+
+    mg = tmp_path / "mg"
+    shutil.copytree(mg_sources["moe"][1], mg)
+    where = MegatronSource(mg).locate("model.layers.1.mlp.experts.0.up_proj.weight")()[-1]  # (ETP2: two halves)
+    with open(where.path, "r+b") as f:
+        f.seek(where.offset + where.length // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x10]))
+    with pytest.raises(CheckpointError, match="checksum mismatch") as e:
+        MegatronSource(mg).locate("model.layers.1.mlp.experts.0.up_proj.weight")()
+    assert str(where.path) in str(e.value)
+    code = cli(["convert", str(mg), str(tmp_path / "hf"), "--to", "hf", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(where.path) in err and "checksum mismatch" in err, err
+    assert not (tmp_path / "hf").exists()

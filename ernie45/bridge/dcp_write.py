@@ -19,10 +19,15 @@ The sha256 of each output file (what ernie45 records and checks on reading) is c
 file order, beside the writes: a copied range is hashed from the source's page cache. sha256 (≈1.2 GiB/s a core
 here) is slower than the kernel's copy (≈2.4 GiB/s): it is what bounds a conversion's speed, so the chunks are
 spread over ``threads`` files, each hashed on its own thread (docs/convert-speed.md).
+
+torch_dist → HF uses the same pieces the other way: an HF tensor that is a region of a stored key, byte for byte
+(:meth:`StoredChunks.region`), is copied from the stored records into its safetensors shard by :class:`_OutputFile`
+(``bridge.io.write_safetensors_streaming`` writes every shard through it).
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -383,11 +388,13 @@ class StoredChunks:
     """A torch_dist checkpoint's stored chunks as byte ranges of its files (``reader``: a
     :class:`~ernie45.bridge.torch_dist.TorchDistReader`). A reshard re-cuts stored bytes: whatever the ops between
     the two sides, a region of a key holds the same bytes in the source and in the target, so a target chunk that
-    stored chunks tile is copied from their storage records, row runs in the target's order."""
+    stored chunks tile is copied from their storage records, row runs in the target's order. The same holds for an
+    HF tensor that is a region of a stored key (torch_dist → HF: :meth:`~ernie45.bridge.torch_dist.MegatronSource.locate`)."""
 
     def __init__(self, reader) -> None:
         self.reader = reader
         self._payload: dict[tuple[str, int], int] = {}  # (file, archive offset) -> offset of its storage bytes
+        self._index: dict[str, _ChunkIndex] = {}  # key -> its stored chunks, indexed (built on first use)
 
     def region(self, key: str, offsets, sizes, *, rows: int | None = None) -> Callable[[], list[FileRange]] | None:
         """Where the bytes of ``key``'s region ``[offsets, offsets + sizes)`` lie, found when it is written, if
@@ -398,8 +405,10 @@ class StoredChunks:
             return None
         if rows is not None and offsets[0] + sizes[0] > rows:
             return None
+        if key not in self._index:
+            self._index[key] = _ChunkIndex(md.chunks)
         boxes = []
-        for c in md.chunks:
+        for c in self._index[key].overlapping(offsets, sizes):
             lo = [max(o, co) for o, co in zip(offsets, c.offsets)]
             hi = [min(o + z, co + cz) for o, z, co, cz in zip(offsets, sizes, c.offsets, c.sizes)]
             if all(a < b for a, b in zip(lo, hi)):
@@ -439,28 +448,69 @@ class StoredChunks:
                 self.reader.checksums.check(info.relative_path)
         where = (info.relative_path, info.offset)
         if where not in self._payload:
-            md = self.reader.metadata.state_dict_metadata[key]
-            want = md.properties.dtype.itemsize * math.prod(chunk.sizes)
-            with open(path, "rb") as f:
-                view = _Slice(f, info.offset, info.length)
-                with torch.serialization.skip_data():
-                    t = torch.load(view, map_location="cpu", weights_only=True)
-                view.seek(0)
-                records = [z for z in zipfile.ZipFile(view).infolist() if "/data/" in z.filename]
-                ok = (isinstance(t, torch.Tensor) and tuple(t.shape) == tuple(chunk.sizes) and t.is_contiguous()
-                      and t.dtype == md.properties.dtype and t.storage_offset() == 0 and len(records) == 1
-                      and records[0].compress_type == zipfile.ZIP_STORED and records[0].file_size == want)  # fmt: skip
-                if not ok:
-                    raise CheckpointError(f"{path}: the stored chunk {key}@{list(chunk.offsets)} is not one "
-                                          "contiguous storage of its size")  # fmt: skip
-                view.seek(records[0].header_offset)
-                local = view.read(30)  # the local file header: its name and extra field lengths end it
-                if local[:4] != b"PK\x03\x04":
-                    raise CheckpointError(f"{path}: corrupted archive of {key}@{list(chunk.offsets)}")
-                start = records[0].header_offset + 30 + int.from_bytes(local[26:28], "little") + \
-                    int.from_bytes(local[28:30], "little")  # fmt: skip
-            self._payload[where] = info.offset + start
+            try:
+                self._payload[where] = info.offset + self._record_start(path, info, key, chunk)
+            except CheckpointError:
+                raise
+            except Exception as e:  # not a torch.save archive (a file replaced, no checksum recorded to say so)
+                raise CheckpointError(f"{path}: cannot read {key}@{list(chunk.offsets)} "
+                                      f"({type(e).__name__}: {e})") from None  # fmt: skip
         return path, self._payload[where]
+
+    def _record_start(self, path: Path, info, key: str, chunk) -> int:
+        """Where the storage bytes of the stored ``chunk`` start in its archive, checked to be the chunk's."""
+        md = self.reader.metadata.state_dict_metadata[key]
+        want = md.properties.dtype.itemsize * math.prod(chunk.sizes)
+        with open(path, "rb") as f:
+            view = _Slice(f, info.offset, info.length)
+            with torch.serialization.skip_data():
+                t = torch.load(view, map_location="cpu", weights_only=True)
+            view.seek(0)
+            records = [z for z in zipfile.ZipFile(view).infolist() if "/data/" in z.filename]
+            ok = (isinstance(t, torch.Tensor) and tuple(t.shape) == tuple(chunk.sizes) and t.is_contiguous()
+                  and t.dtype == md.properties.dtype and t.storage_offset() == 0 and len(records) == 1
+                  and records[0].compress_type == zipfile.ZIP_STORED and records[0].file_size == want)  # fmt: skip
+            if not ok:
+                raise CheckpointError(f"{path}: the stored chunk {key}@{list(chunk.offsets)} is not one "
+                                      "contiguous storage of its size")  # fmt: skip
+            view.seek(records[0].header_offset)
+            local = view.read(30)  # the local file header: its name and extra field lengths end it
+            if local[:4] != b"PK\x03\x04":
+                raise CheckpointError(f"{path}: corrupted archive of {key}@{list(chunk.offsets)}")
+            return records[0].header_offset + 30 + int.from_bytes(local[26:28], "little") + \
+                int.from_bytes(local[28:30], "little")  # fmt: skip
+
+
+class _ChunkIndex:
+    """One key's stored chunks, indexed along one dim (the one with the most distinct offsets: the experts, the
+    row blocks, the TP cut), so a region visits only the chunks whose interval along it overlaps the region's,
+    not every chunk (a reshard's planning was O(targets × stored) per key). :meth:`overlapping` yields them in
+    stored order, as a scan of every chunk would meet them."""
+
+    def __init__(self, chunks) -> None:
+        self.chunks = list(chunks)
+        ndim = len(self.chunks[0].offsets) if self.chunks else 0
+        self.dim = max(range(ndim), key=lambda d: len({c.offsets[d] for c in self.chunks}), default=0)
+        self.order = sorted(range(len(self.chunks)), key=self._start)  # chunk numbers, by their start along dim
+        self.starts = [self._start(i) for i in self.order]
+        # the longest extent along dim: a chunk starting further than this before a region's start cannot reach it
+        self.reach = max((self._extent(i) for i in range(len(self.chunks))), default=0)
+
+    def _start(self, i: int) -> int:
+        return self.chunks[i].offsets[self.dim] if self.chunks[i].offsets else 0
+
+    def _extent(self, i: int) -> int:
+        return self.chunks[i].sizes[self.dim] if self.chunks[i].sizes else 1
+
+    def overlapping(self, offsets, sizes) -> list:
+        """The chunks whose interval along :attr:`dim` overlaps the region's (a superset of those the region
+        overlaps: the caller intersects the boxes), in stored order."""
+        if not offsets:  # a 0-d key: its one chunk
+            return self.chunks
+        a, b = offsets[self.dim], offsets[self.dim] + sizes[self.dim]
+        first = bisect.bisect_right(self.starts, a - self.reach)  # start > a - reach: may end after a
+        last = bisect.bisect_left(self.starts, b)  # start < b
+        return [self.chunks[i] for i in sorted(self.order[first:last])]
 
 
 def _runs(t_off, t_size, c_off, c_size, lo, hi) -> list[tuple[int, int, int]]:

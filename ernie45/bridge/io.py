@@ -745,9 +745,14 @@ def write_safetensors_streaming(
     The safetensors header needs every shape and offset before the first byte of data; the plan knows them, so
     each shard's header is written first and the tensors are streamed after it (peak memory: one tensor; a
     ``produce`` that returns an iterator of row blocks -- their concatenation along dim 0 is the tensor -- bounds
-    it by a block). The files are standard safetensors (read back by ``safe_open`` in the round-trip tests).
-    Returns ``{shard file: {"bytes", "sha256"}}`` (in order), hashed while written.
+    it by a block). ``produce`` may also return a list of :class:`~ernie45.bridge.dcp_write.FileRange`: where the
+    tensor's bytes lie, in order, unchanged in source files (torch_dist → HF: stored records): they are copied by
+    the kernel and hashed from the page cache, never read into this process (``dcp_write._OutputFile``, the
+    torch_dist writer's files). The files are standard safetensors (read back by ``safe_open`` in the round-trip
+    tests). Returns ``{shard file: {"bytes", "sha256"}}`` (in order), hashed while written.
     """
+    from .dcp_write import _OutputFile  # dcp_write builds on this module: imported when first written
+
     shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
     size = 0
     for name, shape, dtype in entries:
@@ -769,12 +774,21 @@ def write_safetensors_streaming(
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        with HashingFile(out_dir / fname, phases=phases, fsync=fsync) as f:
+        f = _OutputFile(out_dir / fname, phases=phases, fsync=fsync)
+        try:
             f.write(len(blob).to_bytes(8, "little"))
             f.write(blob)
             for name, shape, dtype in shard:
                 with phases("op"):  # what the source does beyond reading (inverse ops); its reads time themselves
                     produced = produce(name)
+                if isinstance(produced, list):  # of FileRange: the tensor's bytes as a source file holds them
+                    nbytes = dtype.itemsize * math.prod(shape)
+                    if sum(r.length for r in produced) != nbytes:
+                        raise CheckpointError(f"{name}: {sum(r.length for r in produced)} bytes located in "
+                                              f"{produced[0].path if produced else '-'}, planned {list(shape)} {dtype}")  # fmt: skip
+                    f.copy(produced)
+                    on_tensor(nbytes)
+                    continue
                 blocks = iter([produced]) if isinstance(produced, torch.Tensor) else produced
                 rows, want_rows = 0, shape[0] if len(shape) else 1  # a 0-d tensor: one "row"
                 while True:
@@ -795,6 +809,8 @@ def write_safetensors_streaming(
                     del t, data  # the block's memory goes before the next is read
                 if rows != want_rows:
                     raise CheckpointError(f"{name}: produced {rows} rows, planned {list(shape)} {dtype}")
+        finally:
+            f.close()
         records[fname] = f.record()
         total += offset
     if n > 1:

@@ -511,6 +511,7 @@ class MegatronSource:
             )
         self._by_hf = {n: it for it in items for n in it.hf}
         self._cache: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._stored = StoredChunks(self.reader)  # where stored records lie (torch_dist -> HF copies them: locate)
 
     def _wrong_shapes(self, items: list[Item], keys: set[str]) -> list[str]:
         """Every stored shape against the one the config implies, at open (not halfway through a write).
@@ -585,6 +586,26 @@ class MegatronSource:
                 mg.append(t)
             self._cache = (id(item), dict(zip(item.hf, item.op.to_hf(tuple(mg)))))
         return self._cache[1][name]
+
+    def locate(self, name: str) -> Callable[[], list[FileRange]] | None:
+        """Where HF tensor ``name``'s bytes lie, byte for byte, in the stored records, found when it is written
+        (each file's recorded checksum checked first, as a read would): for a tensor the inverse op leaves as
+        stored -- a verbatim op's input (Identity: whole, a vocab short of its padding rows; ConcatGLU: a half;
+        one expert of a stacked tensor), a carried one -- whose stored chunks give it in whole runs
+        (``dcp_write._one_run``: not a TP-cut row-parallel tensor, a run per row). None: produced (:meth:`stream`)."""
+        if name not in self._by_hf:
+            shape = self.reader.shape(CARRY_PREFIX + name)
+            return self._stored.region(CARRY_PREFIX + name, (0,) * len(shape), shape)
+        item = self._by_hf[name]
+        if not item.op.verbatim or len(item.mg) != 1:
+            return None
+        key, x = dist_key(item.mg[0])
+        j = item.hf.index(name)
+        shape = item.hf_shapes[j]
+        start = sum(s[0] for s in item.hf_shapes[:j])  # a verbatim op's tensor is its HF inputs stacked on dim 0
+        prefix, lead = ((), ()) if x is None else ((x,), (1,))  # one expert of the [E, ...] stack
+        offsets = (*prefix, *(start if d == 0 else 0 for d in range(len(shape))))
+        return self._stored.region(key, offsets, (*lead, *shape))
 
     def stream(self, name: str, row_block_bytes: int = ROW_BLOCK_BYTES):
         """``name`` for a streaming writer: a vocab tensor (embedding, output layer) stored in chunks of at most
