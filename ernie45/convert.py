@@ -89,6 +89,18 @@ def write_hf(source: Source, dst: Path, *, overwrite=False, progress=True, max_s
     torch_dist source's tensors that are its stored bytes unchanged (``MegatronSource.locate``) copied by the kernel.
     ``fsync``: durable (files, directory and rename synced); ``phases``: where the time goes;
     ``row_block_bytes``: a torch_dist source's vocab tensors are streamed in row blocks of this."""
+    if source.format == "megatron":  # the source's checksums checked on both cores from now on, each awaited
+        source.start_checks()  # before the file's first read or copy
+    try:
+        return _write_hf(source, dst, overwrite=overwrite, progress=progress, max_shard_bytes=max_shard_bytes,
+                         phases=phases, fsync=fsync, row_block_bytes=row_block_bytes)  # fmt: skip
+    finally:
+        if source.format == "megatron":
+            source.checksums.close()
+
+
+def _write_hf(source: Source, dst: Path, *, overwrite, progress, max_shard_bytes: int, phases: Phases, fsync: bool,
+              row_block_bytes: int) -> int:
     with phases("plan"):
         names = [n for it in source.plan.items for n in it.hf] + source.carried
         entries = [(n, tuple(source.shape(n)), source.dtype(n)) for n in names]
@@ -190,6 +202,20 @@ def _convert(src, dst, *, to, tp, pp, ep, etp, vpp, first, last, dry_run, overwr
                          "megatron and hf)")  # fmt: skip
     with phases("plan"):
         source = open_source(src, hf_config=hf_config, vit=vit, phases=phases)
+    checking = source.format == "megatron" and not dry_run  # its checksums checked on both cores from now on
+    if checking:
+        source.start_checks()
+    try:
+        return _convert_opened(source, src, dst, to=to, tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp, first=first,
+                               last=last, dry_run=dry_run, overwrite=overwrite, outtype=outtype, vit=vit,
+                               verify_checksums=verify_checksums, progress=progress, fsync=fsync, phases=phases)  # fmt: skip
+    finally:
+        if checking:
+            source.checksums.close()
+
+
+def _convert_opened(source, src, dst, *, to, tp, pp, ep, etp, vpp, first, last, dry_run, overwrite, outtype, vit,
+                    verify_checksums, progress, fsync, phases: Phases) -> ConversionReport:
     if source.format == "gguf":
         raise CheckpointError(f"{src}: a gguf file cannot be a conversion source")
     dst = Path(dst)

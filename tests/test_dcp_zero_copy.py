@@ -315,3 +315,119 @@ def test_a_flipped_byte_in_a_copied_range_is_caught_by_the_checksum(mg_sources, 
     err = capsys.readouterr().err
     assert code == 2 and str(where.path) in err and "checksum mismatch" in err, err
     assert not (tmp_path / "hf").exists()
+
+
+def _flip_byte(where) -> None:
+    with open(where.path, "r+b") as f:
+        f.seek(where.offset + where.length // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("to", ["hf", "megatron"])
+def test_parallel_source_checks_refuse_a_corrupted_file_before_its_bytes_are_used(mg_sources, tmp_path, monkeypatch, to):
+    """torch_dist → HF and the reshard check the source's recorded sha256s on a pool (``Checksums.prefetch``,
+    started before planning): a byte flipped in a stored record the conversion would copy -- in the file submitted
+    last -- is still refused with the same CheckpointError naming the file, before any of that file's bytes are
+    copied or read, the destination absent and the pool's threads gone. No data file is hashed on the caller's
+    thread (every check was the pool's)."""
+    import shutil
+    import threading
+
+    from ernie45.bridge import dcp_write
+    from ernie45.bridge import io as bio
+    from ernie45.bridge.io import CheckpointError
+    from ernie45.bridge.torch_dist import MegatronSource, write_megatron
+    from ernie45.convert import write_hf
+
+    mg = tmp_path / "mg"
+    shutil.copytree(mg_sources["moe"][1], mg)
+    source = MegatronSource(mg)
+    prefetched = []
+    monkeypatch.setattr(source.checksums, "prefetch", lambda names, f=source.checksums.prefetch: (
+        prefetched.extend(names), f(names)))  # fmt: skip
+    # the last data file the conversion uses, and a tensor copied from it
+    order = list(dict.fromkeys(f for k in [torch_dist.dist_key(m)[0] for it in source.plan.items for m in it.mg]
+                               for f in source.reader.files_of(k)))  # fmt: skip
+    last = mg / order[-1]
+    victim = next(n for n in reversed(source.keys()) if (w := source.locate(n)) is not None and w()[0].path == last)
+    _flip_byte(MegatronSource(mg).locate(victim)()[0])
+    source = MegatronSource(mg)  # a fresh one: nothing checked yet
+    monkeypatch.setattr(source.checksums, "prefetch", lambda names, f=source.checksums.prefetch: (
+        prefetched.extend(names), f(names)))  # fmt: skip
+    on_caller = []
+    monkeypatch.setattr(bio, "file_sha256", lambda p, f=bio.file_sha256: on_caller.append(p) or f(p))
+    used = []  # every source file a byte was copied or read from
+    copy, rows = dcp_write._OutputFile.copy, source.reader.read_rows
+    monkeypatch.setattr(dcp_write._OutputFile, "copy", lambda self, ranges: used.extend(r.path for r in ranges) or copy(self, ranges))
+    source.reader.read_rows = lambda key, *a: used.extend(mg / f for f in source.reader.files_of(key)) or rows(key, *a)
+    dst = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="checksum mismatch") as e:
+        if to == "hf":
+            write_hf(source, dst, progress=False, max_shard_bytes=2**21)
+        else:
+            write_megatron(source, dst, Layout(tp=1, ep=4), progress=False)
+    assert str(last) in str(e.value)
+    assert prefetched and last.name in prefetched, prefetched
+    assert last not in used, used  # never a byte of the bad file
+    assert on_caller == [], on_caller  # every data file's check came from the pool
+    assert not dst.exists() and not list(tmp_path.glob(".out.tmp-*"))
+    assert not [t for t in threading.enumerate() if t.name.startswith("ernie45-check")]
+
+
+def test_check_all_on_the_pool_names_the_first_bad_file(mg_sources, tmp_path):
+    """``Checksums.check_all`` (``--verify-checksums``, ``inspect``) checks on the pool: every data file corrupted,
+    the first in name order is the one named, as the sequential loop would; the other checks are stopped."""
+    import shutil
+    import threading
+
+    from ernie45.bridge.io import CheckpointError
+    from ernie45.bridge.torch_dist import MegatronSource
+
+    mg = tmp_path / "mg"
+    shutil.copytree(mg_sources["moe"][1], mg)
+    files = MegatronSource(mg).reader.data_files()
+    assert len(files) >= 2
+    for name in files:
+        with open(mg / name, "r+b") as f:
+            f.seek(100)
+            b = f.read(1)
+            f.seek(100)
+            f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(CheckpointError, match="checksum mismatch") as e:
+        MegatronSource(mg).checksums.check_all()
+    assert str(mg / files[0]) in str(e.value)
+    assert not [t for t in threading.enumerate() if t.name.startswith("ernie45-check")]
+
+
+def test_overlapped_shards_are_the_sequential_ones(mg_sources, tmp_path):
+    """``write_safetensors_streaming`` closing each shard only after the next is written (its hashing beside the
+    next one's writes) and closing each before the next (``overlap_shards=False``): the same files byte for
+    byte and the same records, each the sha256 hashlib computes over the bytes on disk; copied and produced
+    tensors, several shards."""
+    from ernie45.bridge.io import write_safetensors_streaming
+    from ernie45.bridge.torch_dist import MegatronSource
+
+    source = MegatronSource(mg_sources["moe"][1])
+    names = [n for it in source.plan.items for n in it.hf] + source.carried
+    entries = [(n, tuple(source.shape(n)), source.dtype(n)) for n in names]
+
+    def produce(n):
+        where = source.locate(n)
+        return source.stream(n, 2**18) if where is None else where()
+
+    records = {}
+    for overlap in (True, False):
+        out = tmp_path / str(overlap)
+        out.mkdir()
+        records[overlap] = write_safetensors_streaming(out, entries, produce, max_shard_bytes=2**20,
+                                                       overlap_shards=overlap)  # fmt: skip
+    assert len(records[True]) >= 3 and list(records[True]) == list(records[False])
+    assert records[True] == records[False]
+    for f, rec in records[True].items():
+        data = (tmp_path / "True" / f).read_bytes()
+        assert data == (tmp_path / "False" / f).read_bytes(), f
+        assert rec == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, f
+    index = "model.safetensors.index.json"
+    assert (tmp_path / "True" / index).read_bytes() == (tmp_path / "False" / index).read_bytes()

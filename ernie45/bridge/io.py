@@ -34,7 +34,7 @@ import stat
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator
 
@@ -281,6 +281,9 @@ class Checksums:
         self.recorded: dict[str, dict[str, Any]] = {}
         self.note: str | None = None
         self._checked: set[str] = set()
+        self._pending: dict[str, Future] = {}  # prefetch(): file -> its sha256 being computed
+        self._pool: ThreadPoolExecutor | None = None
+        self._stop = threading.Event()
         if recorded is None:
             self.note = (f"{directory}: no checksums recorded (written by Megatron, another tool or an older "
                          "ernie45); corrupted bytes in its files cannot be detected")  # fmt: skip
@@ -302,11 +305,58 @@ class Checksums:
                 raise CheckpointError(f"{f}: {size} bytes, but {want['bytes']} were written (recorded in "
                                       f"{info_file}): truncated or replaced")  # fmt: skip
 
+    _WORKERS = 2  # the checks run on both cores (hashlib releases the GIL on large updates)
+    _READ = 2**20  # a check reads its file in blocks of this (memory: a block per worker)
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Start checking ``names`` (relative to the directory, in this order: the order of first use) on a
+        small thread pool; :meth:`check` awaits a file's result where it is first needed, so a bad file raises
+        the same error at the same point, before its bytes are used -- only the hashing moved off the caller's
+        thread. Files already checked, already started or without a record are skipped. :meth:`close` stops
+        what is left (an error, a conversion that ends early)."""
+        todo = [n for n in dict.fromkeys(names) if n in self.recorded and n not in self._checked
+                and n not in self._pending]  # fmt: skip
+        if not todo:
+            return
+        if self._pool is None:
+            self._stop.clear()
+            self._pool = ThreadPoolExecutor(self._WORKERS, thread_name_prefix="ernie45-check")
+        for n in todo:
+            self._pending[n] = self._pool.submit(self._hash, self.directory / n)
+
+    def _hash(self, path: Path) -> str | None:
+        """sha256 of ``path`` in :data:`_READ` blocks (a prefetch worker); None when :meth:`close` stopped it."""
+        h, buf = hashlib.sha256(), bytearray(self._READ)
+        view = memoryview(buf)
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                if self._stop.is_set():
+                    return None
+                h.update(view[:n])
+        return h.hexdigest()
+
+    def close(self) -> None:
+        """Stop the checks :meth:`prefetch` started and not yet awaited (their results are dropped; a later
+        :meth:`check` of such a file hashes it again), and wait for the workers to leave."""
+        if self._pool is None:
+            return
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
+        self._pending.clear()
+
     def check(self, name: str) -> None:
-        """The content hash of ``name`` (relative to the directory), once; a file without a record passes."""
+        """The content hash of ``name`` (relative to the directory), once; a file without a record passes. A file
+        :meth:`prefetch` started is awaited (its error, if any, raised here), else hashed on this thread."""
         if name in self._checked or name not in self.recorded:
             return
-        got = file_sha256(self.directory / name)
+        started = self._pending.pop(name, None)
+        got = started.result() if started is not None else None
+        if got is None:  # not started, or stopped by close()
+            got = file_sha256(self.directory / name)
+        if not self._pending and self._pool is not None:  # every started check awaited: the workers go
+            self._pool.shutdown(wait=False)
+            self._pool = None
         if got != self.recorded[name]["sha256"]:
             raise CheckpointError(f"{self.directory / name}: checksum mismatch (sha256 {got[:16]}…, recorded "
                                   f"{self.recorded[name]['sha256'][:16]}… in {INFO_NAME}): the file is corrupted "
@@ -314,9 +364,16 @@ class Checksums:
         self._checked.add(name)
 
     def check_all(self) -> int:
-        """Check every recorded file; the number checked."""
-        for name in sorted(self.recorded):
-            self.check(name)
+        """Check every recorded file (on the prefetch pool; the first bad one in name order raises); the number
+        checked."""
+        names = sorted(self.recorded)
+        self.prefetch(names)
+        try:
+            for name in names:
+                self.check(name)
+        except BaseException:
+            self.close()
+            raise
         return len(self.recorded)
 
     def describe(self) -> str:
@@ -739,6 +796,7 @@ def write_safetensors_streaming(
     on_tensor: Callable[[int], None] = lambda n: None,
     phases: Phases = NO_PHASES,
     fsync: bool = False,
+    overlap_shards: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Write ``entries`` (in order) as safetensors shards + index, producing one tensor at a time.
 
@@ -749,7 +807,10 @@ def write_safetensors_streaming(
     tensor's bytes lie, in order, unchanged in source files (torch_dist → HF: stored records): they are copied by
     the kernel and hashed from the page cache, never read into this process (``dcp_write._OutputFile``, the
     torch_dist writer's files). The files are standard safetensors (read back by ``safe_open`` in the round-trip
-    tests). Returns ``{shard file: {"bytes", "sha256"}}`` (in order), hashed while written.
+    tests). Returns ``{shard file: {"bytes", "sha256"}}`` (in order), hashed while written: each shard on a thread
+    of its own, a shard closed (its hashing awaited) only once the next one is written, so the hashing of one runs
+    on beside the writes of the next (``overlap_shards``; False: each closed before the next starts -- the same
+    files and records, one core).
     """
     from .dcp_write import _OutputFile  # dcp_write builds on this module: imported when first written
 
@@ -765,17 +826,26 @@ def write_safetensors_streaming(
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     total, records = 0, {}
-    for fname, shard in zip(names, shards):
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, shape, dtype in shard:
-            nbytes = dtype.itemsize * math.prod(shape)
-            header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        f = _OutputFile(out_dir / fname, phases=phases, fsync=fsync)
-        try:
+    open_files: list[tuple[str, _OutputFile]] = []  # written, their hashing not yet awaited (in shard order)
+
+    def finish(keep: int) -> None:  # close all but the last ``keep`` written shards, in order
+        while len(open_files) > keep:
+            fname, f = open_files.pop(0)
+            f.close()  # awaits its hashing ("hash output"): a source cut short raises here, before the rename
+            records[fname] = f.record()
+
+    try:
+        for fname, shard in zip(names, shards):
+            header: dict = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for name, shape, dtype in shard:
+                nbytes = dtype.itemsize * math.prod(shape)
+                header[name] = {"dtype": _ST_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)
+            f = _OutputFile(out_dir / fname, phases=phases, fsync=fsync)
+            open_files.append((fname, f))
             f.write(len(blob).to_bytes(8, "little"))
             f.write(blob)
             for name, shape, dtype in shard:
@@ -809,10 +879,14 @@ def write_safetensors_streaming(
                     del t, data  # the block's memory goes before the next is read
                 if rows != want_rows:
                     raise CheckpointError(f"{name}: produced {rows} rows, planned {list(shape)} {dtype}")
-        finally:
-            f.close()
-        records[fname] = f.record()
-        total += offset
+            total += offset
+            # the shard before this one is closed now: its hashing ran on beside this shard's writes (both cores)
+            finish(1 if overlap_shards else 0)
+        finish(0)
+    finally:
+        for _, f in open_files:  # an error: close what is still open (the temporary directory goes anyway)
+            with contextlib.suppress(Exception):
+                f.close()
     if n > 1:
         weight_map = {name: fname for fname, shard in zip(names, shards) for name, _, _ in shard}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -399,6 +399,10 @@ class TorchDistReader:
             if size < end:
                 raise CheckpointError(f"{f}: truncated (.metadata places data up to byte {end}, the file has {size})")
 
+    def files_of(self, key: str) -> list[str]:
+        """The data files ``key``'s stored chunks lie in (relative to the directory), sorted."""
+        return sorted(self._files_of.get(key, ()))
+
     def data_files(self) -> list[str]:
         """The data files the metadata names (relative to the directory)."""
         return sorted({info.relative_path for info in self.metadata.storage_data.values()})
@@ -438,7 +442,7 @@ class TorchDistReader:
             return dest
         if self.checksums is not None:
             with self.phases("hash input"):
-                for name in sorted(self._files_of.get(key, ())):
+                for name in self.files_of(key):
                     self.checksums.check(name)
         try:
             with self.phases("read"):
@@ -557,6 +561,14 @@ class MegatronSource:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: self.shape(n) for n in self.keys()}
+
+    def start_checks(self) -> None:
+        """Start checking the data files' recorded checksums on the prefetch pool (``Checksums.prefetch``), in the
+        order a conversion first uses them (its tensors in plan order, then the carried ones): each is still
+        awaited before its first read or copy, and a bad one raises there; ``checksums.close()`` stops the rest."""
+        keys = [dist_key(m)[0] for it in self.plan.items for m in it.mg] + [CARRY_PREFIX + n for n in self.carried]
+        self.checksums.prefetch([f for k in dict.fromkeys(keys) for f in self.reader.files_of(k)]
+                                + self.reader.data_files())  # fmt: skip
 
     def dtypes(self) -> dict[str, torch.dtype]:
         return {n: self.dtype(n) for n in self.keys()}
@@ -791,6 +803,18 @@ def write_megatron(source, dst: Path, layout: Layout, *, overwrite=False, progre
     checksums) and the source's side files. ``fsync``: durable (files, directory and rename synced); ``phases``:
     where the time goes; ``row_block_bytes``: the largest chunk a vocab tensor is written in (memory is bounded by
     it)."""
+    if source.format == "megatron":  # a reshard: the source's checksums checked on both cores, from now on
+        source.start_checks()
+    try:
+        return _write_megatron(source, dst, layout, overwrite=overwrite, progress=progress, phases=phases,
+                               fsync=fsync, row_block_bytes=row_block_bytes)  # fmt: skip
+    finally:
+        if source.format == "megatron":
+            source.checksums.close()
+
+
+def _write_megatron(source, dst: Path, layout: Layout, *, overwrite, progress, phases: Phases, fsync: bool,
+                    row_block_bytes: int) -> int:
     with phases("plan"):
         chunks, objects = plan_megatron(source, layout, row_block_bytes=row_block_bytes)
     total = sum(c.nbytes for c in chunks)
