@@ -335,7 +335,6 @@ def test_parallel_source_checks_refuse_a_corrupted_file_before_its_bytes_are_use
     import shutil
     import threading
 
-    from ernie45.bridge import dcp_write
     from ernie45.bridge import io as bio
     from ernie45.bridge.io import CheckpointError
     from ernie45.bridge.torch_dist import MegatronSource, write_megatron
@@ -359,8 +358,8 @@ def test_parallel_source_checks_refuse_a_corrupted_file_before_its_bytes_are_use
     on_caller = []
     monkeypatch.setattr(bio, "file_sha256", lambda p, f=bio.file_sha256: on_caller.append(p) or f(p))
     used = []  # every source file a byte was copied or read from
-    copy, rows = dcp_write._OutputFile.copy, source.reader.read_rows
-    monkeypatch.setattr(dcp_write._OutputFile, "copy", lambda self, ranges: used.extend(r.path for r in ranges) or copy(self, ranges))
+    copy, rows = bio.OutputFile.copy, source.reader.read_rows
+    monkeypatch.setattr(bio.OutputFile, "copy", lambda self, ranges: used.extend(r.path for r in ranges) or copy(self, ranges))
     source.reader.read_rows = lambda key, *a: used.extend(mg / f for f in source.reader.files_of(key)) or rows(key, *a)
     dst = tmp_path / "out"
     with pytest.raises(CheckpointError, match="checksum mismatch") as e:

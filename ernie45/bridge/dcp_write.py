@@ -21,26 +21,20 @@ here) is slower than the kernel's copy (≈2.4 GiB/s): it is what bounds a conve
 spread over ``threads`` files, each hashed on its own thread (docs/convert-speed.md).
 
 torch_dist → HF uses the same pieces the other way: an HF tensor that is a region of a stored key, byte for byte
-(:meth:`StoredChunks.region`), is copied from the stored records into its safetensors shard by :class:`_OutputFile`
-(``bridge.io.write_safetensors_streaming`` writes every shard through it).
+(:meth:`StoredChunks.region`), is copied from the stored records into its safetensors shard by
+:class:`~ernie45.bridge.io.OutputFile` (the one output file of both writers, in ``bridge.io``).
 """
 
 from __future__ import annotations
 
 import bisect
-import collections
 import contextlib
-import dataclasses
-import errno
-import hashlib
 import io
 import itertools
 import math
-import os
 import zipfile
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystem, FileSystemWriter, _StorageInfo
@@ -48,18 +42,9 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
-from .io import NO_PHASES, CheckpointError, HashingFile, Phases
+from .io import NO_PHASES, CheckpointError, FileRange, HashingFile, OutputFile, Phases
 
-__all__ = ["FileRange", "file_rows", "StoredChunks", "ZeroCopyWriter"]
-
-
-@dataclasses.dataclass(frozen=True)
-class FileRange:
-    """``length`` bytes at ``offset`` of ``path``: a chunk's bytes exactly as a source file holds them."""
-
-    path: Path
-    offset: int
-    length: int
+__all__ = ["file_rows", "StoredChunks", "ZeroCopyWriter"]
 
 
 def file_rows(ckpt, name: str, start: int = 0, stop: int | None = None, *, dim: int = 0
@@ -131,142 +116,6 @@ def _framing(sizes: tuple[int, ...], dtype: torch.dtype) -> tuple[bytes, int, by
     return bytes(sink.parts[0]), sink.hole, bytes(sink.parts[1])
 
 
-class _OutputFile:
-    """One ``.distcp`` being written: bytes appended (:meth:`write`) or copied from another file in the kernel
-    (:meth:`copy`), everything hashed (sha256) in file order on one worker thread while the writes go on.
-
-    Phases: "write" is the kernel's write / copy, "hash output" the hashing the writes did not hide."""
-
-    _COALESCE = 2**20  # smaller writes (the archives' framing) are gathered into one write syscall
-    _HASH_BLOCK = 2**20  # a copied range is read back for hashing in blocks of this (kept in the CPU's cache)
-
-    def __init__(self, path: Path, *, phases: Phases, fsync: bool) -> None:
-        self.path, self.phases, self._fsync = path, phases, fsync
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        self._h = hashlib.sha256()
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="ernie45-sha256")
-        self._pending = bytearray()
-        self._jobs: collections.deque[Future] = collections.deque()  # hashing jobs, run in order on the one worker
-        self._block = bytearray(self._HASH_BLOCK)
-        self.nbytes = 0  # the file's length so far, pending bytes included
-
-    def tell(self) -> int:
-        return self.nbytes
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        if len(view) < self._COALESCE:
-            self._pending += view
-            if len(self._pending) >= self._COALESCE:
-                self._flush()
-        else:  # the caller may free the buffer when this returns: hashed and written before returning
-            self._flush()
-            job = self._hash(self._h.update, view)
-            self._write(view)
-            with self.phases("hash output"):
-                job.result()
-        self.nbytes += len(view)
-        return len(view)
-
-    def flush(self) -> None:  # torch.save flushes its buffer at the end of an archive; _flush is what writes
-        pass
-
-    def copy(self, ranges: list[FileRange]) -> None:
-        """Append the bytes of ``ranges`` (in order), copied by the kernel (no user-space copy); hashed from the
-        page cache."""
-        self._flush()
-        self._hash(self._hash_ranges, ranges)
-        with _opened({r.path for r in ranges}) as fds, self.phases("write"):
-            for r in ranges:
-                _copy_range(fds[r.path], self._fd, r, self.nbytes)
-                self.nbytes += r.length
-        os.lseek(self._fd, self.nbytes, os.SEEK_SET)  # copy_file_range at an offset leaves the file position
-
-    def _hash_ranges(self, ranges: list[FileRange]) -> None:
-        view = memoryview(self._block)
-        with _opened({r.path for r in ranges}) as fds:
-            for r in ranges:
-                done = 0
-                while done < r.length:
-                    n = os.preadv(fds[r.path], [view[: min(len(view), r.length - done)]], r.offset + done)
-                    if n <= 0:
-                        raise CheckpointError(f"{r.path}: truncated while copying bytes {r.offset}+{r.length}")
-                    self._h.update(view[:n])
-                    done += n
-
-    def _hash(self, fn: Callable[[Any], None], arg) -> Future:
-        while self._jobs and self._jobs[0].done():
-            self._jobs.popleft().result()  # a hashing job that failed (a source file cut short) raises here
-        self._jobs.append(self._hasher.submit(fn, arg))
-        return self._jobs[-1]
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        data, self._pending = bytes(self._pending), bytearray()
-        self._hash(self._h.update, data)
-        self._write(memoryview(data))
-
-    def _write(self, view: memoryview) -> None:
-        with self.phases("write"):
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
-
-    def close(self) -> None:
-        try:
-            self._flush()
-            with self.phases("hash output"):
-                while self._jobs:
-                    self._jobs.popleft().result()
-            if self._fsync:
-                with self.phases("fsync"):
-                    os.fsync(self._fd)
-        finally:
-            self._hasher.shutdown()
-            os.close(self._fd)
-
-    def record(self) -> dict[str, Any]:
-        """``{"bytes", "sha256"}`` of what was written (as :func:`~ernie45.bridge.io.record_checksums` records it)."""
-        return {"bytes": self.nbytes, "sha256": self._h.hexdigest()}
-
-
-@contextlib.contextmanager
-def _opened(paths):
-    """``{path: file descriptor}`` of ``paths`` opened for reading, closed at the end."""
-    fds = {}
-    try:
-        for p in paths:
-            fds[p] = os.open(p, os.O_RDONLY)
-        yield fds
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-
-
-def _copy_range(src_fd: int, dst_fd: int, src: FileRange, dst_offset: int) -> None:
-    """``src``'s bytes to ``dst_offset`` of ``dst_fd``, in the kernel: ``copy_file_range``, or ``sendfile`` where the
-    file systems do not support it (across devices on older kernels)."""
-    done = 0
-    use_sendfile = False
-    while done < src.length:
-        left = src.length - done
-        if not use_sendfile:
-            try:
-                n = os.copy_file_range(src_fd, dst_fd, left, src.offset + done, dst_offset + done)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL) or done:
-                    raise
-                use_sendfile = True
-                os.lseek(dst_fd, dst_offset, os.SEEK_SET)
-                continue
-        else:
-            n = os.sendfile(dst_fd, src_fd, src.offset + done, left)
-        if n == 0:
-            raise CheckpointError(f"{src.path}: truncated while copying bytes {src.offset}+{src.length}")
-        done += n
-
-
 class HashingFileSystem(FileSystem):
     """DCP's local file system, every file it writes (the ``.metadata``) hashed while written
     (:class:`~ernie45.bridge.io.HashingFile`). ``records``: ``{file name: {"bytes", "sha256"}}``, the ``.distcp``
@@ -293,7 +142,7 @@ class HashingFileSystem(FileSystem):
 
 
 class ZeroCopyWriter(FileSystemWriter):
-    """DCP's file writer, its data written by :class:`_OutputFile`: a chunk the planner resolves to a list of
+    """DCP's file writer, its data written by :class:`OutputFile`: a chunk the planner resolves to a list of
     :class:`FileRange` is copied in the kernel inside its ``torch.save`` framing, a tensor is ``torch.save``-d, a
     byte object written as is. The items are spread over ``threads`` files (largest first, each to the least
     filled), written in parallel; in each file the byte objects come first and the chunks follow in plan order, as
@@ -316,7 +165,7 @@ class ZeroCopyWriter(FileSystemWriter):
         files, results = [], []
         try:
             for name in names:
-                files.append(_OutputFile(Path(self.path) / name, phases=self.phases, fsync=self.fsync))
+                files.append(OutputFile(Path(self.path) / name, phases=self.phases, fsync=self.fsync))
             order = sorted(range(len(plan.items)), key=lambda i: plan.items[i].type != WriteItemType.BYTE_IO)
             for i in order:
                 item, f = plan.items[i], files[where[i]]
@@ -334,7 +183,7 @@ class ZeroCopyWriter(FileSystemWriter):
         done.set_result(results)
         return done
 
-    def _write_item(self, item: WriteItem, data, f: _OutputFile) -> None:
+    def _write_item(self, item: WriteItem, data, f: OutputFile) -> None:
         if isinstance(data, io.BytesIO):
             f.write(data.getbuffer())
         elif isinstance(data, list):  # of FileRange

@@ -23,8 +23,11 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
+import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -50,7 +53,7 @@ __all__ = [
     "CheckpointError", "HFCheckpoint", "atomic_output", "write_safetensors_streaming", "write_hf_files", "SIDE_FILES",
     "atomic_file", "Checksums", "Phases", "NO_PHASES", "HashingFile", "record_checksums", "refuse_overlap",
     "side_files_of", "copy_side_files", "regular_file", "read_json", "read_hf_slices", "progress_bar", "INFO_NAME",
-    "INDEX_NAME",
+    "INDEX_NAME", "FileRange", "OutputFile",
 ]  # fmt: skip
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -803,16 +806,15 @@ def write_safetensors_streaming(
     The safetensors header needs every shape and offset before the first byte of data; the plan knows them, so
     each shard's header is written first and the tensors are streamed after it (peak memory: one tensor; a
     ``produce`` that returns an iterator of row blocks -- their concatenation along dim 0 is the tensor -- bounds
-    it by a block). ``produce`` may also return a list of :class:`~ernie45.bridge.dcp_write.FileRange`: where the
+    it by a block). ``produce`` may also return a list of :class:`FileRange`: where the
     tensor's bytes lie, in order, unchanged in source files (torch_dist → HF: stored records): they are copied by
-    the kernel and hashed from the page cache, never read into this process (``dcp_write._OutputFile``, the
+    the kernel and hashed from the page cache, never read into this process (:class:`OutputFile`, the
     torch_dist writer's files). The files are standard safetensors (read back by ``safe_open`` in the round-trip
     tests). Returns ``{shard file: {"bytes", "sha256"}}`` (in order), hashed while written: each shard on a thread
     of its own, a shard closed (its hashing awaited) only once the next one is written, so the hashing of one runs
     on beside the writes of the next (``overlap_shards``; False: each closed before the next starts -- the same
     files and records, one core).
     """
-    from .dcp_write import _OutputFile  # dcp_write builds on this module: imported when first written
 
     shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
     size = 0
@@ -826,7 +828,7 @@ def write_safetensors_streaming(
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     total, records = 0, {}
-    open_files: list[tuple[str, _OutputFile]] = []  # written, their hashing not yet awaited (in shard order)
+    open_files: list[tuple[str, OutputFile]] = []  # written, their hashing not yet awaited (in shard order)
 
     def finish(keep: int) -> None:  # close all but the last ``keep`` written shards, in order
         while len(open_files) > keep:
@@ -844,7 +846,7 @@ def write_safetensors_streaming(
                 offset += nbytes
             blob = json.dumps(header, separators=(",", ":")).encode()
             blob += b" " * (-len(blob) % 8)
-            f = _OutputFile(out_dir / fname, phases=phases, fsync=fsync)
+            f = OutputFile(out_dir / fname, phases=phases, fsync=fsync)
             open_files.append((fname, f))
             f.write(len(blob).to_bytes(8, "little"))
             f.write(blob)
@@ -955,3 +957,152 @@ def read_hf_slices(ckpt, item: Item, index: int, count: int, cfg: ErnieConfig) -
             t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))], dim=0)
         out.append(t)
     return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# output files that copy byte ranges in the kernel (the safetensors writer here, the torch_dist writer in dcp_write)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRange:
+    """``length`` bytes at ``offset`` of ``path``: a chunk's bytes exactly as a source file holds them."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+class OutputFile:
+    """One output file being written (a ``.distcp``, a safetensors shard): bytes appended (:meth:`write`) or copied from another file in the kernel
+    (:meth:`copy`), everything hashed (sha256) in file order on one worker thread while the writes go on.
+
+    Phases: "write" is the kernel's write / copy, "hash output" the hashing the writes did not hide."""
+
+    _COALESCE = 2**20  # smaller writes (the archives' framing) are gathered into one write syscall
+    _HASH_BLOCK = 2**20  # a copied range is read back for hashing in blocks of this (kept in the CPU's cache)
+
+    def __init__(self, path: Path, *, phases: Phases, fsync: bool) -> None:
+        self.path, self.phases, self._fsync = path, phases, fsync
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._h = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="ernie45-sha256")
+        self._pending = bytearray()
+        self._jobs: collections.deque[Future] = collections.deque()  # hashing jobs, run in order on the one worker
+        self._block = bytearray(self._HASH_BLOCK)
+        self.nbytes = 0  # the file's length so far, pending bytes included
+
+    def tell(self) -> int:
+        return self.nbytes
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if len(view) < self._COALESCE:
+            self._pending += view
+            if len(self._pending) >= self._COALESCE:
+                self._flush()
+        else:  # the caller may free the buffer when this returns: hashed and written before returning
+            self._flush()
+            job = self._hash(self._h.update, view)
+            self._write(view)
+            with self.phases("hash output"):
+                job.result()
+        self.nbytes += len(view)
+        return len(view)
+
+    def flush(self) -> None:  # torch.save flushes its buffer at the end of an archive; _flush is what writes
+        pass
+
+    def copy(self, ranges: list[FileRange]) -> None:
+        """Append the bytes of ``ranges`` (in order), copied by the kernel (no user-space copy); hashed from the
+        page cache."""
+        self._flush()
+        self._hash(self._hash_ranges, ranges)
+        with _opened({r.path for r in ranges}) as fds, self.phases("write"):
+            for r in ranges:
+                _copy_range(fds[r.path], self._fd, r, self.nbytes)
+                self.nbytes += r.length
+        os.lseek(self._fd, self.nbytes, os.SEEK_SET)  # copy_file_range at an offset leaves the file position
+
+    def _hash_ranges(self, ranges: list[FileRange]) -> None:
+        view = memoryview(self._block)
+        with _opened({r.path for r in ranges}) as fds:
+            for r in ranges:
+                done = 0
+                while done < r.length:
+                    n = os.preadv(fds[r.path], [view[: min(len(view), r.length - done)]], r.offset + done)
+                    if n <= 0:
+                        raise CheckpointError(f"{r.path}: truncated while copying bytes {r.offset}+{r.length}")
+                    self._h.update(view[:n])
+                    done += n
+
+    def _hash(self, fn: Callable[[Any], None], arg) -> Future:
+        while self._jobs and self._jobs[0].done():
+            self._jobs.popleft().result()  # a hashing job that failed (a source file cut short) raises here
+        self._jobs.append(self._hasher.submit(fn, arg))
+        return self._jobs[-1]
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        data, self._pending = bytes(self._pending), bytearray()
+        self._hash(self._h.update, data)
+        self._write(memoryview(data))
+
+    def _write(self, view: memoryview) -> None:
+        with self.phases("write"):
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+
+    def close(self) -> None:
+        try:
+            self._flush()
+            with self.phases("hash output"):
+                while self._jobs:
+                    self._jobs.popleft().result()
+            if self._fsync:
+                with self.phases("fsync"):
+                    os.fsync(self._fd)
+        finally:
+            self._hasher.shutdown()
+            os.close(self._fd)
+
+    def record(self) -> dict[str, Any]:
+        """``{"bytes", "sha256"}`` of what was written (as :func:`~ernie45.bridge.io.record_checksums` records it)."""
+        return {"bytes": self.nbytes, "sha256": self._h.hexdigest()}
+
+
+@contextlib.contextmanager
+def _opened(paths):
+    """``{path: file descriptor}`` of ``paths`` opened for reading, closed at the end."""
+    fds = {}
+    try:
+        for p in paths:
+            fds[p] = os.open(p, os.O_RDONLY)
+        yield fds
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _copy_range(src_fd: int, dst_fd: int, src: FileRange, dst_offset: int) -> None:
+    """``src``'s bytes to ``dst_offset`` of ``dst_fd``, in the kernel: ``copy_file_range``, or ``sendfile`` where the
+    file systems do not support it (across devices on older kernels)."""
+    done = 0
+    use_sendfile = False
+    while done < src.length:
+        left = src.length - done
+        if not use_sendfile:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, left, src.offset + done, dst_offset + done)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL) or done:
+                    raise
+                use_sendfile = True
+                os.lseek(dst_fd, dst_offset, os.SEEK_SET)
+                continue
+        else:
+            n = os.sendfile(dst_fd, src_fd, src.offset + done, left)
+        if n == 0:
+            raise CheckpointError(f"{src.path}: truncated while copying bytes {src.offset}+{src.length}")
+        done += n

@@ -77,12 +77,13 @@ from torch.distributed.checkpoint.planner_helpers import (
 from ..config import ErnieConfig, load_config
 from ..errors import dcp_failure
 from ..layout import Layout
-from .dcp_write import FileRange, StoredChunks, ZeroCopyWriter, file_rows
+from .dcp_write import StoredChunks, ZeroCopyWriter, file_rows
 from .io import (
     INFO_NAME,
     NO_PHASES,
     CheckpointError,
     Checksums,
+    FileRange,
     Phases,
     atomic_output,
     copy_side_files,
