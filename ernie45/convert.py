@@ -26,6 +26,7 @@ with a note saying so. Flags the chosen target would ignore are refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -45,7 +46,7 @@ from .bridge.io import (
 )
 from .bridge.source import Source, open_source
 from .bridge.tables import IGNORED
-from .bridge.torch_dist import CARRY_PREFIX, ROW_BLOCK_BYTES, dist_key, write_megatron
+from .bridge.torch_dist import CARRY_PREFIX, ROW_BLOCK_BYTES, dist_key, source_checks, write_megatron
 from .errors import UsageError
 from .layout import Layout
 
@@ -89,14 +90,9 @@ def write_hf(source: Source, dst: Path, *, overwrite=False, progress=True, max_s
     torch_dist source's tensors that are its stored bytes unchanged (``MegatronSource.locate``) copied by the kernel.
     ``fsync``: durable (files, directory and rename synced); ``phases``: where the time goes;
     ``row_block_bytes``: a torch_dist source's vocab tensors are streamed in row blocks of this."""
-    if source.format == "megatron":  # the source's checksums checked on both cores from now on, each awaited
-        source.start_checks()  # before the file's first read or copy
-    try:
+    with source_checks(source):  # a torch_dist source's checksums checked on both cores, each before its file's use
         return _write_hf(source, dst, overwrite=overwrite, progress=progress, max_shard_bytes=max_shard_bytes,
                          phases=phases, fsync=fsync, row_block_bytes=row_block_bytes)  # fmt: skip
-    finally:
-        if source.format == "megatron":
-            source.checksums.close()
 
 
 def _write_hf(source: Source, dst: Path, *, overwrite, progress, max_shard_bytes: int, phases: Phases, fsync: bool,
@@ -202,16 +198,11 @@ def _convert(src, dst, *, to, tp, pp, ep, etp, vpp, first, last, dry_run, overwr
                          "megatron and hf)")  # fmt: skip
     with phases("plan"):
         source = open_source(src, hf_config=hf_config, vit=vit, phases=phases)
-    checking = source.format == "megatron" and not dry_run  # its checksums checked on both cores from now on
-    if checking:
-        source.start_checks()
-    try:
+    # a torch_dist source's checksums checked on both cores from now on (not for a dry run, which reads nothing)
+    with contextlib.nullcontext() if dry_run else source_checks(source):
         return _convert_opened(source, src, dst, to=to, tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp, first=first,
                                last=last, dry_run=dry_run, overwrite=overwrite, outtype=outtype, vit=vit,
                                verify_checksums=verify_checksums, progress=progress, fsync=fsync, phases=phases)  # fmt: skip
-    finally:
-        if checking:
-            source.checksums.close()
 
 
 def _convert_opened(source, src, dst, *, to, tp, pp, ep, etp, vpp, first, last, dry_run, overwrite, outtype, vit,

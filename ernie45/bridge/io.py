@@ -973,8 +973,9 @@ class FileRange:
 
 
 class OutputFile:
-    """One output file being written (a ``.distcp``, a safetensors shard): bytes appended (:meth:`write`) or copied from another file in the kernel
-    (:meth:`copy`), everything hashed (sha256) in file order on one worker thread while the writes go on.
+    """One output file being written (a ``.distcp``, a safetensors shard): bytes appended (:meth:`write`) or copied
+    from another file in the kernel (:meth:`copy`), everything hashed (sha256) in file order on one worker thread
+    while the writes go on.
 
     Phases: "write" is the kernel's write / copy, "hash output" the hashing the writes did not hide."""
 

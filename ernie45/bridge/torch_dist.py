@@ -100,7 +100,7 @@ from .tables import Item, Split, ignored_reason
 
 __all__ = [
     "dist_key", "extra_state_keys", "ChunkSpec", "write_dcp", "TorchDistReader", "MEGATRON_METADATA", "MegatronSource",
-    "plan_megatron", "write_megatron", "inspect_torch_dist", "CARRY_PREFIX", "ROW_BLOCK_BYTES",
+    "plan_megatron", "write_megatron", "source_checks", "inspect_torch_dist", "CARRY_PREFIX", "ROW_BLOCK_BYTES",
 ]  # fmt: skip
 
 CARRY_PREFIX = "ernie45.carry."
@@ -796,6 +796,22 @@ def plan_megatron(source, layout: Layout, *, row_block_bytes: int = ROW_BLOCK_BY
     return chunks, objects
 
 
+@contextlib.contextmanager
+def source_checks(source):
+    """While the block runs, a torch_dist source's recorded checksums are checked on the prefetch pool
+    (:meth:`MegatronSource.start_checks`: each still awaited before its file's first read or copy, a bad file raising
+    there); after it the pool is stopped (``Checksums.close``), whatever happened. Any other source: nothing. An
+    inner block (a conversion's writer inside ``convert``) finds the checks started and stops them at its end."""
+    if source.format != "megatron":
+        yield
+        return
+    source.start_checks()
+    try:
+        yield
+    finally:
+        source.checksums.close()
+
+
 def write_megatron(source, dst: Path, layout: Layout, *, overwrite=False, progress=True, phases: Phases = NO_PHASES,
                    fsync: bool = False, row_block_bytes: int = ROW_BLOCK_BYTES) -> int:
     """``source`` (any HF-named ``bridge.source.Source`` but a GGUF) as a torch_dist checkpoint at ``dst``, for
@@ -804,37 +820,27 @@ def write_megatron(source, dst: Path, layout: Layout, *, overwrite=False, progre
     checksums) and the source's side files. ``fsync``: durable (files, directory and rename synced); ``phases``:
     where the time goes; ``row_block_bytes``: the largest chunk a vocab tensor is written in (memory is bounded by
     it)."""
-    if source.format == "megatron":  # a reshard: the source's checksums checked on both cores, from now on
-        source.start_checks()
-    try:
-        return _write_megatron(source, dst, layout, overwrite=overwrite, progress=progress, phases=phases,
-                               fsync=fsync, row_block_bytes=row_block_bytes)  # fmt: skip
-    finally:
-        if source.format == "megatron":
-            source.checksums.close()
-
-
-def _write_megatron(source, dst: Path, layout: Layout, *, overwrite, progress, phases: Phases, fsync: bool,
-                    row_block_bytes: int) -> int:
-    with phases("plan"):
-        chunks, objects = plan_megatron(source, layout, row_block_bytes=row_block_bytes)
-    total = sum(c.nbytes for c in chunks)
-    with (atomic_output(dst, overwrite=overwrite, phases=phases, fsync=fsync) as tmp,
-          progress_bar(total, "HF -> torch_dist", progress) as bar):  # fmt: skip
-        written = write_dcp(tmp, chunks, objects, on_chunk=bar.update, phases=phases, fsync=fsync)
-        (tmp / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
-        torch.save({}, tmp / "common.pt")  # Megatron's common (non-sharded) state: nothing for a bare conversion
-        data_files = [f.name for f in tmp.iterdir()]
-        (tmp / "config.json").write_text(json.dumps(source.cfg.to_hf(), indent=2, sort_keys=True) + "\n")
-        info = dict(
-            format="ernie45 torch_dist", version=1, family=source.cfg.family, tied=source.tied,
-            layout=asdict(layout), vocab_size=source.cfg.vocab_size, carried=source.carried, vit=source.cfg.vit_impl,
-            local_spec="megatron-core local spec, SequentialMLP experts",
-            checksums=record_checksums(tmp, data_files, known=written, phases=phases),
-        )  # fmt: skip
-        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-        copy_side_files(source.side_files(), tmp)
-    return total
+    with source_checks(source):  # a reshard: the source's checksums checked on both cores, planning included
+        with phases("plan"):
+            chunks, objects = plan_megatron(source, layout, row_block_bytes=row_block_bytes)
+        total = sum(c.nbytes for c in chunks)
+        with (atomic_output(dst, overwrite=overwrite, phases=phases, fsync=fsync) as tmp,
+              progress_bar(total, "HF -> torch_dist", progress) as bar):  # fmt: skip
+            written = write_dcp(tmp, chunks, objects, on_chunk=bar.update, phases=phases, fsync=fsync)
+            (tmp / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+            torch.save({}, tmp / "common.pt")  # Megatron's common (non-sharded) state: nothing for a bare conversion
+            data_files = [f.name for f in tmp.iterdir()]
+            (tmp / "config.json").write_text(json.dumps(source.cfg.to_hf(), indent=2, sort_keys=True) + "\n")
+            info = dict(
+                format="ernie45 torch_dist", version=1, family=source.cfg.family, tied=source.tied,
+                layout=asdict(layout), vocab_size=source.cfg.vocab_size, carried=source.carried,
+                vit=source.cfg.vit_impl,
+                local_spec="megatron-core local spec, SequentialMLP experts",
+                checksums=record_checksums(tmp, data_files, known=written, phases=phases),
+            )  # fmt: skip
+            (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+            copy_side_files(source.side_files(), tmp)
+        return total
 
 
 def inspect_torch_dist(src: MegatronSource) -> dict:

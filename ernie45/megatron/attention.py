@@ -156,7 +156,8 @@ class ErnieSelfAttention(SelfAttention):
     call, and recomputes cos/sin each time: on a CPU (fp32, ``[256, 4]`` tokens, 8 heads, head dim 64, forward +
     backward, quiet machine) 3.3-4.2 ms per call against 1.0-1.4 ms for the single complex multiply. Megatron's
     only other path is TE's fused kernel (``apply_rope_fusion``, TE >= 2.3 for interleaved), and its
-    ``apply_rotary_pos_emb`` is a module function with no hook. What it does let a subclass change is ``get_query_key_value_tensors``, so:
+    ``apply_rotary_pos_emb`` is a module function with no hook. What it does let a subclass change is
+    ``get_query_key_value_tensors``, so:
 
     * ``forward`` keeps the angles for this call and hands Megatron ``rotary_pos_emb=None`` (it then applies none);
     * ``get_query_key_value_tensors`` rotates the query and key it returns with them.
