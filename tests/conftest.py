@@ -6,17 +6,14 @@ import os
 import socket
 
 import pytest
+import torch
+import torch.distributed as dist
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # the suite runs on pytest-xdist workers, one per core (README): one intra-op thread each -- and in the
     # processes they spawn, which inherit the variable -- instead of every process spinning threads on every core
     os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-
     torch.set_num_threads(1)
-
-import torch
-import torch.distributed as dist
 
 
 def free_port() -> int:
